@@ -1,0 +1,1 @@
+"""r1jax: the DeepSeek-R1 recipe in JAX."""

