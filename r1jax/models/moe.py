@@ -1,0 +1,94 @@
+"""DeepSeekMoE: sigmoid router with aux-loss-free selection bias, group-limited top-k, dropless dispatch.
+
+Dimension letters: M tokens (B*T flattened), D model, E routed experts, F expert width, k experts per token.
+
+Routing (DeepSeek-V3 §2.1.2, REFERENCE.md §1):
+  1. s = sigmoid(x W_gate) in fp32                                   [M, E]
+  2. s_b = s + b   (b = e_score_correction_bias, used for *selection* only)
+  3. group score = sum of the top-2 s_b in each of n_group groups; keep the topk_group best groups
+  4. pick the top-k experts by s_b among the kept groups
+  5. weights = unbiased s of the chosen experts / their sum (norm_topk_prob) * routed_scaling_factor
+  6. y = sum_k w_k Expert_k(x) + SharedExperts(x)
+
+Dispatch is dropless: the M*k (token, expert) pairs are sorted by expert, each expert's contiguous rows go
+through `jax.lax.ragged_dot` (FLOPs ~ M*k, independent of E), and the results are unsorted and weighted.
+
+Balancing is aux-loss-free: the layer reports each expert's load; `update_router_bias` (outside the gradient)
+moves b_i by gamma * sign(mean load - load_i). The optional sequence-wise balance loss is
+L = alpha * mean_b sum_i f_i P_i with f_i = E/(k T) * #tokens choosing i, P_i = mean_t s_i / sum_j s_j.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from r1jax.models.config import ModelConfig
+from r1jax.models.layers import swiglu
+
+
+def route(x, w_router, bias, cfg: ModelConfig):
+    """x [M,D] -> (weights [M,k] fp32, expert ids [M,k] int32, scores s [M,E] fp32). Steps 1-5 above."""
+    e, g = cfg.n_routed_experts, cfg.n_group
+    logits = jnp.dot(x.astype(jnp.float32), w_router.astype(jnp.float32))
+    s = jax.nn.sigmoid(logits)  # 1.
+    s_b = s + jax.lax.stop_gradient(bias.astype(jnp.float32))  # 2.
+    if g > 1:  # 3.
+        grouped = s_b.reshape(-1, g, e // g)
+        group_score = jax.lax.top_k(grouped, 2)[0].sum(-1)  # [M, G]
+        _, keep = jax.lax.top_k(group_score, cfg.topk_group)
+        group_mask = jnp.zeros_like(group_score, dtype=bool).at[jnp.arange(s.shape[0])[:, None], keep].set(True)
+        s_b = jnp.where(jnp.repeat(group_mask, e // g, axis=1), s_b, -jnp.inf)
+    _, idx = jax.lax.top_k(jax.lax.stop_gradient(s_b), cfg.n_experts_per_tok)  # 4.
+    w = jnp.take_along_axis(s, idx, axis=1)  # 5. unbiased scores carry the gradient
+    if cfg.norm_topk_prob:
+        w = w / (w.sum(-1, keepdims=True) + 1e-20)
+    return w * cfg.routed_scaling_factor, idx, s
+
+
+def dispatch(x, idx, weights, w_gate, w_up, w_down):
+    """Dropless expert computation. x [M,D], idx/weights [M,k], w_gate/w_up [E,D,F], w_down [E,F,D] -> [M,D]."""
+    m, k = idx.shape
+    n_exp = w_gate.shape[0]
+    flat = idx.reshape(-1)  # [M*k]
+    order = jnp.argsort(flat, stable=True)
+    rows = x[order // k]  # [M*k, D], grouped by expert
+    sizes = jnp.bincount(flat, length=n_exp).astype(jnp.int32)  # [E]
+    h = jax.nn.silu(jax.lax.ragged_dot(rows, w_gate, sizes)) * jax.lax.ragged_dot(rows, w_up, sizes)
+    y = jax.lax.ragged_dot(h, w_down, sizes)  # [M*k, D]
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(m * k, dtype=order.dtype))
+    y = y[inverse].reshape(m, k, -1)
+    return jnp.einsum("mkd,mk->md", y, weights.astype(y.dtype))
+
+
+def moe_layer(p, x, valid, cfg: ModelConfig):
+    """x [B,T,D], valid [B,T] (non-padding tokens). Returns (y [B,T,D], stats {load [E], aux_loss})."""
+    b, t, d = x.shape
+    xf = x.reshape(b * t, d)
+    w, idx, s = route(xf, p["router"], p["router_bias"], cfg)
+    y = dispatch(xf, idx, w, p["w_gate"], p["w_up"], p["w_down"]).reshape(b, t, d)
+    if cfg.n_shared_experts:
+        sh = p["shared"]
+        y = y + swiglu(x, sh["w_gate"], sh["w_up"], sh["w_down"])
+    return y, _balance_stats(idx, s, valid, cfg)
+
+
+def _balance_stats(idx, s, valid, cfg: ModelConfig):
+    """Expert load (share of routed slots per expert, over valid tokens) and the sequence-wise balance loss."""
+    b, t = valid.shape
+    e, k = cfg.n_routed_experts, cfg.n_experts_per_tok
+    vf = valid.astype(jnp.float32)
+    chosen = jax.nn.one_hot(idx, e, dtype=jnp.float32).sum(1).reshape(b, t, e)  # [B,T,E] 0/1
+    chosen = jax.lax.stop_gradient(chosen) * vf[..., None]
+    load = chosen.sum((0, 1)) / jnp.maximum(vf.sum() * k, 1.0)  # [E], sums to 1
+    n_tok = jnp.maximum(vf.sum(1), 1.0)  # [B]
+    f = chosen.sum(1) * e / (k * n_tok[:, None])  # [B,E]
+    s_norm = (s / s.sum(-1, keepdims=True)).reshape(b, t, e) * vf[..., None]
+    p_mean = s_norm.sum(1) / n_tok[:, None]  # [B,E]
+    aux = (f * p_mean).sum(-1).mean()
+    return {"load": load, "aux_loss": aux}
+
+
+def update_router_bias(bias, load, rate: float):
+    """Aux-loss-free balancing: b_i += rate * sign(mean_load - load_i). bias/load [..., E]. Not a gradient."""
+    return bias + rate * jnp.sign(load.mean(-1, keepdims=True) - load).astype(bias.dtype)
