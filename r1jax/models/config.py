@@ -53,6 +53,8 @@ class ModelConfig:
     norm_topk_prob: bool = True
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (V3 paper: 1e-4); 0 = off
     bias_update_rate: float = 0.0  # gamma of the aux-loss-free bias update; 0 = frozen (post-training)
+    moe_impl: str = "auto"  # grouped matmul: auto (ragged_dot on TPU/GPU, tiled on CPU) | ragged_dot | tiled
+    moe_tile: int = 128  # largest row tile of the tiled path
 
     # Norms, RoPE.
     rms_norm_eps: float = 1e-6
@@ -101,6 +103,7 @@ class ModelConfig:
             need(self.topk_group * (self.n_routed_experts // self.n_group) >= self.n_experts_per_tok,
                  "topk_group groups hold fewer experts than n_experts_per_tok")
             need(self.moe_d_ff > 0, "moe_d_ff must be > 0 for MoE layers")
+        need(self.moe_impl in ("auto", "ragged_dot", "tiled"), f"unknown moe_impl {self.moe_impl!r}")
         need(self.mtp_depth in (0, 1), f"mtp_depth must be 0 or 1, got {self.mtp_depth}")
 
     # Derived sizes.

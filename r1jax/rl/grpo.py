@@ -1,0 +1,198 @@
+"""GRPO math: group advantages, the clipped policy loss with a k3 KL term, token entropy.
+
+Pure, jittable functions; the RL train step composes them. Dimension letters: B prompts, G samples per
+prompt (group size), N = B*G sequences, T completion length (padded), V vocabulary.
+
+Advantages (DeepSeekMath, outcome supervision; every token of o_i gets the same advantage):
+
+    Â_i = (r_i − b_i) / (s + eps)
+
+    b_i = mean_{j in group(i)} r_j                  baseline="mean" (the paper)
+    b_i = mean_{j in group(i), j != i} r_j          baseline="loo"  (leave-one-out, RLOO); equals
+                                                    G/(G−1) · (r_i − mean) so it only rescales "mean"
+    s   = std of the rewards in the group           scale="group" (the paper)
+    s   = std of all N rewards of the batch          scale="batch" (group mean, batch std)
+    s   = 1, no division                             scale="none"  (Dr. GRPO)
+
+  std is the *sample* std (ddof=1, Bessel-corrected). The paper writes std(r) without saying which; the
+  reference implementations practitioners compare against (TRL, verl, OpenRLHF) call torch.std, which is
+  ddof=1, so advantages match theirs. It is larger than the population std by sqrt(G/(G−1)) (3% at
+  G=16), hence needs G >= 2. A group whose rewards are all equal has zero advantage for every sample
+  and contributes no policy gradient; it is set to exactly 0 and counted (`zero_std_frac`).
+
+Objective (DeepSeekMath eq. 3, maximised), per token t of completion o_i:
+
+    ρ_it  = π_θ(o_it) / π_old(o_it) = exp(logp − old_logp)
+    S_it  = min(ρ_it Â_i, clip(ρ_it, 1 − ε_low, 1 + ε_high) Â_i)
+    KL_it = π_ref/π_θ − log(π_ref/π_θ) − 1 = exp(ref − logp) − (ref − logp) − 1    (k3, Schulman 2020)
+    ℓ_it  = −(S_it − β KL_it)                                                       (per-token loss)
+
+  k3 is an unbiased estimate of KL(π_θ || π_ref) under samples from π_θ and is >= 0 token by token
+  (e^x − x − 1 >= 0); it is a loss term, not a reward penalty.
+  Clip-higher (DAPO): ε_high > ε_low (e.g. 0.2 / 0.28) lets low-probability tokens grow further before
+  the ratio is clipped, which fights entropy collapse; ε_low = ε_high is the symmetric PPO clip.
+  μ (updates per batch of samples): at μ = 1 the caller passes old_logp = stop_gradient(logp), so ρ = 1 and
+  only ∇ρ = ∇logp matters (the loss value is −Σ Â / normaliser plus the KL term). At μ > 1, old_logp are the
+  log-probs at sampling time (recomputed once by the trainer's forward, with the same temperature
+  division as the sampler, to avoid sampler/trainer mismatch) and stay fixed over the μ updates, so
+  ρ ≠ 1 and the clip becomes active.
+
+Aggregation of ℓ over masked tokens (m_it = 1 for real completion tokens, |o_i| = Σ_t m_it):
+
+    "seq-mean-token-mean"      1/N' Σ_i 1/|o_i| Σ_t m_it ℓ_it   the paper; N' = rows with |o_i| > 0.
+                               Every sequence weighs the same, so a token of a long sequence weighs
+                               less: long wrong answers are penalised less per token than short ones
+                               (length bias: it rewards growing wrong answers).
+    "token-mean"               Σ_it m_it ℓ_it / Σ_it m_it        DAPO, verl default. Every token weighs
+                               the same; no per-sequence length bias, but the weight of a batch
+                               depends on its total token count.
+    "seq-mean-token-sum-norm"  Σ_it m_it ℓ_it / (N · max_len)    Dr. GRPO: a constant normaliser
+                               (max_len = the configured max completion length, default T), no length
+                               bias; usually paired with scale="none".
+
+Departures from the paper, stated honestly:
+  - eps in the advantage denominator (the paper divides by std alone; a zero-std group would be 0/0).
+  - sample std (ddof=1), see above; the std choices "batch"/"none" and the "loo" baseline are variants.
+  - "seq-mean-token-mean" averages over non-empty rows only (the paper's 1/G assumes none are empty);
+    fully masked rows (e.g. filtered overlong samples) contribute nothing and cause no NaN.
+  - masked positions have their log-ratios replaced by 0 before exp, so garbage log-probs at padding can
+    neither overflow nor leak NaN gradients; all math is in float32 whatever the input dtype.
+  - no dual-clip, no ratio clamping beyond the PPO clip.
+"""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+ADV_SCALES = ("group", "batch", "none")
+ADV_BASELINES = ("mean", "loo")
+AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+
+
+def _sample_std(x, axis=None):
+    """Bessel-corrected std (ddof=1), the torch.std default."""
+    return jnp.std(x, axis=axis, ddof=1)
+
+
+def group_advantages(rewards, group_size: int, *, scale: str = "group", baseline: str = "mean",
+                     eps: float = 1e-6):
+    """Outcome advantages for rewards laid out as B consecutive groups of G = group_size.
+
+    rewards: [N] with N = B*G. Returns (advantages [N] float32, metrics) where metrics holds
+    reward_mean, reward_std (batch, ddof=1), zero_std_frac (share of groups whose rewards are all equal)
+    and advantage_abs_mean.
+    """
+    if scale not in ADV_SCALES:
+        raise ValueError(f"group_advantages: scale={scale!r}; expected one of {ADV_SCALES}")
+    if baseline not in ADV_BASELINES:
+        raise ValueError(f"group_advantages: baseline={baseline!r}; expected one of {ADV_BASELINES}")
+    if rewards.ndim != 1:
+        raise ValueError(f"group_advantages: rewards must be [N], got shape {rewards.shape}")
+    n = rewards.shape[0]
+    if group_size < 2 or n % group_size:
+        raise ValueError(f"group_advantages: need group_size >= 2 dividing N; got group_size={group_size}, "
+                         f"N={n}")
+    r_bg = rewards.astype(jnp.float32).reshape(n // group_size, group_size)  # [B, G]
+    mean_b1 = r_bg.mean(axis=1, keepdims=True)
+    if baseline == "mean":
+        centered_bg = r_bg - mean_b1
+    else:
+        loo_bg = (r_bg.sum(axis=1, keepdims=True) - r_bg) / (group_size - 1)
+        centered_bg = r_bg - loo_bg
+    if scale == "group":
+        adv_bg = centered_bg / (_sample_std(r_bg, axis=1)[:, None] + eps)
+    elif scale == "batch":
+        adv_bg = centered_bg / (_sample_std(r_bg) + eps)
+    else:
+        adv_bg = centered_bg
+    zero_std_b = jnp.all(r_bg == r_bg[:, :1], axis=1)  # [B]; exact equality, not a tolerance
+    adv_bg = jnp.where(zero_std_b[:, None], 0.0, adv_bg)
+    adv_n = adv_bg.reshape(n)
+    metrics = {
+        "reward_mean": r_bg.mean(),
+        "reward_std": _sample_std(r_bg),
+        "zero_std_frac": zero_std_b.mean(dtype=jnp.float32),
+        "advantage_abs_mean": jnp.abs(adv_n).mean(),
+    }
+    return adv_n, metrics
+
+
+def _masked_mean(x, mask_f):
+    """Mean of x over mask_f == 1; 0 when the mask is empty."""
+    return (x * mask_f).sum() / jnp.maximum(mask_f.sum(), 1.0)
+
+
+def _aggregate(loss_nt, mask_nt, agg: str, max_len: int):
+    """Reduce per-token values [N, T] to a scalar with one of AGG_MODES (module docstring)."""
+    if agg == "token-mean":
+        return _masked_mean(loss_nt, mask_nt)
+    if agg == "seq-mean-token-mean":
+        len_n = mask_nt.sum(axis=1)
+        seq_n = (loss_nt * mask_nt).sum(axis=1) / jnp.maximum(len_n, 1.0)
+        return _masked_mean(seq_n, (len_n > 0).astype(jnp.float32))
+    return (loss_nt * mask_nt).sum() / (loss_nt.shape[0] * max_len)
+
+
+def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low: float = 0.2, eps_high: float = 0.2,
+                beta: float = 0.04, agg: str = "seq-mean-token-mean", max_len: int | None = None):
+    """GRPO clipped surrogate + β·k3 KL loss (to minimise) and its metrics.
+
+    logp, old_logp, ref_logp: [N, T] log-probs of the sampled tokens under π_θ, π_old, π_ref
+    (ref_logp None skips the KL); advantages: [N]; mask: [N, T] (1 = completion token).
+    beta must be a Python number (config, static under jit); beta == 0 skips the KL like ref_logp=None.
+    max_len: normaliser of "seq-mean-token-sum-norm" (default T).
+    Metrics: pg_loss (the surrogate part, aggregated like the loss), clip_frac, clip_frac_low,
+    clip_frac_high (shares of masked tokens where the clipped branch is the strict minimum; low: ρ < 1−ε_low
+    with Â < 0, high: ρ > 1+ε_high with Â > 0), ratio_mean (masked), and kl (masked token mean of k3)
+    when ref_logp is given.
+    """
+    if agg not in AGG_MODES:
+        raise ValueError(f"policy_loss: agg={agg!r}; expected one of {AGG_MODES}")
+    if logp.ndim != 2 or old_logp.shape != logp.shape or mask.shape != logp.shape:
+        raise ValueError(f"policy_loss: logp, old_logp, mask must share shape [N, T]; got {logp.shape}, "
+                         f"{old_logp.shape}, {mask.shape}")
+    if ref_logp is not None and ref_logp.shape != logp.shape:
+        raise ValueError(f"policy_loss: ref_logp shape {ref_logp.shape} != logp shape {logp.shape}")
+    if advantages.shape != logp.shape[:1]:
+        raise ValueError(f"policy_loss: advantages must be [N]={logp.shape[:1]}, got {advantages.shape}")
+    max_len = logp.shape[1] if max_len is None else max_len
+    mask_nt = mask.astype(jnp.float32)
+    valid_nt = mask_nt > 0
+    logp = logp.astype(jnp.float32)
+    adv_n1 = advantages.astype(jnp.float32)[:, None]
+
+    log_ratio_nt = jnp.where(valid_nt, logp - old_logp.astype(jnp.float32), 0.0)
+    ratio_nt = jnp.exp(log_ratio_nt)
+    unclipped_nt = ratio_nt * adv_n1
+    clipped_nt = jnp.clip(ratio_nt, 1.0 - eps_low, 1.0 + eps_high) * adv_n1
+    surrogate_nt = jnp.minimum(unclipped_nt, clipped_nt)
+    pg_loss = _aggregate(-surrogate_nt, mask_nt, agg, max_len)
+    loss = pg_loss
+
+    metrics = {
+        "pg_loss": pg_loss,
+        "clip_frac": _masked_mean((clipped_nt < unclipped_nt).astype(jnp.float32), mask_nt),
+        "clip_frac_low": _masked_mean(((ratio_nt < 1.0 - eps_low) & (adv_n1 < 0)).astype(jnp.float32), mask_nt),
+        "clip_frac_high": _masked_mean(((ratio_nt > 1.0 + eps_high) & (adv_n1 > 0)).astype(jnp.float32), mask_nt),
+        "ratio_mean": _masked_mean(ratio_nt, mask_nt),
+    }
+    if ref_logp is not None:
+        ref_diff_nt = jnp.where(valid_nt, ref_logp.astype(jnp.float32) - logp, 0.0)
+        kl_nt = jnp.exp(ref_diff_nt) - ref_diff_nt - 1.0
+        metrics["kl"] = _masked_mean(jax.lax.stop_gradient(kl_nt), mask_nt)
+        if beta != 0:
+            loss = loss + beta * _aggregate(kl_nt, mask_nt, agg, max_len)
+    metrics["loss"] = loss
+    return loss, metrics
+
+
+def token_entropy(logits, mask):
+    """Mean entropy −Σ_v p log p of the next-token distributions over masked positions.
+
+    logits: [N, T, V] (already divided by the sampling temperature if the caller wants the sampling
+    distribution's entropy); mask: [N, T]. Computed in float32; -inf logits (banned tokens) are fine.
+    """
+    logprobs_ntv = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    probs_ntv = jnp.exp(logprobs_ntv)
+    entropy_nt = -jnp.where(probs_ntv > 0, probs_ntv * logprobs_ntv, 0.0).sum(axis=-1)
+    return _masked_mean(entropy_nt, mask.astype(jnp.float32))

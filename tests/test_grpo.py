@@ -1,0 +1,324 @@
+"""GRPO math checked against plain-numpy loop implementations written here, independently of r1jax."""
+import functools
+import itertools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax.rl import grpo
+
+AGGS = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+
+
+# ---------------------------------------------------------------- numpy references (loops, float64)
+
+def np_group_advantages(rewards, g, scale, baseline, eps):
+    rewards = [float(r) for r in rewards]
+    n = len(rewards)
+
+    def std(xs):  # sample std, ddof=1
+        m = sum(xs) / len(xs)
+        return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+
+    batch_std = std(rewards)
+    out = []
+    for b in range(n // g):
+        grp = rewards[b * g:(b + 1) * g]
+        for i, r in enumerate(grp):
+            if all(x == grp[0] for x in grp):
+                out.append(0.0)
+                continue
+            if baseline == "mean":
+                base = sum(grp) / g
+            else:
+                base = sum(x for j, x in enumerate(grp) if j != i) / (g - 1)
+            s = {"group": std(grp) + eps, "batch": batch_std + eps, "none": 1.0}[scale]
+            out.append((r - base) / s)
+    return np.array(out)
+
+
+def np_policy_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, agg, max_len=None):
+    n, t = logp.shape
+    max_len = t if max_len is None else max_len
+    tok = np.zeros((n, t))
+    for i in range(n):
+        for j in range(t):
+            if not mask[i, j]:
+                continue
+            rho = math.exp(logp[i, j] - old[i, j])
+            rho_c = min(max(rho, 1 - eps_low), 1 + eps_high)
+            s = min(rho * adv[i], rho_c * adv[i])
+            kl = 0.0
+            if ref is not None:
+                d = ref[i, j] - logp[i, j]
+                kl = math.exp(d) - d - 1
+            tok[i, j] = -(s - beta * kl)
+    if agg == "token-mean":
+        return tok.sum() / max(mask.sum(), 1)
+    if agg == "seq-mean-token-sum-norm":
+        return tok.sum() / (n * max_len)
+    seq = [tok[i].sum() / mask[i].sum() for i in range(n) if mask[i].sum() > 0]
+    return sum(seq) / max(len(seq), 1)
+
+
+def make_batch(seed, n=6, t=7, spread=0.4):
+    """Ragged mask (incl. one empty row), ratios spread well outside [0.8, 1.2] on both sides."""
+    rng = np.random.default_rng(seed)
+    logp = rng.normal(-1.5, 0.5, (n, t))
+    old = logp + rng.normal(0.0, spread, (n, t))
+    ref = logp + rng.normal(0.0, spread, (n, t))
+    lengths = np.array([t, 1, 0, 4, t - 2, 3])[:n]
+    mask = (np.arange(t)[None, :] < lengths[:, None]).astype(np.float64)
+    adv = rng.normal(0.0, 1.0, n)
+    return logp, old, ref, adv, mask
+
+
+def run_loss(logp, old, ref, adv, mask, **kw):
+    f32 = lambda x: None if x is None else jnp.asarray(x, jnp.float32)
+    return grpo.policy_loss(f32(logp), f32(old), f32(ref), f32(adv), f32(mask), **kw)
+
+
+# ---------------------------------------------------------------- group_advantages
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+@pytest.mark.parametrize("baseline", ["mean", "loo"])
+def test_group_advantages_match_numpy(scale, baseline):
+    rng = np.random.default_rng(0)
+    rewards = rng.integers(0, 3, 20).astype(np.float64) + rng.normal(0, 0.1, 20) * (rng.random(20) < 0.5)
+    rewards[:4] = 1.0  # one zero-std group
+    adv, metrics = grpo.group_advantages(jnp.asarray(rewards, jnp.float32), 4, scale=scale, baseline=baseline)
+    np.testing.assert_allclose(np.asarray(adv), np_group_advantages(rewards, 4, scale, baseline, 1e-6),
+                               rtol=1e-5, atol=1e-5)
+    assert float(metrics["zero_std_frac"]) == pytest.approx(1 / 5)
+    assert float(metrics["reward_mean"]) == pytest.approx(rewards.mean(), rel=1e-5)
+
+
+def test_group_advantages_use_sample_std():
+    adv, _ = grpo.group_advantages(jnp.array([0.0, 1.0, 1.0, 1.0]), 4, eps=0.0)
+    # mean 0.75; sample std sqrt(0.75/3) = 0.5 (population std would be 0.433)
+    np.testing.assert_allclose(np.asarray(adv), [-1.5, 0.5, 0.5, 0.5], rtol=1e-6)
+
+
+def test_loo_baseline_rescales_mean_baseline():
+    rewards = jnp.array([0.0, 1.0, 3.0, 0.5, 2.0, 2.0, 1.0, 0.0])
+    adv_mean, _ = grpo.group_advantages(rewards, 4, scale="none")
+    adv_loo, _ = grpo.group_advantages(rewards, 4, scale="none", baseline="loo")
+    np.testing.assert_allclose(np.asarray(adv_loo), 4 / 3 * np.asarray(adv_mean), rtol=1e-6)
+
+
+def test_zero_std_groups_are_exactly_zero_and_counted():
+    # 0.1 and 0.7 are not exact in float32: r - mean(r) is ~1e-8, not 0, unless zero-std groups are forced
+    rewards = jnp.array([0.1, 0.1, 0.1, 1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.7, 0.7, 0.7])
+    for scale, baseline in itertools.product(("group", "batch", "none"), ("mean", "loo")):
+        adv, metrics = grpo.group_advantages(rewards, 3, scale=scale, baseline=baseline)
+        adv = np.asarray(adv)
+        assert np.all(adv[0:3] == 0.0) and np.all(adv[6:12] == 0.0)
+        assert np.all(adv[3:6] != 0.0)
+        assert float(metrics["zero_std_frac"]) == pytest.approx(3 / 4)
+
+
+def test_group_advantages_jit_and_errors():
+    rewards = jnp.array([0.0, 1.0, 1.0, 0.0, 1.0, 1.0])
+    jitted = jax.jit(grpo.group_advantages, static_argnames=("group_size", "scale", "baseline"))
+    np.testing.assert_allclose(np.asarray(jitted(rewards, 3, scale="batch")[0]),
+                               np.asarray(grpo.group_advantages(rewards, 3, scale="batch")[0]), rtol=1e-6)
+    with pytest.raises(ValueError, match="group_size"):
+        grpo.group_advantages(rewards, 4)
+    with pytest.raises(ValueError, match="scale"):
+        grpo.group_advantages(rewards, 3, scale="global")
+    with pytest.raises(ValueError, match="baseline"):
+        grpo.group_advantages(rewards, 3, baseline="median")
+
+
+# ---------------------------------------------------------------- policy_loss values
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_policy_loss_matches_numpy_mu_gt_1(agg):
+    logp, old, ref, adv, mask = make_batch(1)
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, agg=agg)
+    loss, metrics = run_loss(logp, old, ref, adv, mask, **kw)
+    assert float(loss) == pytest.approx(np_policy_loss(logp, old, ref, adv, mask, 0.2, 0.28, 0.04, agg), rel=1e-5)
+    assert float(metrics["pg_loss"]) == pytest.approx(
+        np_policy_loss(logp, old, None, adv, mask, 0.2, 0.28, 0.0, agg), rel=1e-5)
+
+    # metrics against numpy
+    m = mask > 0
+    rho = np.exp(logp - old)
+    a = np.broadcast_to(adv[:, None], rho.shape)
+    low = (rho < 0.8) & (a < 0)
+    high = (rho > 1.28) & (a > 0)
+    assert low[m].sum() > 0 and high[m].sum() > 0  # clipping active on both sides
+    assert float(metrics["clip_frac_low"]) == pytest.approx(low[m].mean(), rel=1e-6)
+    assert float(metrics["clip_frac_high"]) == pytest.approx(high[m].mean(), rel=1e-6)
+    assert float(metrics["clip_frac"]) == pytest.approx((low | high)[m].mean(), rel=1e-6)
+    assert float(metrics["ratio_mean"]) == pytest.approx(rho[m].mean(), rel=1e-5)
+    d = ref - logp
+    assert float(metrics["kl"]) == pytest.approx((np.exp(d) - d - 1)[m].mean(), rel=1e-5)
+
+
+def test_clip_higher_asymmetry():
+    # one token per row: ratio 1.25 with Â>0 is clipped by eps_high=0.2 but not by eps_high=0.28
+    logp = np.log(np.array([[1.25], [0.75], [1.25], [0.75]]))
+    old = np.zeros_like(logp)
+    adv = np.array([1.0, -1.0, -1.0, 1.0])
+    mask = np.ones_like(logp)
+    _, sym = run_loss(logp, old, None, adv, mask, eps_low=0.2, eps_high=0.2)
+    _, asym = run_loss(logp, old, None, adv, mask, eps_low=0.2, eps_high=0.28)
+    assert float(sym["clip_frac_high"]) == 0.25 and float(sym["clip_frac_low"]) == 0.25
+    assert float(asym["clip_frac_high"]) == 0.0 and float(asym["clip_frac_low"]) == 0.25
+    assert float(sym["clip_frac"]) == 0.5 and float(asym["clip_frac"]) == 0.25
+
+
+def test_clipped_tokens_have_zero_gradient():
+    logp = np.log(np.array([[1.5], [0.5], [1.5], [0.5]]))
+    old = np.zeros_like(logp)
+    adv = np.array([1.0, -1.0, -1.0, 1.0])  # rows 0,1 clipped (high, low); rows 2,3 pessimistic unclipped
+    grad = jax.grad(lambda lp: run_loss(lp, old, None, adv, np.ones_like(logp), beta=0.0,
+                                        agg="token-mean")[0])(jnp.asarray(logp, jnp.float32))
+    # unclipped: d/dlogp of -(ρ Â)/4 = -ρ Â / 4
+    np.testing.assert_allclose(np.asarray(grad)[:, 0], [0.0, 0.0, 1.5 / 4, -0.5 / 4], rtol=1e-6)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_mu_equals_1_value_and_gradient(agg):
+    logp, _, _, adv, mask = make_batch(2)
+    lengths = mask.sum(1)
+    n, t = logp.shape
+
+    def loss_fn(lp):
+        return grpo.policy_loss(lp, jax.lax.stop_gradient(lp), None, jnp.asarray(adv, jnp.float32),
+                                jnp.asarray(mask, jnp.float32), beta=0.0, agg=agg)[0]
+
+    loss, grad = jax.value_and_grad(loss_fn)(jnp.asarray(logp, jnp.float32))
+    # ratio = 1, nothing clipped: loss = -Σ_i w_i |o_i| Â_i and dloss/dlogp_it = -w_i Â_i m_it
+    nonempty = lengths > 0
+    w = {"seq-mean-token-mean": np.where(nonempty, 1 / np.maximum(lengths, 1), 0) / nonempty.sum(),
+         "token-mean": np.full(n, 1 / lengths.sum()),
+         "seq-mean-token-sum-norm": np.full(n, 1 / (n * t))}[agg]
+    assert float(loss) == pytest.approx(-(w * lengths * adv).sum(), rel=1e-5, abs=1e-7)
+    np.testing.assert_allclose(np.asarray(grad), -(w * adv)[:, None] * mask, rtol=1e-5, atol=1e-8)
+    if agg == "seq-mean-token-mean":
+        assert float(loss) == pytest.approx(-adv[nonempty].mean(), rel=1e-5)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_gradient_matches_finite_differences(agg):
+    logp, old, ref, adv, mask = make_batch(3, spread=0.3)
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.1, agg=agg)
+    grad = np.asarray(jax.grad(lambda lp: run_loss(lp, old, ref, adv, mask, **kw)[0])(
+        jnp.asarray(logp, jnp.float32)))
+    h = 1e-6
+    fd = np.zeros_like(logp)
+    for i in range(logp.shape[0]):
+        for j in range(logp.shape[1]):
+            up, dn = logp.copy(), logp.copy()
+            up[i, j] += h
+            dn[i, j] -= h
+            fd[i, j] = (np_policy_loss(up, old, ref, adv, mask, 0.2, 0.28, 0.1, agg)
+                        - np_policy_loss(dn, old, ref, adv, mask, 0.2, 0.28, 0.1, agg)) / (2 * h)
+    assert np.abs(fd).max() > 1e-3
+    np.testing.assert_allclose(grad, fd, rtol=1e-4, atol=1e-6)
+    assert np.all(grad[mask == 0] == 0)
+
+
+def test_dr_grpo_max_len_normaliser():
+    logp, old, ref, adv, mask = make_batch(4)
+    kw = dict(agg="seq-mean-token-sum-norm", beta=0.04)
+    at_t, _ = run_loss(logp, old, ref, adv, mask, **kw)
+    at_3t, _ = run_loss(logp, old, ref, adv, mask, max_len=3 * logp.shape[1], **kw)
+    assert float(at_3t) == pytest.approx(float(at_t) / 3, rel=1e-6)
+    assert float(at_3t) == pytest.approx(
+        np_policy_loss(logp, old, ref, adv, mask, 0.2, 0.2, 0.04, kw["agg"], max_len=3 * logp.shape[1]), rel=1e-5)
+
+
+# ---------------------------------------------------------------- KL
+
+def test_kl_nonnegative_per_token_and_zero_at_reference():
+    logp, old, ref, adv, mask = make_batch(5, spread=2.0)
+    per_token = jax.jit(lambda m: run_loss(logp, old, ref, adv, m, beta=0.04)[1]["kl"])
+    for i, j in [(0, 0), (0, 3), (3, 1), (4, 2), (5, 0)]:
+        one_hot = np.zeros_like(mask)
+        one_hot[i, j] = 1
+        d = ref[i, j] - logp[i, j]
+        kl = float(per_token(one_hot))
+        assert kl >= 0 and kl == pytest.approx(math.exp(d) - d - 1, rel=1e-5)
+
+    loss_same_ref, m_same = run_loss(logp, old, logp, adv, mask, beta=0.5)
+    loss_no_ref, m_none = run_loss(logp, old, None, adv, mask, beta=0.5)
+    assert float(m_same["kl"]) == 0.0 and "kl" not in m_none
+    assert float(loss_same_ref) == float(loss_no_ref)
+
+
+def test_beta_zero_skips_kl():
+    logp, old, ref, adv, mask = make_batch(6)
+    with_ref, _ = run_loss(logp, old, ref, adv, mask, beta=0.0)
+    without, _ = run_loss(logp, old, None, adv, mask, beta=0.0)
+    with_beta, _ = run_loss(logp, old, ref, adv, mask, beta=0.1)
+    assert float(with_ref) == float(without) and float(with_beta) > float(without)
+    far_ref = ref + 200.0  # exp(ref - logp) overflows float32: a 0·inf KL term would be NaN
+    assert float(run_loss(logp, old, far_ref, adv, mask, beta=0.0)[0]) == float(without)
+
+
+# ---------------------------------------------------------------- robustness, jit, errors
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_masked_garbage_and_empty_rows_stay_finite(agg):
+    logp, old, ref, adv, mask = make_batch(7)
+    for x in (logp, old, ref):
+        x[mask == 0] = np.nan
+    logp[2, :] = 1e30  # fully masked row with absurd values
+    loss, grad = jax.value_and_grad(lambda lp: run_loss(lp, old, ref, adv, mask, beta=0.04, agg=agg)[0])(
+        jnp.asarray(logp, jnp.float32))
+    clean = make_batch(7)
+    assert float(loss) == pytest.approx(float(run_loss(*clean, beta=0.04, agg=agg)[0]), rel=1e-6)
+    assert np.all(np.isfinite(np.asarray(grad))) and np.all(np.asarray(grad)[mask == 0] == 0)
+    all_masked = run_loss(logp, old, ref, adv, np.zeros_like(mask), agg=agg)
+    assert float(all_masked[0]) == 0.0
+    assert all(np.isfinite(float(v)) for v in all_masked[1].values())
+
+
+def test_policy_loss_jit_matches_eager():
+    logp, old, ref, adv, mask = make_batch(8)
+    args = [jnp.asarray(x, jnp.float32) for x in (logp, old, ref, adv, mask)]
+    for agg in AGGS:
+        fn = functools.partial(grpo.policy_loss, eps_high=0.28, beta=0.04, agg=agg)
+        eager, m_eager = fn(*args)
+        jitted, m_jit = jax.jit(fn)(*args)
+        assert float(jitted) == pytest.approx(float(eager), rel=1e-6)
+        assert set(m_jit) == set(m_eager)
+
+
+def test_policy_loss_errors():
+    logp, old, ref, adv, mask = make_batch(9)
+    with pytest.raises(ValueError, match="agg"):
+        run_loss(logp, old, ref, adv, mask, agg="sum")
+    with pytest.raises(ValueError, match="advantages"):
+        run_loss(logp, old, ref, adv[:3], mask)
+    with pytest.raises(ValueError, match="ref_logp"):
+        run_loss(logp, old, ref[:, :3], adv, mask)
+
+
+# ---------------------------------------------------------------- token_entropy
+
+def test_token_entropy_matches_numpy():
+    rng = np.random.default_rng(10)
+    logits = rng.normal(0, 2.0, (3, 4, 11))
+    logits[0, 0, :5] = -np.inf  # banned tokens
+    mask = np.array([[1, 1, 0, 0], [1, 1, 1, 1], [0, 0, 0, 0]], np.float64)
+    expected, count = 0.0, 0
+    for i in range(3):
+        for j in range(4):
+            if mask[i, j]:
+                z = logits[i, j]
+                p = np.exp(z - z.max())
+                p /= p.sum()
+                expected += -sum(pv * math.log(pv) for pv in p if pv > 0)
+                count += 1
+    got = float(grpo.token_entropy(jnp.asarray(logits, jnp.float32), jnp.asarray(mask)))
+    assert got == pytest.approx(expected / count, rel=1e-5)
+    uniform = grpo.token_entropy(jnp.zeros((2, 3, 16)), jnp.ones((2, 3)))
+    assert float(uniform) == pytest.approx(math.log(16), rel=1e-6)
+    assert float(grpo.token_entropy(jnp.asarray(logits, jnp.float32), jnp.zeros((3, 4)))) == 0.0

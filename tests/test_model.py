@@ -1,0 +1,245 @@
+"""Model tests on tiny configs: cached decoding == full forward, routing by hand, dropless dispatch, MTP, counts."""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from r1jax import models as M
+from r1jax.models import moe as moe_lib
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+@functools.lru_cache(maxsize=None)
+def _setup(name):
+    cfg = M.get_preset(name, mtp_depth=0)
+    params = M.init(cfg, jax.random.PRNGKey(0))
+    fwd = jax.jit(lambda p, t, pos, seg: M.forward(p, t, cfg, positions=pos, segment_ids=seg)[0])
+    pre = jax.jit(lambda p, t, seg, c: M.prefill(p, t, cfg, c, segment_ids=seg))
+    dec = jax.jit(lambda p, t, c: M.decode_step(p, t, cfg, c))
+    return cfg, params, fwd, pre, dec
+
+
+@pytest.mark.parametrize("name", ["tiny_moe", "tiny_dense"])
+def test_cached_decode_matches_forward_padded(name):
+    """Right-padded prompts of different lengths, then one token at a time == full forward on each sequence."""
+    cfg, params, fwd, pre, dec = _setup(name)
+    rng = np.random.default_rng(0)
+    b, t_prompt, n_new, s = 3, 7, 5, 16
+    lengths = np.array([7, 4, 2])
+    seqs = rng.integers(0, cfg.vocab_size, (b, t_prompt + n_new))
+    prompt = np.zeros((b, t_prompt), np.int32)
+    seg = np.zeros((b, t_prompt), np.int32)
+    for i, n in enumerate(lengths):
+        prompt[i, :n] = seqs[i, :n]
+        seg[i, :n] = 1
+    cache = M.init_cache(cfg, b, s)
+    logits_p, cache = pre(params, jnp.asarray(prompt), jnp.asarray(seg), cache)
+    got = {i: [np.asarray(logits_p[i, : lengths[i]])] for i in range(b)}
+    for step in range(n_new):
+        tok = np.array([seqs[i, lengths[i] + step] for i in range(b)], np.int32)
+        logit, cache = dec(params, jnp.asarray(tok), cache)
+        for i in range(b):
+            got[i].append(np.asarray(logit[i])[None])
+    for i in range(b):
+        n = lengths[i] + n_new
+        full = fwd(params, jnp.asarray(seqs[i : i + 1, :n]), None, None)[0]
+        np.testing.assert_allclose(np.concatenate(got[i]), np.asarray(full), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny_moe", "tiny_dense"])
+def test_cached_decode_matches_forward_packed(name):
+    """A packed prompt row (two documents): prefill logits equal the forward of each document alone, and
+    decoding continues the last document without seeing the first."""
+    cfg, params, fwd, pre, dec = _setup(name)
+    rng = np.random.default_rng(1)
+    doc_a, doc_b = rng.integers(0, cfg.vocab_size, 5), rng.integers(0, cfg.vocab_size, 9)
+    row = np.concatenate([doc_a, doc_b[:6]])[None].astype(np.int32)
+    seg = np.array([[1] * 5 + [2] * 6], np.int32)
+    cache = M.init_cache(cfg, 1, 16)
+    logits_p, cache = pre(params, jnp.asarray(row), jnp.asarray(seg), cache)
+    steps = [np.asarray(logits_p[0, 5:])]
+    for tok in doc_b[6:]:
+        logit, cache = dec(params, jnp.asarray([tok], jnp.int32), cache)
+        steps.append(np.asarray(logit))
+    full_b = fwd(params, jnp.asarray(doc_b[None]), None, None)[0]
+    full_a = fwd(params, jnp.asarray(doc_a[None]), None, None)[0]
+    np.testing.assert_allclose(np.concatenate(steps), np.asarray(full_b), atol=1e-5, rtol=0)
+    np.testing.assert_allclose(np.asarray(logits_p[0, :5]), np.asarray(full_a), atol=1e-5, rtol=0)
+
+
+def test_packed_forward_equals_separate():
+    cfg, params, fwd, _, _ = _setup("tiny_moe")
+    rng = np.random.default_rng(2)
+    a, b = rng.integers(0, cfg.vocab_size, 6), rng.integers(0, cfg.vocab_size, 8)
+    row = jnp.asarray(np.concatenate([a, b])[None], jnp.int32)
+    seg = jnp.asarray([[1] * 6 + [2] * 8], jnp.int32)
+    packed = fwd(params, row, None, seg)[0]
+    np.testing.assert_allclose(packed[:6], fwd(params, jnp.asarray(a[None]), None, None)[0], atol=1e-5)
+    np.testing.assert_allclose(packed[6:], fwd(params, jnp.asarray(b[None]), None, None)[0], atol=1e-5)
+
+
+def test_mla_cache_is_latent():
+    cfg = M.get_preset("tiny_moe")
+    cache = M.init_cache(cfg, 2, 8)
+    per_token = sum(v.shape[-1] for v in cache["moe"].values())
+    assert per_token == cfg.kv_lora_rank + cfg.qk_rope_head_dim == cfg.cache_values_per_token
+    assert set(cache["moe"]) == {"c_kv", "k_pe"}
+    assert M.get_preset("deepseek_v3_671b").cache_values_per_token == 576
+
+
+# ------------------------------------------------------------------------------------------------ routing
+
+def _route_cfg(**kw):
+    base = dict(n_routed_experts=8, n_experts_per_tok=2, n_group=4, topk_group=2, routed_scaling_factor=1.0,
+                norm_topk_prob=True)
+    base.update(kw)
+    return M.get_preset("tiny_moe", **base)
+
+
+def _route_from_scores(scores, bias, cfg):
+    """Feed chosen sigmoid scores s by making x @ W = logit(s) with an identity router."""
+    logits = np.log(scores) - np.log1p(-scores)
+    return moe_lib.route(jnp.asarray(logits, jnp.float32), jnp.eye(scores.shape[1]), jnp.asarray(bias, jnp.float32), cfg)
+
+
+def test_group_limited_routing_masks_groups():
+    cfg = _route_cfg()
+    # groups of 2: g0=[.90,.10] top2 sum 1.0, g1=[.55,.50]=1.05, g2=[.80,.05]=.85, g3=[.30,.30]=.6
+    s = np.array([[0.90, 0.10, 0.55, 0.50, 0.80, 0.05, 0.30, 0.30]])
+    w, idx, _ = _route_from_scores(s, np.zeros(8), cfg)
+    # Kept groups: g1 (1.05) and g0 (1.0). Expert 4 (0.80) is in dropped g2 although its score beats 2 and 3.
+    assert sorted(np.asarray(idx[0]).tolist()) == [0, 2]
+    np.testing.assert_allclose(np.sort(np.asarray(w[0])), np.sort([0.90 / 1.45, 0.55 / 1.45]), rtol=1e-6)
+
+
+def test_bias_changes_selection_not_weights_and_scaling():
+    cfg = _route_cfg(n_group=1, topk_group=1, routed_scaling_factor=2.5)
+    s = np.array([[0.9, 0.8, 0.7, 0.1, 0.1, 0.1, 0.1, 0.1]])
+    _, idx0, _ = _route_from_scores(s, np.zeros(8), cfg)
+    assert sorted(np.asarray(idx0[0]).tolist()) == [0, 1]
+    bias = np.zeros(8)
+    bias[2] = 0.5  # expert 2 now selected over expert 1 ...
+    w, idx, _ = _route_from_scores(s, bias, cfg)
+    assert sorted(np.asarray(idx[0]).tolist()) == [0, 2]
+    # ... but its weight uses the unbiased score, normalised, times the scaling factor.
+    got = dict(zip(np.asarray(idx[0]).tolist(), np.asarray(w[0]).tolist()))
+    np.testing.assert_allclose(got[2], 2.5 * 0.7 / 1.6, rtol=1e-6)
+    np.testing.assert_allclose(got[0], 2.5 * 0.9 / 1.6, rtol=1e-6)
+
+
+def test_bias_update_direction():
+    load = jnp.array([[0.5, 0.25, 0.125, 0.125]])
+    new = moe_lib.update_router_bias(jnp.zeros((1, 4)), load, 0.01)
+    np.testing.assert_allclose(np.asarray(new), [[-0.01, 0.0, 0.01, 0.01]])
+    cfg = M.get_preset("tiny_moe")
+    params = M.init(cfg, jax.random.PRNGKey(0))
+    load = jnp.zeros((cfg.n_moe_layers, cfg.n_routed_experts)).at[:, 0].set(1.0)
+    p2 = M.update_router_bias(params, load, 0.001)
+    b = np.asarray(p2["moe"]["mlp"]["router_bias"])
+    assert (b[:, 0] < 0).all() and (b[:, 1:] > 0).all()
+    assert M.update_router_bias(params, load, 0.0) is params
+
+
+@pytest.mark.parametrize("impl", ["ragged_dot", "tiled"])
+def test_dropless_dispatch_equals_dense_reference(impl):
+    rng = np.random.default_rng(3)
+    m, d, f, e, k = 37, 8, 6, 5, 2
+    x = rng.normal(size=(m, d)).astype(np.float32)
+    wg, wu, wd = (rng.normal(size=s).astype(np.float32) for s in [(e, d, f), (e, d, f), (e, f, d)])
+    idx = np.stack([rng.choice(e, k, replace=False) for _ in range(m)]).astype(np.int32)
+    w = rng.random((m, k)).astype(np.float32)
+    got = moe_lib.dispatch(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), wg, wu, wd, impl, max_tile=4)
+    ref = np.zeros((m, d), np.float32)
+    for t in range(m):
+        for j in range(k):
+            ex = idx[t, j]
+            h = x[t] @ wg[ex]
+            h = h / (1 + np.exp(-h)) * (x[t] @ wu[ex])
+            ref[t] += w[t, j] * (h @ wd[ex])
+    np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4)
+    # Gradients flow through ragged_dot to the expert weights and the routing weights.
+    def loss(wg_, w_):
+        return (moe_lib.dispatch(jnp.asarray(x), jnp.asarray(idx), w_, wg_, wu, wd, impl, max_tile=4) ** 2).sum()
+
+    def loss_ref(wg_, w_):
+        return (moe_lib.dispatch(jnp.asarray(x), jnp.asarray(idx), w_, wg_, wu, wd, "ragged_dot") ** 2).sum()
+
+    g = jax.grad(loss, argnums=(0, 1))(jnp.asarray(wg), jnp.asarray(w))
+    g_ref = jax.grad(loss_ref, argnums=(0, 1))(jnp.asarray(wg), jnp.asarray(w))
+    for a, r in zip(g, g_ref):
+        assert np.abs(np.asarray(a)).sum() > 0
+        np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-4)
+
+
+def test_dispatch_flops_scale_with_activated_experts():
+    """The compiled MoE cost on this backend must not grow with the total expert count at fixed top-k."""
+    def flops(e):
+        m, d, f, k = 256, 32, 16, 2
+        args = (jax.ShapeDtypeStruct((m, d), jnp.float32), jax.ShapeDtypeStruct((m, k), jnp.int32),
+                jax.ShapeDtypeStruct((m, k), jnp.float32), jax.ShapeDtypeStruct((e, d, f), jnp.float32),
+                jax.ShapeDtypeStruct((e, d, f), jnp.float32), jax.ShapeDtypeStruct((e, f, d), jnp.float32))
+        cost = jax.jit(moe_lib.dispatch).lower(*args).compile().cost_analysis()
+        cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+        return cost["flops"]
+
+    f8, f256 = flops(8), flops(256)
+    assert f256 < 1.5 * f8, (f8, f256)
+
+
+def test_forward_reports_load_and_balance_loss():
+    cfg = M.get_preset("tiny_moe", aux_loss_alpha=0.01)
+    params = M.init(cfg, jax.random.PRNGKey(0))
+    toks = jax.random.randint(jax.random.PRNGKey(1), (2, 16), 0, cfg.vocab_size)
+    seg = jnp.ones((2, 16), jnp.int32).at[1, 10:].set(0)  # padding is excluded from the load statistics
+    logits, aux = M.forward(params, toks, cfg, segment_ids=seg)
+    assert aux["expert_load"].shape == (cfg.n_moe_layers, cfg.n_routed_experts)
+    np.testing.assert_allclose(np.asarray(aux["expert_load"].sum(-1)), 1.0, rtol=1e-5)
+    assert float(aux["aux_loss"]) > 0
+    assert aux["mtp_logits"].shape == logits.shape
+    # MTP gets gradients (it is a trained module, not dead weight).
+    g = jax.grad(lambda p: M.forward(p, toks, cfg)[1]["mtp_logits"].sum())(params)
+    assert float(jnp.abs(g["mtp"]["eh_proj"]).sum()) > 0
+
+
+def test_param_counts_671b():
+    c = M.count_params(M.get_preset("deepseek_v3_671b"))
+    assert abs(c["total"] - 671e9) / 671e9 < 0.01, c
+    assert 36e9 < c["activated"] < 38.5e9, c
+    assert c["mtp"] > 0
+    abstract = M.abstract_params(M.get_preset("deepseek_v3_671b"))
+    assert abstract["moe"]["mlp"]["w_gate"].shape == (58, 256, 7168, 2048)
+
+
+def test_trainable_mask_excludes_router_bias():
+    cfg = M.get_preset("tiny_moe")
+    mask = M.trainable_mask(M.init(cfg, jax.random.PRNGKey(0)))
+    assert mask["moe"]["mlp"]["router_bias"] is False
+    assert mask["moe"]["mlp"]["router"] is True and mask["embed"] is True
+
+
+def test_config_validation_errors():
+    with pytest.raises(ValueError, match="n_group"):
+        M.get_preset("tiny_moe", n_group=3)
+    with pytest.raises(KeyError, match="unknown model preset"):
+        M.get_preset("gpt5")
+    with pytest.raises(KeyError, match="unknown ModelConfig field"):
+        M.get_preset("tiny_moe", n_layer=3)
+
+
+def test_yarn_and_llama3_frequencies():
+    from r1jax.models.layers import rope_inv_freq
+
+    base = M.get_preset("tiny_dense", head_dim=32, rope_theta=10000.0)
+    f0, s0 = rope_inv_freq(base)
+    y, sy = rope_inv_freq(base.replace(rope_kind="yarn", rope_factor=4.0, rope_original_max_pos=64,
+                                       rope_mscale=1.0, rope_mscale_all_dim=0.0))
+    assert s0 == 1.0 and sy == pytest.approx(0.1 * np.log(4.0) + 1)
+    np.testing.assert_allclose(y[0], f0[0])  # highest frequency extrapolated (kept)
+    np.testing.assert_allclose(y[-1], f0[-1] / 4.0)  # lowest frequency interpolated (/factor)
+    l3, _ = rope_inv_freq(base.replace(rope_kind="llama3", rope_factor=8.0, rope_original_max_pos=64))
+    np.testing.assert_allclose(l3[0], f0[0])
+    np.testing.assert_allclose(l3[-1], f0[-1] / 8.0)
