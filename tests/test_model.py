@@ -243,3 +243,14 @@ def test_yarn_and_llama3_frequencies():
     l3, _ = rope_inv_freq(base.replace(rope_kind="llama3", rope_factor=8.0, rope_original_max_pos=64))
     np.testing.assert_allclose(l3[0], f0[0])
     np.testing.assert_allclose(l3[-1], f0[-1] / 8.0)
+
+
+def test_compiled_program_does_not_grow_with_depth():
+    """Scan over layers: the 61-layer model's optimized train and decode programs are the size of the 4-layer
+    ones (compile *times* are measured by `python -m r1jax.bench.compile`, recorded in docs/performance.md)."""
+    from r1jax.bench.compile import compile_stats, depth_config
+
+    shallow = compile_stats(depth_config("tiny_moe", 4), seq=16)
+    deep = compile_stats(depth_config("tiny_moe", 61), seq=16)
+    assert deep["train_hlo_lines"] <= 1.05 * shallow["train_hlo_lines"], (shallow, deep)
+    assert deep["decode_hlo_lines"] <= 1.05 * shallow["decode_hlo_lines"], (shallow, deep)

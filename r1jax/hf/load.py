@@ -27,7 +27,7 @@ from r1jax.hf.config import config_from_hf
 from r1jax.hf.layout import HFTensor, LeafMap, hf_layout, leaf_block
 from r1jax.hf.safetensors_io import CheckpointError, SafetensorsDir
 from r1jax.models.config import ModelConfig
-from r1jax.models.transformer import ParamSpec, param_shardings, param_specs
+from r1jax.models.transformer import ParamSpec, abstract_params, param_shardings, param_specs
 from r1jax.sharding import DEFAULT_RULES
 
 # Tensors some checkpoints carry that are no parameter (old Llama exports store the RoPE table).
@@ -108,12 +108,12 @@ def load_hf_checkpoint(path: str, *, dtype: str = "float32", mesh=None, rules=No
     def read(t: HFTensor, ranges):
         return fp8.read_float32(reader, t.name, ranges, block)
 
-    out_dtype = np.dtype(cfg.weight_dtype)
+    dtypes = [np.dtype(a.dtype) for a in jax.tree.leaves(abstract_params(cfg))]  # per-leaf storage dtype
     arrays = []
-    for leaf, sharding in zip(leaves, shardings):
+    for leaf, sharding, out_dtype in zip(leaves, shardings, dtypes):
         blocks: dict = {}  # devices holding the same replica of a block share one read and one host buffer
 
-        def callback(index, leaf=leaf, blocks=blocks):
+        def callback(index, leaf=leaf, blocks=blocks, out_dtype=out_dtype):
             ranges = tuple(index_to_ranges(index, leaf.shape))
             if ranges not in blocks:
                 blocks[ranges] = leaf_block(leaf, ranges, read, out_dtype)

@@ -42,6 +42,10 @@ class ParamSpec:
     shape: tuple[int, ...]
     axes: tuple[str | None, ...]
     init: str = "normal"  # normal | zeros | ones
+    dtype: str | None = None  # storage dtype; None = the config's param_dtype
+
+    def storage_dtype(self, cfg: ModelConfig):
+        return jnp.dtype(self.dtype) if self.dtype else cfg.weight_dtype
 
 
 # ------------------------------------------------------------------------------------------ declarations
@@ -84,7 +88,8 @@ def _moe_specs(cfg: ModelConfig) -> dict:
     d, e, f = cfg.d_model, cfg.n_routed_experts, cfg.moe_d_ff
     s = {
         "router": ParamSpec((d, e), ("embed", None)),
-        "router_bias": ParamSpec((e,), (None,), "zeros"),
+        # fp32 storage even with bf16 params: rounding the bias can flip near-tied expert choices.
+        "router_bias": ParamSpec((e,), (None,), "zeros", "float32"),
         "w_gate": ParamSpec((e, d, f), ("exp", "embed", "exp_mlp")),
         "w_up": ParamSpec((e, d, f), ("exp", "embed", "exp_mlp")),
         "w_down": ParamSpec((e, f, d), ("exp", "exp_mlp", "embed")),
@@ -104,7 +109,7 @@ def _block_specs(cfg: ModelConfig, moe: bool) -> dict:
 
 
 def _stack(tree, n: int):
-    return jax.tree.map(lambda s: ParamSpec((n,) + s.shape, ("layers",) + s.axes, s.init), tree,
+    return jax.tree.map(lambda s: ParamSpec((n,) + s.shape, ("layers",) + s.axes, s.init, s.dtype), tree,
                         is_leaf=lambda x: isinstance(x, ParamSpec))
 
 
@@ -143,9 +148,9 @@ def abstract_params(cfg: ModelConfig, shardings=None):
     """ShapeDtypeStructs for every leaf (optionally with shardings); allocates nothing."""
     specs = param_specs(cfg)
     if shardings is None:
-        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, cfg.weight_dtype), specs, is_leaf=_is_spec)
-    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, cfg.weight_dtype, sharding=sh), specs, shardings,
-                        is_leaf=_is_spec)
+        return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.storage_dtype(cfg)), specs, is_leaf=_is_spec)
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.storage_dtype(cfg), sharding=sh), specs,
+                        shardings, is_leaf=_is_spec)
 
 
 def param_shardings(cfg: ModelConfig, mesh, rules):
@@ -161,12 +166,13 @@ def init(cfg: ModelConfig, rng) -> dict:
     create the params already sharded."""
 
     def make(path, s: ParamSpec):
+        dtype = s.storage_dtype(cfg)
         if s.init == "zeros":
-            return jnp.zeros(s.shape, cfg.weight_dtype)
+            return jnp.zeros(s.shape, dtype)
         if s.init == "ones":
-            return jnp.ones(s.shape, cfg.weight_dtype)
+            return jnp.ones(s.shape, dtype)
         key = jax.random.fold_in(rng, zlib.crc32(jax.tree_util.keystr(path).encode()) & 0x7FFFFFFF)
-        return (cfg.init_std * jax.random.normal(key, s.shape, jnp.float32)).astype(cfg.weight_dtype)
+        return (cfg.init_std * jax.random.normal(key, s.shape, jnp.float32)).astype(dtype)
 
     return jax.tree_util.tree_map_with_path(make, param_specs(cfg), is_leaf=_is_spec)
 
