@@ -20,6 +20,7 @@ setup(
         "safetensors",
         "numpy",
         "pyarrow",
+        "array-record",
         "math-verify",
         "tensorboardX",
         "tqdm",
@@ -27,7 +28,7 @@ setup(
         "matplotlib",
     ],
     extras_require={
-        "test": ["pytest", "torch==2.13.0", "transformers"],
+        "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers"],
         "tpu": ["libtpu"],
     },
 )
