@@ -7,6 +7,7 @@ from r1jax.models.transformer import (
     count_params,
     decode_step,
     forward,
+    hidden_states,
     init,
     init_cache,
     param_axes,
@@ -18,7 +19,7 @@ from r1jax.models.transformer import (
 )
 
 __all__ = [
-    "PRESETS", "ModelConfig", "ParamSpec", "abstract_params", "count_params", "decode_step", "forward", "get_preset",
+    "PRESETS", "ModelConfig", "ParamSpec", "abstract_params", "count_params", "decode_step", "forward", "get_preset", "hidden_states",
     "init", "init_cache", "param_axes", "param_shardings", "param_specs", "prefill", "trainable_mask",
     "update_router_bias",
 ]

@@ -15,6 +15,17 @@ through a grouped matmul (FLOPs ~ M*k, independent of E), and the results are un
 matmul is `jax.lax.ragged_dot` on TPU/GPU and a tiled batched matmul on CPU, where XLA's ragged_dot computes every
 expert densely (see `_experts_tiled`).
 
+Expert parallelism (EP): when an active mesh (r1jax.sharding.use_rules) puts the `exp` axis of the expert weights on
+mesh axes of size > 1, `moe_layer` runs `dispatch_ep` instead: inside `jax.shard_map` every device sorts its own
+tokens' pairs by expert, a ragged all-to-all sends each expert's rows to the device holding it, the local experts
+run the same grouped matmul, and a second ragged all-to-all brings the rows home (REFERENCE.md §5; the exchange
+of DeepSeek-V3 §3.2). Dropless with a proven bound, not a capacity factor: a device of an EP group of size P_e can
+receive at most P_e * c * min(k, E_loc) rows from c tokens per device (each token sends at most one row to each
+expert), and the receive buffer has exactly that many rows, so no row is ever dropped whatever the routing. That
+worst case is P_e times the balanced load, so tokens go through the exchange in chunks of c per device, with c
+chosen to keep the buffer under `EP_MAX_BUFFER_ROWS`. Without an active mesh (or with `exp` unsharded) the
+single-device path above runs unchanged.
+
 Balancing is aux-loss-free: the layer reports each expert's load; `update_router_bias` (outside the gradient)
 moves b_i by gamma * sign(mean load - load_i). The optional sequence-wise balance loss is
 L = alpha * mean_b sum_i f_i P_i with f_i = E/(k T) * #tokens choosing i, P_i = mean_t s_i / sum_j s_j.
@@ -22,11 +33,20 @@ L = alpha * mean_b sum_i f_i P_i with f_i = E/(k T) * #tokens choosing i, P_i = 
 
 from __future__ import annotations
 
+import functools
+import math
+
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
+from r1jax import sharding
 from r1jax.models.config import ModelConfig
 from r1jax.models.layers import swiglu
+
+# Rows of the EP receive buffer per device and chunk (the worst case, see the module docstring). 64k rows of
+# D = 7168 in bf16 are 0.9 GB; the chunk of tokens per device shrinks as the EP group grows.
+EP_MAX_BUFFER_ROWS = 65536
 
 
 def route(x, w_router, bias, cfg: ModelConfig):
@@ -82,21 +102,35 @@ def _experts_tiled(rows, sizes, w_gate, w_up, w_down, max_tile: int):
     return y[dest]
 
 
+def _target_platform() -> str:
+    """The platform the code is compiled for: the active mesh's devices (an AOT topology from a CPU host is
+    "tpu"), else the default backend."""
+    active = sharding._ACTIVE.get()
+    if active is not None:
+        return active[0].devices.flat[0].platform
+    return jax.default_backend()
+
+
+def _resolve_impl(impl: str) -> str:
+    if impl == "auto":
+        return "tiled" if _target_platform() == "cpu" else "ragged_dot"
+    if impl not in ("ragged_dot", "tiled"):
+        raise ValueError(f"unknown MoE dispatch impl {impl!r}; expected auto, ragged_dot or tiled")
+    return impl
+
+
 def dispatch(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", max_tile: int = 128):
     """Dropless expert computation. x [M,D], idx/weights [M,k], w_gate/w_up [E,D,F], w_down [E,F,D] -> [M,D].
 
     impl: "ragged_dot", "tiled", or "auto" (ragged_dot on TPU/GPU, tiled on CPU)."""
     m, k = idx.shape
-    if impl == "auto":
-        impl = "tiled" if jax.default_backend() == "cpu" else "ragged_dot"
+    impl = _resolve_impl(impl)
     order, sizes = _sort_pairs(idx, w_gate.shape[0])
     rows = x[order // k]  # [M*k, D], grouped by expert
     if impl == "ragged_dot":
         y = _experts_ragged(rows, sizes, w_gate, w_up, w_down)
-    elif impl == "tiled":
-        y = _experts_tiled(rows, sizes, w_gate, w_up, w_down, max_tile)
     else:
-        raise ValueError(f"unknown MoE dispatch impl {impl!r}; expected auto, ragged_dot or tiled")
+        y = _experts_tiled(rows, sizes, w_gate, w_up, w_down, max_tile)
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(m * k, dtype=order.dtype))
     y = y[inverse].reshape(m, k, -1)
     return jnp.einsum("mkd,mk->md", y, weights.astype(y.dtype))
@@ -107,7 +141,8 @@ def moe_layer(p, x, valid, cfg: ModelConfig):
     b, t, d = x.shape
     xf = x.reshape(b * t, d)
     w, idx, s = route(xf, p["router"], p["router_bias"], cfg)
-    y = dispatch(xf, idx, w, p["w_gate"], p["w_up"], p["w_down"], cfg.moe_impl, cfg.moe_tile).reshape(b, t, d)
+    experts = (xf, idx, w, p["w_gate"], p["w_up"], p["w_down"], cfg.moe_impl, cfg.moe_tile)
+    y = (dispatch_ep(*experts) if expert_parallel() else dispatch(*experts)).reshape(b, t, d)
     if cfg.n_shared_experts:
         sh = p["shared"]
         y = y + swiglu(x, sh["w_gate"], sh["w_up"], sh["w_down"])

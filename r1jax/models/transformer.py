@@ -290,6 +290,13 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
     segment_ids [B,T] (default all 1) keep packed documents apart; 0 marks padding.
     positions [B,T] default to the position inside each segment.
     """
+    h, aux = hidden_states(params, tokens, cfg, positions=positions, segment_ids=segment_ids, mtp=True)
+    return _head(params, h, cfg), aux
+
+
+def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None, mtp: bool = False):
+    """Final-normed hidden states [B,T,D] and aux (as `forward`; mtp_logits only when mtp=True). A reward model
+    puts its scalar head on these."""
     if segment_ids is None:
         segment_ids = jnp.ones_like(tokens, dtype=jnp.int32)
     if positions is None:
@@ -304,9 +311,9 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
         aux["aux_loss"] = cfg.aux_loss_alpha * stats["aux_loss"].sum()
     else:
         aux["aux_loss"] = jnp.zeros((), jnp.float32)
-    if cfg.mtp_depth:
+    if cfg.mtp_depth and mtp:
         aux["mtp_logits"] = _mtp(params, h, tokens, ctx, cfg)
-    return _logits(params, h, cfg), aux
+    return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), aux
 
 
 def _mtp(params, h, tokens, ctx, cfg: ModelConfig):
