@@ -27,7 +27,8 @@ def loss_fn(params, tokens, cfg):
 
 def main(preset, meshes):
     assert jax.device_count() == 8, jax.device_count()
-    cfg = M.get_preset(preset, aux_loss_alpha=0.01)
+    base = M.get_preset(preset)
+    cfg = base.replace(aux_loss_alpha=0.01, n_layers=3, n_dense_layers=1 if base.is_moe else 3)
     params = M.init(cfg, jax.random.PRNGKey(0))
     tokens = jax.random.randint(jax.random.PRNGKey(1), (8, 16), 0, cfg.vocab_size)
     grad_fn = jax.jit(jax.value_and_grad(lambda p, t: loss_fn(p, t, cfg), has_aux=True))
