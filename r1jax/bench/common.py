@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import statistics
 import time
@@ -27,10 +28,76 @@ def median_time(fn: Callable[[], object], *, warmup: int = 1, runs: int = 5) -> 
     return statistics.median(times)
 
 
+def tune_cpu_runtime() -> None:
+    """Process settings that both sides of a CPU comparison get (call before torch is imported):
+
+    * glibc malloc keeps freed memory (no mmap for big blocks, no trimming). By default every large buffer an
+      XLA or torch step allocates is a fresh mmap, so each step page-faults its whole working set again
+      (12k faults = 48 MB per tiny train step here); with this, ~0.
+    * OMP_WAIT_POLICY=PASSIVE (unless set): torch's OpenMP threads sleep at barriers instead of spinning. On a
+      machine whose cores are shared with other processes, spinning threads wait for descheduled peers and
+      torch's step slowed 10-40x here; XLA's own thread pool does not use OpenMP.
+    """
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:  # not glibc
+        return
+    m_trim_threshold, m_mmap_max = -1, -4
+    libc.mallopt(m_mmap_max, 0)
+    libc.mallopt(m_trim_threshold, 2**31 - 1)
+
+
+def torch_device() -> str:
+    """Where the torch side of a comparison runs: cuda when available, else cpu (with one thread per core)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    torch.set_num_threads(cpu_cores())
+    return "cpu"
+
+
+def cpu_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def torch_sync(x=None):
+    """Wait for queued torch work (a no-op on CPU); returns x so it can wrap a timed call."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    return x
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process so far (all threads): a step's CPU time is robust to other
+    processes competing for the cores, where its wall time is not."""
+    import resource
+
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def spread(times: Sequence[float]) -> dict:
+    """Median, min and max of a list of seconds."""
+    return {"median": statistics.median(times), "min": min(times), "max": max(times)}
+
+
 def machine() -> dict:
     dev = jax.devices()[0]
-    return {"backend": jax.default_backend(), "device": dev.device_kind, "n_devices": jax.device_count(),
-            "host": platform.node(), "jax": jax.__version__}
+    out = {"backend": jax.default_backend(), "device": dev.device_kind, "n_devices": jax.device_count(),
+           "cpu_cores": cpu_cores(), "host": platform.node(), "jax": jax.__version__}
+    try:
+        import torch
+
+        out["torch"] = torch.__version__
+    except ImportError:
+        pass
+    return out
 
 
 def print_table(rows: Sequence[dict], columns: Sequence[str]) -> None:

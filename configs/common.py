@@ -1,0 +1,109 @@
+"""Shared building blocks of the stage configs: model, mesh, optimizer, training and data blocks.
+
+Every stage config file has `get_config(arg=None)` (arg picks a preset; `tiny` runs on a 2-core CPU) and
+is run with `python -m r1jax.main --config configs/<file>.py[:preset] --workdir DIR [--config.a.b=value]`.
+Configs are locked: overriding a field that does not exist is an error. Fields that are None by default
+are typed placeholders, so `--config.init_from=/path` and `--config.model.overrides.n_layers=2` work.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import ml_collections as mlc
+from ml_collections.config_dict import placeholder
+
+from r1jax.models import get_preset
+from r1jax.sharding import DEFAULT_RULES
+
+
+def model(preset: str, **overrides) -> mlc.ConfigDict:
+    """config.model: a ModelConfig preset plus overrides. Every ModelConfig field is present in
+    `overrides` (None = the preset's value), typed like the preset's value, so a typo is an error."""
+    base = get_preset(preset)
+    fields = {f.name: placeholder(type(getattr(base, f.name))) for f in dataclasses.fields(base)}
+    unknown = sorted(set(overrides) - set(fields))
+    if unknown:
+        raise KeyError(f"unknown ModelConfig field(s) {unknown} in overrides of preset {preset!r}")
+    block = mlc.ConfigDict({"preset": preset, "overrides": fields})
+    for name, value in overrides.items():
+        block.overrides[name] = value
+    return block
+
+
+# The tiny world's SentencePiece tokenizer needs ~530 pieces for its characters and byte fallback alone,
+# more than the tiny presets' 512: every tiny config uses this vocabulary (init_from needs equal shapes).
+TINY_VOCAB = 1024
+
+
+def tiny_model(preset: str = "tiny_moe", **overrides) -> mlc.ConfigDict:
+    """config.model of the tiny presets (2-core CPU), with the tiny world's vocabulary."""
+    return model(preset, **{"vocab_size": TINY_VOCAB, **overrides})
+
+
+def mesh(**ici) -> mlc.ConfigDict:
+    """config.mesh: ICI axis sizes per slice (default: everything FSDP), DCN sizes across slices (default:
+    data parallel over slices) and the logical -> mesh axis rules (tuples of mesh axes; () = replicated)."""
+    sizes = {"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}
+    sizes.update(ici)
+    rules = {name: tuple(axes) if isinstance(axes, (tuple, list)) else ((axes,) if axes else ())
+             for name, axes in DEFAULT_RULES}
+    return mlc.ConfigDict({"ici": sizes, "dcn": {"data": -1, "fsdp": 1, "expert": 1, "tensor": 1}, "rules": rules})
+
+
+def optimizer(lr: float, warmup_steps: int, *, schedule: str = "cosine", end_lr_ratio: float = 0.1,
+              b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1,
+              clip_norm: float = 1.0) -> mlc.ConfigDict:
+    """config.optimizer: AdamW, linear warmup then `schedule` decay to lr * end_lr_ratio; clip_norm 0 = off."""
+    return mlc.ConfigDict(dict(lr=lr, warmup_steps=warmup_steps, schedule=schedule, end_lr_ratio=end_lr_ratio,
+                               b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, clip_norm=clip_norm))
+
+
+def train(steps: int, *, micro_batches: int = 1, log_every: int = 10, eval_every: int = 0,
+          checkpoint_every: int = 1000, keep_checkpoints: int = 3, async_checkpoints: bool = True,
+          progress: bool = True) -> mlc.ConfigDict:
+    """config.train: `steps` optimizer updates (the LR schedule's length), each over `micro_batches`
+    micro-batches of the global batch; eval every `eval_every` steps (0 = never)."""
+    return mlc.ConfigDict(dict(steps=steps, micro_batches=micro_batches, log_every=log_every, eval_every=eval_every,
+                               checkpoint_every=checkpoint_every, keep_checkpoints=keep_checkpoints,
+                               async_checkpoints=async_checkpoints, progress=progress))
+
+
+def sft_data(*, seq_len: int, batch_size: int, train_files: tuple = (), eval_files: tuple = (),
+             tokenizer: str | None = None, text_field: str | None = None, prompt_field: str = "prompt",
+             response_field: str = "response", template: str = "chat", num_epochs: int | None = None,
+             eval_batches: int = 8, eval_holdout: int = 0, tiny_world: bool = False,
+             world_files: tuple = (), world_seed: int = 0) -> mlc.ConfigDict:
+    """config.data for the SFT stage (pretraining = SFT with `text_field` set: every token trained).
+
+    train_files / eval_files: JSONL / Parquet / ArrayRecord; eval_holdout > 0 with no eval_files holds
+      out that many shuffled training records as the eval split (small datasets).
+    tokenizer: a SentencePiece .model or an HF tokenizer dir; None = the init_from checkpoint's, else
+      (tiny world) train one on the world.
+    batch_size: global rows of seq_len tokens per optimizer step (packed). num_epochs None = repeat.
+    tiny_world: with no train_files, write the tiny synthetic world into WORKDIR/world and train on its
+      `world_files` (names without .jsonl).
+    """
+    return mlc.ConfigDict(dict(
+        train_files=tuple(train_files), eval_files=tuple(eval_files),
+        tokenizer=tokenizer if tokenizer is not None else placeholder(str),
+        seq_len=seq_len, batch_size=batch_size,
+        text_field=text_field if text_field is not None else placeholder(str),
+        prompt_field=prompt_field, response_field=response_field, template=template,
+        num_epochs=num_epochs if num_epochs is not None else placeholder(int),
+        shuffle=True, pack=True, skip_malformed=True, eval_batches=eval_batches, eval_holdout=eval_holdout,
+        tiny_world=tiny_world, world_files=tuple(world_files), world_seed=world_seed))
+
+
+def sft_config(*, model_block, data, optimizer_block, train_block, mesh_block=None, init_from: str | None = None,
+               seed: int = 0) -> mlc.ConfigDict:
+    """A complete config for the `sft` stage (pretrain, cold start, 800k SFT and distillation use it)."""
+    return mlc.ConfigDict(dict(
+        stage="sft", seed=seed, model=model_block, mesh=mesh_block if mesh_block is not None else mesh(),
+        init_from=init_from if init_from is not None else placeholder(str),
+        data=data, optimizer=optimizer_block, train=train_block))
+
+
+def tiny_train(steps: int, **kw) -> mlc.ConfigDict:
+    """Training settings for the 2-core CPU presets: frequent logs, small eval, a few checkpoints."""
+    return train(steps, **{"log_every": 10, "eval_every": 50, "checkpoint_every": 100, "keep_checkpoints": 2, **kw})

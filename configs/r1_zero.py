@@ -1,0 +1,120 @@
+"""R1-Zero (REFERENCE.md §4.1): GRPO straight from the base model, rule rewards only (accuracy + format), the
+R1-Zero template.
+
+    python -m r1jax.main --config configs/r1_zero.py:tiny --workdir /tmp/r1_zero
+    python -m r1jax.main --config configs/r1_zero.py --workdir gs://BUCKET/r1_zero \
+        --config.init_from=/path/to/DeepSeek-V3-Base --config.data.train_files=/path/to/rl_prompts.jsonl
+
+tiny: the tiny world's rl_train / rl_heldout arithmetic and countdown questions (`prompt` already holds the
+R1-Zero prompt). The base model is `configs/pretrain.py:tiny`: with --config.init_from unset it is trained first
+in WORKDIR/base (skipped once finished); pass --config.init_from=DIR to start from an existing pretrain run
+(configs/r1.py chains the stages that way).
+Default: DeepSeek-V3 671B from its HF base checkpoint with the R1 settings of REFERENCE.md §3.
+
+The same stage runs reasoning-oriented RL and all-scenario RL with other values, e.g. reasoning RL:
+    rl.rewards = (("accuracy", 1.0), ("language_consistency", 1.0)), init_from = the cold-start run,
+    data.template = "chat"; all-scenario RL adds reward-model rewards to rl.rewards.
+"""
+
+import ml_collections as mlc
+from ml_collections.config_dict import placeholder
+
+from configs import common
+
+
+def rl_block(*, group_size: int, prompts_per_rollout: int, max_new_tokens: int, prompt_buckets: tuple,
+             completion_buckets: tuple, rewards: tuple, temperature: float = 1.0, beta: float = 0.0,
+             eps_low: float = 0.2, eps_high: float = 0.2, agg: str = "seq-mean-token-mean", mu: int = 1,
+             mini_batches: int = 1, stop_strings: tuple = ("</answer>",), sampling: str = "temperature",
+             top_k: int = 0, top_p: float = 1.0, adv_scale: str = "group", adv_baseline: str = "mean",
+             mask_truncated: bool = False, dynamic_sampling: bool = False, dynamic_max_batches: int = 3,
+             ref_reset_every: int = 0) -> mlc.ConfigDict:
+    """config.rl: sampling, rewards and the GRPO loss (r1jax/stages/grpo.py documents every field).
+
+    rewards: (name, weight) or (name, weight, kwargs) with names from r1jax.rl.rewards.REGISTRY.
+    prompts_per_rollout x group_size samples per rollout, split into mini_batches optimizer updates, mu times.
+    sampling: greedy | temperature | top_k | top_p (with top_k / top_p), always at `temperature`.
+    prompt_buckets / completion_buckets: padded lengths; one compile per bucket; max_new_tokens is the
+      sampler's limit, completion_buckets[-1] must be >= it.
+    """
+    if max(completion_buckets) < max_new_tokens:
+        raise ValueError(f"completion_buckets {completion_buckets} must reach max_new_tokens={max_new_tokens}")
+    return mlc.ConfigDict(dict(
+        group_size=group_size, prompts_per_rollout=prompts_per_rollout, max_new_tokens=max_new_tokens,
+        prompt_buckets=tuple(prompt_buckets), completion_buckets=tuple(completion_buckets),
+        rewards=tuple(rewards), stop_strings=tuple(stop_strings), sampling=sampling, temperature=temperature,
+        top_k=top_k, top_p=top_p, beta=beta, eps_low=eps_low, eps_high=eps_high, agg=agg, mu=mu,
+        mini_batches=mini_batches, adv_scale=adv_scale, adv_baseline=adv_baseline, mask_truncated=mask_truncated,
+        dynamic_sampling=dynamic_sampling, dynamic_max_batches=dynamic_max_batches,
+        ref_reset_every=ref_reset_every))
+
+
+def eval_block(*, num_prompts: int, samples: int, batch_prompts: int, sampling: str = "top_p",
+               temperature: float = 0.6, top_p: float = 0.95, top_k: int = 0, at_start: bool = True):
+    """config.eval: held-out accuracy (pass@1 over `samples` per question) and format rate on the first
+    num_prompts held-out prompts, every train.eval_every updates (and before the first with at_start).
+    R1 evaluates at temperature 0.6, top-p 0.95 (REFERENCE.md §4)."""
+    return mlc.ConfigDict(dict(num_prompts=num_prompts, samples=samples, batch_prompts=batch_prompts,
+                               sampling=sampling, temperature=temperature, top_p=top_p, top_k=top_k,
+                               at_start=at_start))
+
+
+def data_block(*, train_files: tuple = (), eval_files: tuple = (), tokenizer: str | None = None,
+               prompt_field: str = "prompt", template: str = "", tiny_world: bool = False,
+               world_files: tuple = ("rl_train",), eval_world_files: tuple = ("rl_heldout",), world_seed: int = 0):
+    """config.data: prompt files (JSONL / Parquet / ArrayRecord), their other columns become reward fields.
+    template: a name in r1jax.data.templates.TEMPLATES applied to prompt_field, or "" when the field already
+    holds the rendered prompt (the tiny world's rl files). tokenizer None = the initial checkpoint's."""
+    return mlc.ConfigDict(dict(
+        train_files=tuple(train_files), eval_files=tuple(eval_files),
+        tokenizer=tokenizer if tokenizer is not None else placeholder(str), prompt_field=prompt_field,
+        template=template, tiny_world=tiny_world, world_files=tuple(world_files),
+        eval_world_files=tuple(eval_world_files), world_seed=world_seed))
+
+
+def grpo_config(*, model_block, data, rl, eval_, optimizer_block, train_block, mesh_block=None,
+                init_from: str | None = None, base: str | None = None, seed: int = 0) -> mlc.ConfigDict:
+    """A complete config for the `grpo` stage (R1-Zero, reasoning RL and all-scenario RL use it)."""
+    return mlc.ConfigDict(dict(
+        stage="grpo", seed=seed, model=model_block, mesh=mesh_block if mesh_block is not None else common.mesh(),
+        init_from=init_from if init_from is not None else placeholder(str),
+        base=base if base is not None else placeholder(str),
+        data=data, rl=rl, eval=eval_, optimizer=optimizer_block, train=train_block))
+
+
+R1_ZERO_REWARDS = (("accuracy", 1.0), ("format", 1.0))
+
+
+def get_config(arg=None):
+    if arg == "tiny":
+        return grpo_config(
+            model_block=common.tiny_model("tiny_moe", bias_update_rate=0.0),
+            base="configs/pretrain.py:tiny",
+            data=data_block(tiny_world=True),
+            rl=rl_block(group_size=8, prompts_per_rollout=16, max_new_tokens=96, prompt_buckets=(128,),
+                        completion_buckets=(48, 96), rewards=R1_ZERO_REWARDS, temperature=1.0, beta=0.0,
+                        agg="token-mean"),
+            eval_=eval_block(num_prompts=96, samples=4, batch_prompts=32),
+            optimizer_block=common.optimizer(3e-4, 5, schedule="constant", weight_decay=0.0),
+            train_block=common.train(120, log_every=1, eval_every=20, checkpoint_every=20, keep_checkpoints=2))
+    if arg not in (None, ""):
+        raise ValueError(f"configs/r1_zero.py: unknown preset {arg!r}; expected '' or 'tiny'")
+    # R1 settings (REFERENCE.md §3, from the later full paper; secondary sources, *unverified*): lr 3e-6,
+    # beta 0.001, G 16, 32 questions (512 samples) per update, temperature 1.0, max length 32768, ~10.4k
+    # updates; each rollout of 8192 samples split into 16 mini-batches, one pass; reference replaced by the
+    # policy every 400 steps; clip eps 10. Optimizer betas / decay / warmup are not published (*unverified*).
+    return grpo_config(
+        model_block=common.model("deepseek_v3_671b", bias_update_rate=0.0, mtp_depth=0),
+        mesh_block=common.mesh(fsdp=-1, expert=8),
+        init_from="/path/to/DeepSeek-V3-Base",  # HF directory of the base model (REFERENCE.md §4.1)
+        data=data_block(train_files=("/path/to/rl_prompts.jsonl",), eval_files=("/path/to/aime2024.jsonl",),
+                        prompt_field="question", template="r1_zero"),
+        rl=rl_block(group_size=16, prompts_per_rollout=512, mini_batches=16, mu=1, max_new_tokens=32768,
+                    prompt_buckets=(512, 1024, 2048), completion_buckets=(4096, 8192, 16384, 32768),
+                    rewards=R1_ZERO_REWARDS, temperature=1.0, beta=0.001,
+                    eps_low=10.0, eps_high=10.0,  # *unverified*
+                    agg="seq-mean-token-mean", ref_reset_every=400),  # ref reset: *unverified*
+        eval_=eval_block(num_prompts=30, samples=16, batch_prompts=30),  # AIME 2024; R1 uses k=64
+        optimizer_block=common.optimizer(3e-6, 0, schedule="constant", b2=0.95, weight_decay=0.1,
+                                         clip_norm=1.0),  # betas / decay / clip *unverified*
+        train_block=common.train(10400, log_every=1, eval_every=400, checkpoint_every=100))

@@ -1,0 +1,43 @@
+"""Reasoning-oriented RL (REFERENCE.md §4 step 3): GRPO as in R1-Zero, from the cold-start model, with the
+accuracy reward plus the language-consistency reward (share of target-language words in the chain of thought).
+
+    python -m r1jax.main --config configs/reasoning_rl.py:tiny --workdir /tmp/reasoning_rl \
+        --config.init_from=/tmp/cold_start
+    python -m r1jax.main --config configs/reasoning_rl.py --workdir gs://BUCKET/reasoning_rl \
+        --config.init_from=gs://BUCKET/cold_start --config.data.train_files=/path/to/reasoning_prompts.jsonl
+
+The cold-start model answers in the readable format `<|reasoning|>...<|summary|>...` with a prose summary, so the
+accuracy reward is `answer_accuracy` (r1jax/rl/filters.py: the \\boxed{} answer, else math-verify's extraction
+from the summary); weights are config data (rl.rewards). Prompts are the question in the cold-start template,
+and a completion ends at EOS. tiny: the tiny world's rl_train / rl_heldout questions through the `raw` template
+(as the tiny cold start was trained); init_from = a tiny cold-start run (configs/r1.py wires it; without one the
+base stage `configs/cold_start.py:tiny` runs first in WORKDIR/base, from a fresh init).
+Default: the V3-sized cold-start checkpoint with R1-Zero's settings (configs/r1_zero.py).
+"""
+
+from configs import common, r1_zero
+from r1jax.rl import filters  # noqa: F401 - registers the answer_accuracy reward
+
+REWARDS = (("answer_accuracy", 1.0), ("language_consistency", 1.0))
+
+
+def get_config(arg=None):
+    if arg == "tiny":
+        config = r1_zero.get_config("tiny")
+        config.base = "configs/cold_start.py:tiny"
+        config.data = r1_zero.data_block(prompt_field="question", template="raw", tiny_world=True)
+        config.rl = r1_zero.rl_block(group_size=8, prompts_per_rollout=16, max_new_tokens=96, prompt_buckets=(64,),
+                                     completion_buckets=(48, 96), rewards=REWARDS, temperature=1.0, beta=0.0,
+                                     agg="token-mean", stop_strings=())
+        config.optimizer = common.optimizer(1e-4, 5, schedule="constant", weight_decay=0.0)
+        config.train = common.train(60, log_every=1, eval_every=20, checkpoint_every=10, keep_checkpoints=2)
+        return config
+    if arg not in (None, ""):
+        raise ValueError(f"configs/reasoning_rl.py: unknown preset {arg!r}; expected '' or 'tiny'")
+    config = r1_zero.get_config()
+    config.init_from = "/path/to/cold_start"  # the cold-start run (REFERENCE.md §4 step 3)
+    config.data = r1_zero.data_block(train_files=("/path/to/reasoning_prompts.jsonl",),
+                                     eval_files=("/path/to/aime2024.jsonl",), prompt_field="question", template="chat")
+    config.rl.rewards = REWARDS
+    config.rl.stop_strings = ()
+    return config

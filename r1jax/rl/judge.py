@@ -1,0 +1,90 @@
+"""Judges for responses that no rule can check (rejection sampling, REFERENCE.md §4 step 4).
+
+R1 judges such answers with DeepSeek-V3 as a generative reward model: the question, the reference and the
+model's answer go into a prompt, and the judge says whether the answer is right. Two judges share one interface,
+`judge(questions, references, responses) -> scores [N]`, a response kept when its score >= min_score:
+
+  RewardModelJudge   a trained reward model (r1jax/rl/reward_model.py) of an aspect: its scalar score
+  GenerativeJudge    any causal LM (an r1jax run or a Hugging Face directory): the score is
+                     log p(yes | prompt) - log p(no | prompt), with the prompt rendered from `prompt_template`
+                     ({question}, {reference}, {response}); min_score 0 keeps what the judge thinks more likely
+                     right than wrong
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax import models
+from r1jax.rl import answers
+from r1jax.rl import reward_model as rm_lib
+
+DEFAULT_PROMPT = ("Question: {question}\nReference answer: {reference}\nResponse: {response}\n"
+                  "Is the response correct? Answer yes or no.\nAnswer:")
+
+
+@dataclasses.dataclass(frozen=True)
+class RewardModelJudge:
+    rm: rm_lib.RewardModel
+    aspect: str | None = None  # default: the RM's own
+
+    def __call__(self, questions: Sequence[str], references: Sequence[str | None], responses: Sequence[str]):
+        return self.rm.score(questions, responses, self.aspect)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerativeJudge:
+    cfg: models.ModelConfig
+    params: Any
+    tokenizer: Any
+    prompt_template: str = DEFAULT_PROMPT
+    yes: str = " yes"
+    no: str = " no"
+    max_len: int = 1024
+    batch_size: int = 16
+
+    def prompt(self, question: str, reference: str | None, response: str) -> str:
+        _, summary = answers.split_reasoning(response)
+        return self.prompt_template.format(question=question, reference=reference or "",
+                                           response=summary if summary is not None else response)
+
+    def __call__(self, questions: Sequence[str], references: Sequence[str | None], responses: Sequence[str]):
+        """log p(yes) - log p(no) after each judge prompt [N]."""
+        bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
+        yes, no = self.tokenizer.encode(self.yes), self.tokenizer.encode(self.no)
+        rows, starts = [], []
+        for q, ref, resp in zip(questions, references, responses, strict=True):
+            head = (bos + self.tokenizer.encode(self.prompt(q, ref, resp)))[-(self.max_len - max(len(yes), len(no))):]
+            rows += [head + yes, head + no]
+            starts += [len(head), len(head)]
+        logp = []
+        for i in range(0, len(rows), 2 * self.batch_size):
+            chunk = rows[i:i + 2 * self.batch_size]
+            tokens, lengths = rm_lib.pad_rows(chunk, self.tokenizer.pad_id, 2 * self.batch_size)
+            start = np.asarray(starts[i:i + 2 * self.batch_size] + [1] * (2 * self.batch_size - len(chunk)), np.int32)
+            logp.append(np.asarray(_continuation_logprob(self.cfg)(self.params, tokens, lengths, start))[:len(chunk)])
+        both = np.concatenate(logp) if logp else np.zeros((0,), np.float32)
+        return both[0::2] - both[1::2]
+
+
+@functools.lru_cache(maxsize=8)
+def _continuation_logprob(cfg: models.ModelConfig):
+    """jitted (params, tokens [B, T], lengths [B], start [B]) -> sum of log p(tokens[t]) for start <= t < length."""
+
+    def fn(params, tokens_bt, lengths_b, start_b):
+        t = jnp.arange(tokens_bt.shape[1])[None, :]
+        segment_ids = (t < lengths_b[:, None]).astype(jnp.int32)
+        logits_btv, _ = models.forward(params, tokens_bt, cfg, segment_ids=segment_ids)
+        logp_btv = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
+        next_bt = jnp.take_along_axis(logp_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]  # log p(token t+1)
+        mask_bt = (t[:, 1:] >= start_b[:, None]) & (t[:, 1:] < lengths_b[:, None])
+        return jnp.sum(jnp.where(mask_bt, next_bt, 0.0), axis=1)
+
+    return jax.jit(fn)

@@ -1,0 +1,252 @@
+"""The GRPO train step: the trainer's batch layout, log-probs recomputed by `models.forward`, and the jitted
+μ × mini-batch update. The stage (r1jax/stages/grpo.py) samples, scores and calls these.
+
+Batch layout (host, numpy; N rows = B prompts x G samples, P prompt bucket, T completion bucket):
+
+    tokens      [N, P+T]   prompt right-aligned in columns [P-len_p, P), completion in [P, P+len_c)
+    positions   [N, P+T]   0..len_p-1 over the prompt, len_p..len_p+len_c-1 over the completion
+    segment_ids [N, P+T]   1 on real tokens, 0 on padding (left of the prompt, right of the completion)
+    completion  [N, T]     the sampled tokens (pad after len_c)
+    mask        [N, T]     1 on the completion tokens that are trained (all of them, or none for a
+                           truncated completion when truncated completions are masked)
+
+With the prompt right-aligned, the logits predicting completion token j sit at column P-1+j for every row,
+so the completion's log-probs are one slice of the forward's logits: log softmax(logits / temperature) at
+the sampled token, the sampler's formula, computed by the training forward (the full MLA path, where the
+sampler used the absorbed path over the latent cache; they agree to fp32 rounding).
+
+One rollout's update (`make_update`): the N rows are split at random into `mini_batches` mini-batches, μ
+times over (a fresh split per pass), and each mini-batch is one optimizer update of the GRPO loss
+(`grpo.policy_loss`; DeepSeekMath eq. 3 with the k3 KL) plus the MoE balance loss. π_old is the policy
+before the first update, recomputed by the training forward with the same params (not the sampler's
+numbers): by `make_scorer` when there are several updates, inside the single update otherwise. π_ref is a
+frozen copy of the params (`ref_logp`, same scorer). All μ × mini_batches updates run in one jitted `lax.scan`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import types
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from r1jax import models
+from r1jax.rl import grpo
+from r1jax.rl.sampler import bucket
+from r1jax.sharding import logical_to_spec, use_rules
+from r1jax.train import optimizer as opt_lib
+from r1jax.train import state as state_lib
+from r1jax.train.state import TrainState
+
+BATCH_KEYS = ("tokens", "positions", "segment_ids", "completion", "mask")
+
+
+@dataclasses.dataclass(frozen=True)
+class LossSpec:
+    """The GRPO loss and update schedule (static under jit)."""
+
+    temperature: float = 1.0  # the sampling temperature: logits are divided by it before log_softmax
+    eps_low: float = 0.2
+    eps_high: float = 0.2
+    beta: float = 0.0  # k3 KL weight; 0 = no reference model
+    agg: str = "seq-mean-token-mean"
+    max_len: int | None = None  # normaliser of seq-mean-token-sum-norm (the max completion length)
+    mu: int = 1  # passes over each rollout
+    mini_batches: int = 1  # optimizer updates per pass
+
+    def __post_init__(self):
+        if self.agg not in grpo.AGG_MODES:
+            raise ValueError(f"rl.agg={self.agg!r}: expected one of {grpo.AGG_MODES}")
+        if self.mu < 1 or self.mini_batches < 1:
+            raise ValueError(f"rl.mu={self.mu} and rl.mini_batches={self.mini_batches} must be >= 1")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature={self.temperature} must be > 0")
+
+    @property
+    def updates_per_rollout(self) -> int:
+        return self.mu * self.mini_batches
+
+
+# ------------------------------------------------------------------------------------------ batch layout
+
+
+def build_batch(prompts: Sequence[Sequence[int]], completions_nt: np.ndarray, lengths_n: np.ndarray, *,
+                prompt_buckets: Sequence[int], completion_buckets: Sequence[int], pad_id: int,
+                train_mask_n: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    """The trainer batch (module docstring) for N rows: prompts[n] (token list), completions_nt[n, :lengths_n[n]].
+    train_mask_n [N] bool: rows whose completion is trained (default all)."""
+    n = len(prompts)
+    lengths_n = np.asarray(lengths_n, np.int32)
+    if completions_nt.shape[0] != n or lengths_n.shape != (n,):
+        raise ValueError(f"build_batch: {n} prompts, completions {completions_nt.shape}, lengths {lengths_n.shape}")
+    p = bucket(max(len(x) for x in prompts), prompt_buckets, "prompt length")
+    t = bucket(max(int(lengths_n.max()), 1), completion_buckets, "completion length")
+    tokens = np.full((n, p + t), pad_id, np.int32)
+    positions = np.zeros((n, p + t), np.int32)
+    segment_ids = np.zeros((n, p + t), np.int32)
+    completion = np.full((n, t), pad_id, np.int32)
+    for i, prompt in enumerate(prompts):
+        lp, lc = len(prompt), int(lengths_n[i])
+        tokens[i, p - lp:p] = prompt
+        tokens[i, p:p + lc] = completions_nt[i, :lc]
+        completion[i, :lc] = completions_nt[i, :lc]
+        positions[i, p - lp:p + lc] = np.arange(lp + lc)
+        segment_ids[i, p - lp:p + lc] = 1
+    mask = (np.arange(t)[None, :] < lengths_n[:, None]).astype(np.float32)
+    if train_mask_n is not None:
+        mask *= np.asarray(train_mask_n, np.float32)[:, None]
+    return {"tokens": tokens, "positions": positions, "segment_ids": segment_ids, "completion": completion,
+            "mask": mask}
+
+
+def pad_columns(x_nt: np.ndarray, width: int, value=0) -> np.ndarray:
+    """x_nt cut or right-padded to `width` columns (sampler outputs -> the trainer's completion bucket)."""
+    if x_nt.shape[1] >= width:
+        return x_nt[:, :width]
+    return np.concatenate([x_nt, np.full((x_nt.shape[0], width - x_nt.shape[1]), value, x_nt.dtype)], axis=1)
+
+
+# ---------------------------------------------------------------------------------------------- log-probs
+
+
+def completion_logprobs(params, batch, cfg: models.ModelConfig, temperature: float, *, with_entropy: bool = False):
+    """(logp [N,T], aux): log softmax(logits / temperature) at the completion tokens, by models.forward.
+    aux: the forward's aux (aux_loss, expert_load) plus `entropy` [N,T] of the temperature distribution
+    when with_entropy."""
+    t = batch["completion"].shape[1]
+    p = batch["tokens"].shape[1] - t
+    logits, aux = models.forward(params, batch["tokens"], cfg, positions=batch["positions"],
+                                 segment_ids=batch["segment_ids"])
+    logits_ntv = logits[:, p - 1:p - 1 + t].astype(jnp.float32) / temperature
+    logp_ntv = jax.nn.log_softmax(logits_ntv, axis=-1)
+    logp_nt = jnp.take_along_axis(logp_ntv, batch["completion"][..., None], axis=-1)[..., 0]
+    out = {k: v for k, v in aux.items() if k in ("aux_loss", "expert_load")}
+    if with_entropy:
+        out["entropy"] = -jnp.sum(jnp.exp(logp_ntv) * logp_ntv, axis=-1)
+    return logp_nt, out
+
+
+def _rows(mesh, rules, ndim: int) -> NamedSharding:
+    return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1), rules, mesh))
+
+
+def batch_shardings(mesh, rules) -> dict[str, NamedSharding]:
+    return {k: _rows(mesh, rules, 2) for k in BATCH_KEYS}
+
+
+@functools.lru_cache(maxsize=16)
+def make_scorer(cfg: models.ModelConfig, temperature: float, *, mesh, rules):
+    """Jitted `score(params, batch) -> (logp [N,T], entropy)`: the completion log-probs under params and the
+    mean entropy of the temperature distribution over the masked tokens (r1jax.rl.grpo.token_entropy)."""
+
+    def score(params, batch):
+        logp_nt, aux = completion_logprobs(params, batch, cfg, temperature, with_entropy=True)
+        mask_nt = batch["mask"]
+        entropy = jnp.sum(aux["entropy"] * mask_nt) / jnp.maximum(jnp.sum(mask_nt), 1.0)
+        return logp_nt, entropy
+
+    jitted = jax.jit(score, in_shardings=(models.param_shardings(cfg, mesh, rules), batch_shardings(mesh, rules)),
+                     out_shardings=(_rows(mesh, rules, 2), NamedSharding(mesh, P())))
+
+    def run(params, batch):
+        with use_rules(mesh, rules):
+            return jitted(params, batch)
+
+    return run
+
+
+# ----------------------------------------------------------------------------------------------- update
+
+
+def optimizer_key(opt_block) -> tuple:
+    """A hashable copy of config.optimizer (the update step is cached per optimizer settings)."""
+    return tuple(sorted(opt_block.to_dict().items())) if hasattr(opt_block, "to_dict") else tuple(sorted(opt_block))
+
+
+def make_optimizer(cfg: models.ModelConfig, opt_key: tuple, total_steps: int):
+    """(tx, schedule) from r1jax.train.optimizer, for config.optimizer given as optimizer_key(...)."""
+    return opt_lib.make_optimizer(types.SimpleNamespace(**dict(opt_key)), cfg, total_steps)
+
+
+@functools.lru_cache(maxsize=16)
+def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss: LossSpec, *, mesh, rules):
+    """Jitted `update(state, batch, old_logp, ref_logp, advantages, key) -> (state, metrics, logp_before)`: μ
+    passes of `mini_batches` optimizer updates over one rollout (module docstring). The state is donated.
+
+    metrics: means over the updates (loss, pg_loss, kl, clip_frac[_low/_high], ratio_mean, grad_norm, lr,
+    aux_loss) plus `clip_frac_last` (the last update's, where the ratio has moved furthest from 1).
+    With one update per rollout (`fused`: μ = mini_batches = 1) π_old is the update's own forward,
+    old_logp = stop_gradient(logp) (the same numbers a separate pass would give, one forward less): pass
+    old_logp=None; `metrics` then also hold `entropy` and logp_before is that logp [N,T]. Otherwise pass
+    old_logp from `make_scorer` and logp_before is old_logp. ref_logp: None when loss.beta == 0."""
+    tx, schedule = make_optimizer(cfg, opt_key, total_steps)
+    shardings = state_lib.state_shardings(cfg, tx, mesh, rules)
+    rows1, rows2 = _rows(mesh, rules, 1), _rows(mesh, rules, 2)
+    replicated = NamedSharding(mesh, P())
+    n_mb = loss.mini_batches
+    fused = loss.updates_per_rollout == 1
+
+    def minibatch_loss(params, mb):
+        logp_nt, aux = completion_logprobs(params, mb, cfg, loss.temperature, with_entropy=fused)
+        old_logp = jax.lax.stop_gradient(logp_nt) if fused else mb["old_logp"]
+        value, metrics = grpo.policy_loss(
+            logp_nt, old_logp, mb["ref_logp"] if loss.beta else None, mb["advantages"], mb["mask"],
+            eps_low=loss.eps_low, eps_high=loss.eps_high, beta=loss.beta, agg=loss.agg, max_len=loss.max_len)
+        metrics["aux_loss"] = aux["aux_loss"]
+        if fused:
+            mask_nt = mb["mask"]
+            metrics["entropy"] = jnp.sum(aux["entropy"] * mask_nt) / jnp.maximum(jnp.sum(mask_nt), 1.0)
+        return value + aux["aux_loss"], (metrics, aux.get("expert_load"), old_logp)
+
+    grad_fn = jax.value_and_grad(minibatch_loss, has_aux=True)
+
+    def update(state: TrainState, batch, old_logp, ref_logp, advantages, key):
+        n = advantages.shape[0]
+        if n % n_mb:
+            raise ValueError(f"{n} rows are not divisible into rl.mini_batches={n_mb}")
+        rows = {**batch, "advantages": advantages}
+        rows.update({} if old_logp is None else {"old_logp": old_logp})
+        rows.update({} if ref_logp is None else {"ref_logp": ref_logp})
+        order = jnp.stack([jax.random.permutation(jax.random.fold_in(key, e), n) for e in range(loss.mu)])
+        order = order.reshape(loss.mu * n_mb, n // n_mb)  # [updates, rows per mini-batch]
+
+        def body(carry, idx):
+            params, opt_state, step = carry
+            mb = jax.tree.map(lambda x: x[idx], rows)
+            (_, (metrics, load, mb_old_logp)), grads = grad_fn(params, mb)
+            updates, opt_state = tx.update(grads, opt_state, params)
+            params = optax.apply_updates(params, updates)
+            if load is not None:
+                params = models.update_router_bias(params, load, cfg.bias_update_rate)
+            metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
+            return (params, opt_state, step + 1), (metrics, mb_old_logp)
+
+        (params, opt_state, step), (per_update, old_u) = jax.lax.scan(
+            body, (state.params, state.opt_state, state.step), order)
+        metrics = jax.tree.map(jnp.mean, per_update)
+        metrics["clip_frac_last"] = per_update["clip_frac"][-1]
+        logp_before = jnp.zeros_like(old_u[0]).at[order[0]].set(old_u[0]) if fused else old_logp
+        return state.replace(params=params, opt_state=opt_state, step=step), metrics, logp_before
+
+    jitted = jax.jit(update, in_shardings=(shardings, batch_shardings(mesh, rules), rows2, rows2, rows1, replicated),
+                     out_shardings=(shardings, replicated, rows2), donate_argnums=0)
+
+    def run(state, batch, old_logp, ref_logp, advantages, key):
+        if (old_logp is None) != fused:
+            raise ValueError("make_update: pass old_logp=None exactly when mu = mini_batches = 1")
+        with use_rules(mesh, rules):
+            return jitted(state, batch, old_logp, ref_logp, advantages, key)
+
+    run.tx, run.schedule, run.shardings, run.fused = tx, schedule, shardings, fused
+    return run
+
+
+def copy_params(params, shardings) -> Any:
+    """A fresh copy of params in `shardings` (the frozen reference; the policy's buffers are donated)."""
+    return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)

@@ -1,0 +1,246 @@
+"""The pipeline stage: the whole R1 recipe as an ordered list of stage configs (configs/r1.py).
+
+    python -m r1jax.main --config configs/r1.py:tiny --workdir DIR
+
+config.order names the stages in order; config.stages.<name> is a complete stage config. A stage names its inputs
+with references, strings anywhere in its config (a field, an element of a tuple, a reward's kwargs):
+
+    @<stage>:<output>[/sub/path]   an earlier stage's output: a key of its StageResult.outputs (checkpoint,
+                                   tokenizer, dataset, ...), or `workdir`
+    @world:<file>                  DIR/world/<file>: the tiny world, written once with its tokenizer (config.world)
+    @mix:<name>                    DIR/mixes/<name>.jsonl: config.mixes.<name>, records of several files with the
+                                   same columns (missing ones null), at most max_per_file[i] of file i
+    @pipeline:dir                  DIR itself
+
+Every reference is checked before anything runs (a stage may only name stages before it). Stage i runs in
+DIR/<ii>_<name>/ through r1jax.stages.run (config.json, result.json). A stage whose result.json says finished
+is not run again; an unfinished one is rerun and resumes from its own checkpoints. After every stage,
+DIR/summary.json is rewritten: per stage its status, workdir, outputs, final metrics, wall time of the run that
+finished it, and its eval scores (the results of eval stages whose model names equal stage names).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+import re
+import time
+from typing import Any
+
+import ml_collections as mlc
+
+from r1jax.stages.common import StageResult, is_primary
+
+log = logging.getLogger(__name__)
+REFERENCE = re.compile(r"^@([A-Za-z_][\w-]*):([\w.@-]+)(/.*)?$")
+FINISHED = ("done", "data_exhausted")
+
+
+def run(config, workdir: str) -> StageResult:
+    import r1jax.rl.filters  # noqa: F401 - register the rewards stage configs may name
+    import r1jax.rl.reward_model  # noqa: F401
+    from r1jax import stages
+
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    order = list(config.order)
+    check_wiring(config)
+    use_compilation_cache(config, workdir)
+    summary_path = os.path.join(workdir, "summary.json")
+    summary = read_json(summary_path) or {}
+    results: dict[str, dict] = {}
+    status = "done"
+    for i, name in enumerate(order):
+        stage_dir = os.path.join(workdir, f"{i:02d}_{name}")
+        result = finished_result(stage_dir)
+        if result is None:
+            resolved = resolve(config.stages[name], lambda ref: resolve_reference(ref, config, workdir, results))
+            log.info("pipeline: stage %d/%d %s -> %s", i + 1, len(order), name, stage_dir)
+            summary[name] = {**summary.get(name, {}), "status": "running", "workdir": stage_dir}
+            write_summary(summary_path, summary, order)
+            t0 = time.time()
+            result = stages.run(resolved, stage_dir).to_dict()
+            summary[name] = {"seconds": round(time.time() - t0, 1)}
+        results[name] = result
+        summary[name] = stage_summary(result, summary.get(name, {}))
+        add_eval_scores(summary, results)
+        write_summary(summary_path, summary, order)
+        if result["status"] not in FINISHED:
+            status = result["status"]
+            log.warning("pipeline: stage %s ended with status %r; rerun the same command to resume", name, status)
+            break
+    metrics = {f"{name}/{k}": v for name, s in summary.items() if isinstance(s, dict)
+               for k, v in (s.get("eval") or {}).items()}
+    return StageResult(stage="pipeline", workdir=workdir, status=status,
+                       outputs={"summary": summary_path, **({"report": os.path.join(workdir, "report.md")}
+                                                            if os.path.isfile(os.path.join(workdir, "report.md"))
+                                                            else {})},
+                       metrics=metrics)
+
+
+def use_compilation_cache(config, workdir: str) -> None:
+    """With config.jax_cache, compiled programs persist in DIR/jax_cache (unless JAX_COMPILATION_CACHE_DIR names
+    another): stages with the same model and shapes (pretrain / cold start / SFT, the two reward models) and a
+    resumed pipeline reuse them instead of compiling again."""
+    import jax
+
+    if config.jax_cache and not jax.config.jax_compilation_cache_dir:
+        jax.config.update("jax_compilation_cache_dir", os.path.join(workdir, "jax_cache"))
+
+
+# ------------------------------------------------------------------------------------------ references
+
+
+def check_wiring(config) -> None:
+    """Every stage config has a known stage; every @reference names an earlier stage or a known source."""
+    from r1jax import stages
+
+    order = list(config.order)
+    missing = [n for n in order if n not in config.stages]
+    if missing or len(set(order)) != len(order):
+        raise ValueError(f"config.order={order}: every name once, each in config.stages (missing: {missing})")
+    for i, name in enumerate(order):
+        stage_config = config.stages[name]
+        stages.get_stage(stage_config.stage)
+
+        def check(ref: str, name=name, i=i):
+            match = REFERENCE.match(ref)
+            if match is None:
+                raise ValueError(f"stage {name!r}: malformed reference {ref!r} (expected @source:name[/path])")
+            source, item = match.group(1), match.group(2)
+            if source == "world" and not config.world.enabled:
+                raise ValueError(f"stage {name!r}: {ref!r} but config.world.enabled is False")
+            if source == "mix" and item not in config.mixes:
+                raise ValueError(f"stage {name!r}: {ref!r} names no mix of config.mixes ({sorted(config.mixes)})")
+            if source == "pipeline" and item != "dir":
+                raise ValueError(f"stage {name!r}: {ref!r}: the pipeline source has only `dir`")
+            if source not in ("world", "mix", "pipeline") and source not in order[:i]:
+                raise ValueError(f"stage {name!r}: {ref!r} names {source!r}, which is not a stage before it "
+                                 f"(stages before it: {order[:i]})")
+            return ref
+
+        resolve(stage_config, check)
+
+
+def resolve(stage_config, fn) -> mlc.ConfigDict:
+    """A copy of `stage_config` with every string that starts with '@' replaced by fn(string)."""
+
+    def walk(value):
+        if isinstance(value, str) and value.startswith("@"):
+            return fn(value)
+        if isinstance(value, dict):
+            return {k: walk(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return type(value)(walk(v) for v in value)
+        return value
+
+    return mlc.ConfigDict(walk(copy.deepcopy(stage_config.to_dict())))
+
+
+def resolve_reference(ref: str, config, workdir: str, results: dict[str, dict]) -> str:
+    source, item, rest = REFERENCE.match(ref).groups()
+    if source == "world":
+        base = os.path.join(prepare_world(config.world, workdir), item)
+    elif source == "mix":
+        base = prepare_mix(item, config, workdir, results)
+    elif source == "pipeline":
+        base = workdir
+    else:
+        result = results[source]
+        outputs = {"workdir": result["workdir"], **{k: v for k, v in result["outputs"].items() if v}}
+        if item not in outputs:
+            raise KeyError(f"{ref}: stage {source!r} has no output {item!r}; it has {sorted(outputs)}")
+        base = outputs[item]
+    return base + (rest or "")
+
+
+def prepare_world(world, workdir: str) -> str:
+    """DIR/world: the tiny world and its SentencePiece tokenizer (tokenizer.model), written once."""
+    from r1jax.stages.sft import ensure_world, train_world_tokenizer
+
+    path = ensure_world(workdir, int(world.seed))
+    prefix = os.path.join(path, "tokenizer")
+    if not os.path.isfile(prefix + ".model"):
+        train_world_tokenizer(path, prefix, int(world.vocab_size))
+    return path
+
+
+def prepare_mix(name: str, config, workdir: str, results: dict[str, dict]) -> str:
+    """DIR/mixes/<name>.jsonl: the records of the mix's files (references resolved), uniform columns."""
+    from r1jax.data.sources import iterate_records
+
+    path = os.path.join(workdir, "mixes", f"{name}.jsonl")
+    if os.path.isfile(path):
+        return path
+    spec = config.mixes[name]
+    files = [resolve_reference(f, config, workdir, results) if f.startswith("@") else f for f in spec.files]
+    limits = list(spec.max_per_file) or [0] * len(files)
+    if len(limits) != len(files):
+        raise ValueError(f"config.mixes.{name}: {len(files)} files but {len(limits)} max_per_file values")
+    records = []
+    for path_i, limit in zip(files, limits):
+        these = list(iterate_records([path_i]))
+        records += these[:limit] if limit else these
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({k: r.get(k) for k in columns}, ensure_ascii=False) + "\n" for r in records)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ results and summary
+
+
+def read_json(path: str) -> Any:
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        return json.load(f)
+
+
+def finished_result(stage_dir: str) -> dict | None:
+    """The stage's result.json when it says finished, else None."""
+    result = read_json(os.path.join(stage_dir, "result.json"))
+    return result if result and result.get("status") in FINISHED else None
+
+
+def stage_summary(result: dict, previous: dict) -> dict:
+    return {"stage": result["stage"], "status": result["status"], "workdir": result["workdir"],
+            "checkpoint": result.get("checkpoint"), "outputs": result["outputs"], "metrics": result["metrics"],
+            **({"seconds": previous["seconds"]} if "seconds" in previous else {})}
+
+
+def add_eval_scores(summary: dict, results: dict[str, dict]) -> None:
+    """summary[model]["eval"] = {benchmark/metric: value} from every finished eval stage's results.json."""
+    for result in results.values():
+        if result["stage"] != "eval" or "results" not in result["outputs"]:
+            continue
+        for model, per_bench in (read_json(result["outputs"]["results"]) or {}).items():
+            if model in summary:
+                summary[model]["eval"] = {f"{bench}/{k}": v for bench, r in per_bench.items()
+                                          for k, v in r.items() if k in ("pass@1", "cons@k", f"pass@{r.get('k')}")}
+
+
+def write_summary(path: str, summary: dict, order: list[str]) -> None:
+    """summary.json in stage order (atomically: a reader never sees half a file)."""
+    if not is_primary():
+        return
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump({name: summary[name] for name in order if name in summary}, f, indent=1, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
+def smoke_step(config) -> dict:
+    """The wiring resolves (every reference names an earlier stage or a known source) and the first stage's
+    config steps (its own smoke_step)."""
+    from r1jax import stages
+
+    check_wiring(config)
+    first = config.stages[config.order[0]]
+    placeholder = resolve(first, lambda ref: "/nonexistent" + ref[1:].replace(":", "/"))
+    return stages.get_stage(first.stage).smoke_step(placeholder)

@@ -1,0 +1,311 @@
+"""The reward-model stage: a decoder with a scalar head trained on preference pairs (Bradley-Terry).
+
+    python -m r1jax.main --config configs/reward_model.py:tiny --workdir /tmp/rm
+
+R1's all-scenario RL (REFERENCE.md §4.5) uses reward models for general prompts: helpfulness judged on the final
+summary only, harmlessness on the whole response. One run trains one aspect (config.rm.aspect); the pairs whose
+`kind` field equals it are used (config.rm.kinds widens that). r1jax/rl/reward_model.py holds the model, the loss
+and the rewards that load the result. One straight flow:
+
+  1. mesh + model     config.model; the resumed checkpoint's model wins on resume
+  2. weights          resume WORKDIR/checkpoints, else config.init_from (r1jax run or HF dir) + a zero head,
+                      else a fresh init
+  3. data             preference pairs -> (chosen, rejected) token rows: template(question) + scored part
+  4. step             jitted Bradley-Terry update over [2B, T] rows (chosen then rejected); router bias frozen
+  5. loop             batches are a pure function of the step (seeded permutation per epoch), so a resume
+                      replays exactly; eval = pairwise accuracy on the held-out pairs
+
+Outputs: checkpoint (its meta names the aspect, template and max_len, so `reward_model.load` needs nothing
+else), tokenizer, metrics. Final metrics include heldout_pair_accuracy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from r1jax import models
+from r1jax.data.sources import iterate_records
+from r1jax.rl import reward_model as rm_lib
+from r1jax.sharding import use_rules
+from r1jax.stages.common import StageResult, is_primary, mesh_and_rules, model_config
+from r1jax.stages.sft import load_init, resolve_tokenizer
+from r1jax.train import checkpoint as ckpt_lib
+from r1jax.train import optimizer as opt_lib
+from r1jax.train import state as state_lib
+from r1jax.train.loop import NonFiniteError, PreemptionFlag
+from r1jax.train.metrics import MetricsLogger, read_metrics
+from r1jax.train.state import TrainState
+
+log = logging.getLogger(__name__)
+PAIR_SCHEMA = {"chosen": "str", "rejected": "str"}
+
+
+def run(config, workdir: str) -> StageResult:
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    rm = config.rm
+
+    # ---------------------------------------------------------------- 1. mesh and model
+    mesh, rules = mesh_and_rules(config.mesh)
+    cfg = model_config(config.model)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         max_to_keep=config.train.keep_checkpoints,
+                                         async_save=config.train.async_checkpoints)
+    resume_step = checkpointer.latest_step()
+    resume_meta = checkpointer.restore_meta(resume_step) if resume_step is not None else None
+
+    # ---------------------------------------------------------------- 2. weights
+    init_params, init_meta = None, {}
+    if resume_meta is not None:
+        cfg = models.ModelConfig(**resume_meta["model"])
+        log.info("resuming %s from step %d", workdir, resume_step)
+    elif config.init_from:
+        cfg, init_params, init_meta = load_init(config.init_from, cfg, mesh, rules)
+        log.info("decoder initialised from %s", config.init_from)
+
+    # ---------------------------------------------------------------- 3. data
+    tokenizer_path = resolve_tokenizer(config, workdir, resume_meta, init_meta)
+    from r1jax.data.tokenizer import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_path)
+    train_files, eval_files = resolve_files(config, workdir)
+    train = encode_pairs(load_pairs(config, train_files), tokenizer, config)
+    heldout = encode_pairs(load_pairs(config, eval_files), tokenizer, config) if eval_files else None
+    log.info("%d training pairs, %d held-out pairs (aspect %s)", len(train.chosen),
+             0 if heldout is None else len(heldout.chosen), rm.aspect)
+
+    # ---------------------------------------------------------------- 4. optimizer, state, step
+    steps = int(config.train.steps)
+    tx = make_optimizer(config.optimizer, cfg, steps)
+    shardings = rm_state_shardings(cfg, tx, mesh, rules)
+    if resume_meta is not None:
+        state, _ = checkpointer.restore(resume_step, abstract_rm_state(cfg, tx, shardings))
+    else:
+        state = init_rm_state(cfg, tx, config.seed, shardings, init_params)
+    step_fn, score_fn = make_steps(cfg, tx, mesh, rules, shardings)
+    batch_size, seq_len = int(config.data.batch_size), int(config.data.seq_len)
+
+    def evaluate(params) -> dict[str, float]:
+        margins = []
+        for i in range(0, len(heldout.chosen), batch_size):
+            batch = heldout.batch(range(i, min(i + batch_size, len(heldout.chosen))), batch_size, tokenizer.pad_id,
+                                  seq_len)
+            s = np.asarray(score_fn(params, batch["tokens"], batch["lengths"]))
+            n = batch["n"]
+            margins.append(s[:n] - s[batch_size:batch_size + n])
+        margin = np.concatenate(margins)
+        return {"heldout_pair_accuracy": float(np.mean(margin > 0)), "heldout_margin": float(np.mean(margin))}
+
+    def meta():
+        return {"stage": "reward_model", "model": dataclasses.asdict(cfg), "tokenizer": tokenizer_path,
+                "aspect": rm.aspect, "template": config.data.template, "max_len": int(config.data.seq_len)}
+
+    # ---------------------------------------------------------------- 5. loop
+    step = int(jax.device_get(state.step))
+    logger = MetricsLogger(workdir, total_steps=steps, start_step=step, enabled=is_primary(),
+                           progress=config.train.progress, desc=os.path.basename(workdir) or "reward_model")
+    saved_step, last, status = resume_step, {}, "done"
+    with PreemptionFlag() as preempted:
+        try:
+            while step < steps:
+                rows = train.rows_for_step(step, batch_size, config.seed)
+                batch = train.batch(rows, batch_size, tokenizer.pad_id, seq_len)
+                state, metrics = step_fn(state, batch["tokens"], batch["lengths"])
+                step += 1
+                final = step == steps or preempted.set
+                eval_now = heldout is not None and (final or (config.train.eval_every
+                                                              and step % config.train.eval_every == 0))
+                if step % config.train.log_every == 0 or eval_now or final:
+                    record = {k: float(v) for k, v in jax.device_get(metrics).items()}
+                    if not all(np.isfinite(v) for v in record.values()):
+                        raise NonFiniteError(f"non-finite reward-model metrics at step {step}: {record}; lower "
+                                             "optimizer.lr and rerun to resume from the last checkpoint")
+                    record["epoch"] = (step - 1) * batch_size // len(train.chosen)
+                    if eval_now:
+                        record.update(evaluate(state.params))
+                    logger.write(step, record)
+                    last = {"step": step, **record}
+                if step % config.train.checkpoint_every == 0 or final:
+                    saved_step = checkpointer.save(state, meta())
+                logger.progress(1, **({"loss": last["loss"]} if last else {}))
+                if preempted.set and step < steps:
+                    status = "preempted"
+                    break
+        finally:
+            checkpointer.wait()
+            logger.close()
+    checkpointer.close()
+    if not last and os.path.exists(logger.path):
+        records = read_metrics(logger.path)
+        last = records[-1] if records else {}
+    checkpoint = checkpointer.step_dir(saved_step) if saved_step is not None else None
+    return StageResult(stage="reward_model", workdir=workdir, status=status, checkpoint=checkpoint,
+                       outputs={"checkpoint": checkpoint, "tokenizer": tokenizer_path, "metrics": logger.path},
+                       metrics=last)
+
+
+# ------------------------------------------------------------------------------------------ data
+
+
+@dataclasses.dataclass
+class Pairs:
+    """Encoded preference pairs: token lists of the chosen and the rejected side."""
+
+    chosen: list[list[int]]
+    rejected: list[list[int]]
+
+    def rows_for_step(self, step: int, batch_size: int, seed: int) -> list[int]:
+        """The pair indices of step `step`: consecutive slices of a seeded permutation per epoch."""
+        n = len(self.chosen)
+        start = step * batch_size
+        out = []
+        while len(out) < batch_size:
+            epoch, offset = divmod(start + len(out), n)
+            order = np.random.default_rng([seed, epoch]).permutation(n)
+            out += [int(i) for i in order[offset:offset + batch_size - len(out)]]
+        return out
+
+    def batch(self, rows, batch_size: int, pad_id: int, seq_len: int) -> dict:
+        """tokens [2B, seq_len] (chosen rows, then rejected rows), lengths [2B]; short batches are padded. One
+        shape for every batch: one compile."""
+        rows = list(rows)
+        chosen = [self.chosen[i] for i in rows]
+        rejected = [self.rejected[i] for i in rows]
+        fill = batch_size - len(rows)
+        tokens, lengths = rm_lib.pad_rows(chosen + [chosen[-1]] * fill + rejected + [rejected[-1]] * fill, pad_id,
+                                          bucket=seq_len)
+        return {"tokens": tokens, "lengths": lengths, "n": len(rows)}
+
+
+def resolve_files(config, workdir: str) -> tuple[list[str], list[str]]:
+    """(train, held-out) preference files: the config's, or the tiny world's."""
+    from r1jax.stages.sft import ensure_world
+
+    data = config.data
+    train_files, eval_files = list(data.train_files), list(data.eval_files)
+    if (not train_files or not eval_files) and data.tiny_world:
+        world = ensure_world(workdir, data.world_seed)
+        train_files = train_files or [os.path.join(world, f"{n}.jsonl") for n in data.world_files]
+        eval_files = eval_files or [os.path.join(world, f"{n}.jsonl") for n in data.eval_world_files]
+    if not train_files:
+        raise ValueError("config.data.train_files is empty (set it, or data.tiny_world=True at tiny scale)")
+    return train_files, eval_files
+
+
+def load_pairs(config, files: list[str]) -> list[dict]:
+    """The records of `files` whose `kind` is in rm.kinds (default: [rm.aspect]); all when they have no kind."""
+    kinds = set(config.rm.kinds or (config.rm.aspect,))
+    schema = {config.data.prompt_field: "str", **PAIR_SCHEMA}
+    records = [r for r in iterate_records(files, schema=schema) if r.get("kind", config.rm.aspect) in kinds]
+    if not records:
+        raise ValueError(f"no preference pairs of kind {sorted(kinds)} in {files}")
+    return records
+
+
+def encode_pairs(records: list[dict], tokenizer, config) -> Pairs:
+    data, aspect = config.data, config.rm.aspect
+    encode = lambda response, r: rm_lib.encode(  # noqa: E731
+        tokenizer, rm_lib.rm_text(r[data.prompt_field], response, aspect, data.template), int(data.seq_len))
+    return Pairs(chosen=[encode(r["chosen"], r) for r in records], rejected=[encode(r["rejected"], r) for r in records])
+
+
+# ------------------------------------------------------------------------------------------ state and step
+
+
+def make_optimizer(opt, cfg: models.ModelConfig, total_steps: int) -> optax.GradientTransformation:
+    """AdamW as r1jax.train.optimizer (same schedule, decay only on matrices, router bias frozen) over the
+    decoder, plus the head (trained, not decayed)."""
+    schedule = opt_lib.make_schedule(opt, total_steps)
+    parts = [optax.clip_by_global_norm(float(opt.clip_norm))] if float(opt.clip_norm) > 0 else []
+    decay = {"decoder": opt_lib.weight_decay_mask(cfg), "head": {"w_d": False, "b": False}}
+    parts.append(optax.adamw(schedule, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps),
+                             weight_decay=float(opt.weight_decay), mask=decay))
+    trainable = models.trainable_mask(models.abstract_params(cfg))
+    labels = {"decoder": jax.tree.map(lambda t: "train" if t else "frozen", trainable),
+              "head": {"w_d": "train", "b": "train"}}
+    return optax.multi_transform({"train": optax.chain(*parts), "frozen": optax.set_to_zero()}, labels)
+
+
+def rm_state_shardings(cfg, tx, mesh, rules) -> TrainState:
+    replicated = NamedSharding(mesh, P())
+    params = {"decoder": models.param_shardings(cfg, mesh, rules), "head": {"w_d": replicated, "b": replicated}}
+    abstract_opt = jax.eval_shape(tx.init, rm_lib.abstract_rm_params(cfg))
+    return TrainState(step=replicated, params=params,
+                      opt_state=state_lib._like_params(abstract_opt, params, replicated),  # noqa: SLF001
+                      rng=replicated)
+
+
+def _fresh(cfg, tx, rng, decoder=None) -> TrainState:
+    init_rng, state_rng = jax.random.split(rng)
+    params = {"decoder": models.init(cfg, init_rng) if decoder is None else decoder, "head": rm_lib.init_head(cfg)}
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
+
+
+def init_rm_state(cfg, tx, seed: int, shardings: TrainState, decoder=None) -> TrainState:
+    """A fresh state (decoder from `decoder` when given, e.g. the base model), laid out by `shardings`."""
+    rng = jax.random.PRNGKey(seed)
+    if decoder is None:
+        return jax.jit(lambda r: _fresh(cfg, tx, r), out_shardings=shardings)(rng)
+    return jax.jit(lambda d, r: _fresh(cfg, tx, r, d), out_shardings=shardings, donate_argnums=0)(decoder, rng)
+
+
+def abstract_rm_state(cfg, tx, shardings: TrainState) -> TrainState:
+    shapes = jax.eval_shape(lambda r: _fresh(cfg, tx, r), jax.ShapeDtypeStruct((2,), jnp.uint32))
+    return jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, shardings)
+
+
+def make_steps(cfg: models.ModelConfig, tx, mesh, rules, shardings: TrainState):
+    """(jitted update(state, tokens [2B, T], lengths [2B]) -> (state, metrics), jitted scores(params, ...))."""
+
+    def loss_fn(params, tokens, lengths):
+        s, aux = rm_lib.scores(params, tokens, lengths, cfg)
+        half = tokens.shape[0] // 2
+        loss, metrics = rm_lib.bradley_terry(s[:half], s[half:])
+        return loss + aux["aux_loss"], {**metrics, "aux_loss": aux["aux_loss"]}
+
+    def update(state: TrainState, tokens, lengths):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tokens, lengths)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        return (TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng),
+                {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)})
+
+    replicated = NamedSharding(mesh, P())
+    jit_update = jax.jit(update, in_shardings=(shardings, replicated, replicated),
+                         out_shardings=(shardings, replicated), donate_argnums=0)
+    jit_scores = jax.jit(lambda p, t, n: rm_lib.scores(p, t, n, cfg)[0], in_shardings=(shardings.params, replicated,
+                                                                                      replicated))
+
+    def run_update(state, tokens, lengths):
+        with use_rules(mesh, rules):
+            return jit_update(state, tokens, lengths)
+
+    def run_scores(params, tokens, lengths):
+        with use_rules(mesh, rules):
+            return jit_scores(params, tokens, lengths)
+
+    return run_update, run_scores
+
+
+def smoke_step(config) -> dict:
+    """One Bradley-Terry update of the config's model on random token pairs (no files, no checkpoint)."""
+    mesh, rules = mesh_and_rules(config.mesh)
+    cfg = model_config(config.model)
+    tx = make_optimizer(config.optimizer, cfg, int(config.train.steps))
+    shardings = rm_state_shardings(cfg, tx, mesh, rules)
+    state = init_rm_state(cfg, tx, config.seed, shardings)
+    step_fn, _ = make_steps(cfg, tx, mesh, rules, shardings)
+    rng = np.random.default_rng(config.seed)
+    b, t = int(config.data.batch_size), min(int(config.data.seq_len), 64)
+    tokens = rng.integers(0, cfg.vocab_size, (2 * b, t), dtype=np.int32)
+    lengths = rng.integers(1, t + 1, (2 * b,)).astype(np.int32)
+    _, metrics = step_fn(state, tokens, lengths)
+    return {k: float(v) for k, v in jax.device_get(metrics).items()}

@@ -1,0 +1,62 @@
+"""AdamW with warmup + decay, global-norm clipping, and the router bias kept out of the optimizer.
+
+Configured by a `config.optimizer` block (see configs/common.py):
+  lr, warmup_steps, schedule ("cosine" | "linear" | "constant"), end_lr_ratio, b1, b2, eps,
+  weight_decay, clip_norm (0 = off).
+
+Two masks come from the model's single parameter declaration:
+  * `models.trainable_mask` - the aux-loss-free router bias (DeepSeek-V3 §2.1.2) is moved by its own
+    sign rule inside the train step, never by a gradient, so its partition gets `set_to_zero`.
+  * weight decay only on leaves initialised from a normal distribution (matrices); norms ("ones") and
+    biases ("zeros") are not decayed.
+"""
+
+from __future__ import annotations
+
+import jax
+import optax
+
+from r1jax import models
+from r1jax.models.transformer import ParamSpec
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+def make_schedule(opt, total_steps: int) -> optax.Schedule:
+    """Linear warmup from 0 to `opt.lr` over `opt.warmup_steps`, then decay to `lr * end_lr_ratio` at total_steps."""
+    if opt.schedule not in SCHEDULES:
+        raise ValueError(f"optimizer.schedule={opt.schedule!r}: expected one of {SCHEDULES}")
+    warmup = int(opt.warmup_steps)
+    if not 0 <= warmup <= total_steps:
+        raise ValueError(f"optimizer.warmup_steps={warmup} must be in [0, train.steps={total_steps}]")
+    peak, end = float(opt.lr), float(opt.lr) * float(opt.end_lr_ratio)
+    decay_steps = max(total_steps - warmup, 1)
+    if opt.schedule == "cosine":
+        decay = optax.cosine_decay_schedule(peak, decay_steps, alpha=float(opt.end_lr_ratio))
+    elif opt.schedule == "linear":
+        decay = optax.linear_schedule(peak, end, decay_steps)
+    else:
+        decay = optax.constant_schedule(peak)
+    if warmup == 0:
+        return decay
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def weight_decay_mask(cfg: models.ModelConfig):
+    """True where weight decay applies: leaves declared with the normal initializer (the matrices)."""
+    return jax.tree.map(lambda s: s.init == "normal", models.param_specs(cfg),
+                        is_leaf=lambda x: isinstance(x, ParamSpec))
+
+
+def make_optimizer(opt, cfg: models.ModelConfig, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """(optax transformation over the full param tree, learning-rate schedule)."""
+    schedule = make_schedule(opt, total_steps)
+    parts = []
+    if float(opt.clip_norm) > 0:
+        parts.append(optax.clip_by_global_norm(float(opt.clip_norm)))
+    parts.append(optax.adamw(schedule, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps),
+                             weight_decay=float(opt.weight_decay), mask=weight_decay_mask(cfg)))
+    labels = jax.tree.map(lambda trainable: "train" if trainable else "frozen",
+                          models.trainable_mask(models.abstract_params(cfg)))
+    tx = optax.multi_transform({"train": optax.chain(*parts), "frozen": optax.set_to_zero()}, labels)
+    return tx, schedule

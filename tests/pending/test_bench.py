@@ -1,0 +1,56 @@
+"""Smoke tests of the benchmarks: each main runs at the smallest size with very few steps and appends one JSON line
+to the results file. They measure nothing (no timing assertions); they check that the commands work."""
+
+import json
+import os
+
+import pytest
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP (see bench.common.tune_cpu_runtime)
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+from r1jax.bench import moe, peak, train_step  # noqa: E402
+
+
+def _records(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+def test_peak(tmp_path):
+    out = tmp_path / "r.jsonl"
+    result = peak.main(["--n", "128", "--runs", "1", "--out", str(out)])
+    assert result["jax_peak_flops"] > 0 and result["torch_peak_flops"] > 0
+    assert _records(out)[0]["bench"] == "peak"
+
+
+def test_train_step(tmp_path):
+    out = tmp_path / "r.jsonl"
+    rows = train_step.main(["--layers", "2", "--batch", "2", "--seq", "16", "--runs", "1", "--warmup", "0",
+                            "--torch-impl", "sdpa/grouped_mm", "--peak-n", "128", "--out", str(out)])
+    (record,) = _records(out)
+    assert record["bench"] == "train_step" and [r["model"] for r in record["rows"]] == ["deepseek_v3", "llama"]
+    for row in rows:
+        assert row["r1jax_tok_s"] > 0 and row["torch_tok_s"] > 0
+        assert row["r1jax_loss0"] == pytest.approx(row["torch_loss0"], rel=1e-3)  # same weights, same batch
+
+
+def test_moe(tmp_path):
+    out = tmp_path / "r.jsonl"
+    rows, cross = moe.main(["--experts", "8,16", "--tokens", "128", "--sweep", "32,64", "--runs", "1",
+                            "--peak-n", "128", "--out", str(out)])
+    (record,) = _records(out)
+    assert record["bench"] == "moe" and len(record["rows"]) == 4 and len(record["crossover"]) == 2
+    assert all(r["fwd_ms"] > 0 for r in rows)
+
+
+def test_grpo_step(tmp_path):
+    pytest.importorskip("trl")
+    from r1jax.bench import grpo_step
+
+    out = tmp_path / "r.jsonl"
+    rows = grpo_step.main(["--models", "llama", "--prompts", "2", "--group", "2", "--prompt-len", "8",
+                           "--new-tokens", "4", "--steps", "1", "--warmup", "0", "--out", str(out)])
+    (record,) = _records(out)
+    assert record["bench"] == "grpo_step" and rows[0]["r1jax_s"] > 0 and rows[0]["trl_s"] > 0

@@ -1,0 +1,92 @@
+"""Every config file in configs/ parses (default and tiny presets, locked, with the run command in its
+docstring), and its tiny preset builds its model and runs one train step (via its stage's smoke_step)."""
+
+import glob
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import ml_collections as mlc
+import pytest
+
+from r1jax import models, stages
+from r1jax.stages.common import model_config
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(REPO, "configs", "*.py")))
+
+
+def _module(name):
+    return importlib.import_module(f"configs.{name}")
+
+
+# A file with get_config is a stage config; the others (common.py, preset tables) are helpers.
+STAGE_CONFIGS = [name for name in CONFIGS if hasattr(_module(name), "get_config")]
+HELPERS = [name for name in CONFIGS if name not in STAGE_CONFIGS]
+
+
+def test_every_config_file_is_checked():
+    assert STAGE_CONFIGS and "common" in HELPERS
+    for name in HELPERS:  # a helper must not be a stage config that lost its get_config
+        assert f"--config configs/{name}.py" not in (_module(name).__doc__ or ""), \
+            f"configs/{name}.py documents a run command but has no get_config(arg=None)"
+
+
+@pytest.mark.parametrize("name", STAGE_CONFIGS)
+def test_config_parses(name):
+    module = _module(name)
+    assert f"configs/{name}.py" in (module.__doc__ or ""), f"configs/{name}.py: put the run command in the docstring"
+    for preset in (None, "tiny"):
+        config = module.get_config(preset)
+        assert isinstance(config, mlc.ConfigDict)
+        assert config.stage in stages.STAGES, f"configs/{name}.py:{preset}: unknown stage {config.stage!r}"
+        json.loads(config.to_json_best_effort())
+        config.lock()
+        with pytest.raises(AttributeError):
+            config.no_such_field = 1
+        if "model" in config:
+            cfg = model_config(config.model)
+            assert models.count_params(cfg)["total"] > 0
+    with pytest.raises(ValueError):
+        module.get_config("no_such_preset")
+
+
+SMOKE_WORKER = r"""
+import importlib, json, sys, time, traceback
+from r1jax import stages
+for name in sys.argv[1:]:
+    start = time.perf_counter()
+    try:
+        config = importlib.import_module(f"configs.{name}").get_config("tiny")
+        stage = stages.get_stage(config.stage)
+        if not hasattr(stage, "smoke_step"):
+            raise AttributeError(f"stage {config.stage!r} ({stage.__name__}) has no smoke_step(config)")
+        result = {"metrics": stage.smoke_step(config)}
+    except Exception:
+        result = {"error": traceback.format_exc()}
+    print(json.dumps({"name": name, "seconds": time.perf_counter() - start, **result}), flush=True)
+"""
+
+
+@pytest.fixture(scope="module")
+def smoke_results(tmp_path_factory):
+    """All tiny presets in one subprocess (shared compilation cache with the other tests' runs)."""
+    cache = tmp_path_factory.getbasetemp() / "jax_cache"
+    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(cache),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+               XLA_FLAGS="--xla_backend_optimization_level=0")  # compile-bound: XLA's fastest compile
+    out = subprocess.run([sys.executable, "-c", SMOKE_WORKER, *STAGE_CONFIGS], env=env, cwd=REPO,
+                         capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stderr[-4000:]
+    return {r["name"]: r for r in map(json.loads, (l for l in out.stdout.splitlines() if l.startswith("{")))}
+
+
+@pytest.mark.parametrize("name", STAGE_CONFIGS)
+def test_tiny_preset_builds_and_steps(name, smoke_results):
+    result = smoke_results.get(name)
+    assert result is not None, f"configs/{name}.py: no result from the smoke worker"
+    assert "error" not in result, f"configs/{name}.py:tiny failed:\n{result.get('error')}"
+    loss = result["metrics"]["loss"]
+    assert loss == loss and 0.0 < loss < 50.0, result["metrics"]

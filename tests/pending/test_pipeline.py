@@ -1,0 +1,167 @@
+"""The pipeline: wiring checks, reference resolution, and the smoke preset of configs/r1.py end to end (the CI smoke
+test: every stage with a few steps, summary.json and report.md written); then the same command killed (SIGKILL) in
+the middle of three stages (GRPO, reward model, rejection sampling) and rerun each time finishes with the same
+summary as the uninterrupted run, without rerunning the stages finished before each kill."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import ml_collections as mlc
+import pytest
+
+from configs import r1
+from r1jax.stages import pipeline
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TIMING_KEYS = ("seconds", "tokens_per_s", "sample_s", "update_s", "rollout_s", "sample_tokens_per_s",
+               "heldout_eval_s", "eval_s")
+
+
+# ------------------------------------------------------------------------------------------ wiring
+
+
+def _toy(order, stages, mixes=None, world=True):
+    return mlc.ConfigDict(dict(stage="pipeline", order=order, stages=stages, jax_cache=False,
+                               world=dict(enabled=world, seed=0, vocab_size=1024), mixes=mixes or {}))
+
+
+def test_presets_wire_up():
+    for preset in (None, "tiny", "smoke"):
+        config = r1.get_config(preset)
+        pipeline.check_wiring(config)
+        assert config.order[-2:] == ("eval", "report")
+    tiny = r1.get_config("tiny")
+    assert tiny.stages.r1_zero.init_from == "@pretrain:checkpoint"  # R1-Zero: its own branch from the base
+    assert tiny.stages.sft.init_from == "@pretrain:checkpoint"  # the 800k SFT starts from the base too
+    assert tiny.stages.distill.data.train_files == ("@rejection_sampling:dataset",)
+
+
+def test_wiring_errors_name_the_stage_and_the_reference():
+    a = mlc.ConfigDict(dict(stage="report", pipeline_dir="@pipeline:dir", table_benchmark="x"))
+    b = mlc.ConfigDict(dict(stage="report", pipeline_dir="@a:workdir", table_benchmark="x"))
+    pipeline.check_wiring(_toy(("a", "b"), {"a": a, "b": b}))
+    with pytest.raises(ValueError, match=r"stage 'b'.*'@a:workdir'.*not a stage before it"):
+        pipeline.check_wiring(_toy(("b", "a"), {"a": a, "b": b}))
+    with pytest.raises(ValueError, match="names no mix"):
+        pipeline.check_wiring(_toy(("a",), {"a": mlc.ConfigDict(dict(stage="report", pipeline_dir="@mix:m",
+                                                                    table_benchmark="x"))}))
+    with pytest.raises(ValueError, match="world.enabled"):
+        pipeline.check_wiring(_toy(("a",), {"a": mlc.ConfigDict(dict(stage="report", pipeline_dir="@world:x",
+                                                                    table_benchmark="x"))}, world=False))
+    with pytest.raises(KeyError, match="not a known stage"):
+        pipeline.check_wiring(_toy(("a",), {"a": mlc.ConfigDict(dict(stage="nope"))}))
+
+
+def test_references_resolve_anywhere_in_a_stage_config(tmp_path):
+    config = r1.get_config("tiny")
+    results = {name: {"stage": "x", "workdir": f"/runs/{name}", "outputs": {"checkpoint": f"/runs/{name}/ckpt/7"}}
+               for name in config.order}
+    resolved = pipeline.resolve(config.stages.all_scenario_rl,
+                                lambda ref: pipeline.resolve_reference(ref, config, str(tmp_path), results))
+    assert resolved.init_from == "/runs/sft/ckpt/7"
+    routes = dict(resolved.rl.rewards[0][2]["routes"])
+    assert [spec[2]["checkpoint"] for spec in routes["reward_model"]] == ["/runs/rm_helpful/ckpt/7",
+                                                                          "/runs/rm_harmless/ckpt/7"]
+    mix = resolved.data.train_files[0]
+    assert mix == str(tmp_path / "mixes" / "all_scenario_prompts.jsonl")  # written on demand, uniform columns
+    with open(mix) as f:
+        rows = [json.loads(line) for line in f]
+    assert len(rows) == 700 + 232 and len({tuple(r) for r in rows}) == 1
+    assert {r["reward_source"] for r in rows} == {"rule", "reward_model"}
+    assert os.path.isfile(tmp_path / "world" / "tokenizer.model")
+    with pytest.raises(KeyError, match="has no output 'dataset'"):
+        pipeline.resolve_reference("@sft:dataset", config, str(tmp_path), results)
+
+
+# ------------------------------------------------------------------------------------------ end to end
+
+
+def _env(cache):
+    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(cache),
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+
+
+def _command(workdir):
+    return [sys.executable, "-m", "r1jax.main", "--config", "configs/r1.py:smoke", "--workdir", str(workdir)]
+
+
+def _finish(workdir, env):
+    out = subprocess.run(_command(workdir), env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
+    assert out.returncode == 0, out.stderr[-4000:]
+
+
+def _kill_when(workdir, env, predicate):
+    proc = subprocess.Popen(_command(workdir), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            text=True)
+    deadline = time.time() + 1800
+    while not predicate():
+        assert proc.poll() is None, f"the pipeline ended before the kill point:\n{proc.stderr.read()[-4000:]}"
+        assert time.time() < deadline, "no kill point after 30 minutes"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    proc.stderr.close()
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pipeline")
+    env = _env(root / "jax_cache")
+    _finish(root / "full", env)
+    killed = root / "killed"
+    order = list(r1.ORDER)
+    d = {name: killed / f"{i:02d}_{name}" for i, name in enumerate(order)}
+    stamps = []
+    for predicate in (lambda: (d["reasoning_rl"] / "checkpoints" / "2" / "meta").is_dir(),
+                      lambda: (d["rm_harmless"] / "checkpoints" / "2" / "meta").is_dir(),
+                      lambda: (d["rejection_sampling"] / "shards" / "00000.stats.json").is_file()):
+        _kill_when(killed, env, predicate)
+        stamps.append({n: os.path.getmtime(p / "result.json") for n, p in d.items() if (p / "result.json").exists()})
+    _finish(killed, env)
+    return {"full": root / "full", "killed": killed, "stamps": stamps, "dirs": d}
+
+
+def _strip(summary):
+    def clean(value):
+        if isinstance(value, dict):
+            return {k: clean(v) for k, v in value.items() if k not in TIMING_KEYS}
+        if isinstance(value, str):
+            return value.replace("/killed/", "/RUN/").replace("/full/", "/RUN/")
+        return value
+
+    return clean(summary)
+
+
+def test_smoke_pipeline_runs_every_stage(runs):
+    summary = json.loads((runs["full"] / "summary.json").read_text())
+    assert list(summary) == list(r1.ORDER)
+    assert all(s["status"] == "done" for s in summary.values()), {n: s["status"] for n, s in summary.items()}
+    for name in ("pretrain", "r1_zero", "cold_start", "reasoning_rl", "sft", "all_scenario_rl", "distill",
+                 "distill_baseline"):
+        assert {"rl_heldout/pass@1", "rl_heldout/cons@k", "code_heldout/pass@1"} <= set(summary[name]["eval"]), name
+    assert summary["rm_helpful"]["metrics"]["step"] == 3 and "heldout_pair_accuracy" in summary["rm_helpful"]["metrics"]
+    stats = json.loads((runs["full"] / "06_rejection_sampling" / "stats.json").read_text())
+    assert stats["samples"] == 12 * 2 and stats["kept"] + sum(stats["rejected"].values()) + stats["not_selected"] == 24
+    report = (runs["full"] / "report.md").read_text()
+    assert "Held-out accuracy after each stage" in report and "R1-Zero" in report
+    assert (runs["full"] / "13_report" / "reasoning_rl.png").is_file()
+    assert (runs["full"] / "13_report" / "sft.png").is_file()
+
+
+def test_killed_and_rerun_pipeline_ends_with_the_same_summary(runs):
+    full = json.loads((runs["full"] / "summary.json").read_text())
+    resumed = json.loads((runs["killed"] / "summary.json").read_text())
+    assert _strip(resumed) == _strip(full)
+
+
+def test_finished_stages_are_not_rerun(runs):
+    final = {n: os.path.getmtime(p / "result.json") for n, p in runs["dirs"].items()}
+    for stamp in runs["stamps"]:
+        for name, mtime in stamp.items():
+            assert final[name] == mtime, f"stage {name} was rerun after it had finished"
+    assert set(runs["stamps"][0]) == {"pretrain", "cold_start"}  # killed inside reasoning_rl
+    assert "rm_helpful" in runs["stamps"][1] and "rm_harmless" not in runs["stamps"][1]

@@ -1,0 +1,116 @@
+"""Reward models: the Bradley-Terry loss against its formula, the score read at the last real token, what each
+aspect reads, a short real training run on the tiny world's preference pairs (held-out pairwise accuracy well above
+chance), and the GRPO rewards that load it: `reward_model` and `by_source` routing by the `reward_source` field."""
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from configs import reward_model as rm_config
+from r1jax import models
+from r1jax.rl import filters  # noqa: F401 - registers answer_accuracy
+from r1jax.rl import reward_model as rm_lib
+from r1jax.rl import rewards
+
+R, S = "<|reasoning|>", "<|summary|>"
+
+
+def test_bradley_terry_matches_the_formula():
+    chosen, rejected = np.array([2.0, -1.0, 0.5]), np.array([1.0, 0.0, 0.5])
+    loss, metrics = rm_lib.bradley_terry(jnp.asarray(chosen), jnp.asarray(rejected))
+    expected = np.mean(np.log1p(np.exp(-(chosen - rejected))))  # -log sigmoid(margin)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-6)
+    assert float(metrics["pair_accuracy"]) == pytest.approx(1 / 3)  # a tie is not a win
+
+
+def test_score_is_read_at_the_last_real_token():
+    cfg = models.get_preset("tiny_dense", n_layers=2, n_dense_layers=2)
+    params = {"decoder": models.init(cfg, jax.random.PRNGKey(0)),
+              "head": {"w_d": jax.random.normal(jax.random.PRNGKey(1), (cfg.d_model,)), "b": jnp.asarray(0.5)}}
+    rows = [[1, 5, 9, 11], [1, 7]]
+    tokens, lengths = rm_lib.pad_rows(rows, pad_id=0, bucket=8)
+    assert tokens.shape == (2, 8) and lengths.tolist() == [4, 2]
+    got, _ = rm_lib.scores(params, jnp.asarray(tokens), jnp.asarray(lengths), cfg)
+    for i, row in enumerate(rows):
+        hidden, _ = models.hidden_states(params["decoder"], jnp.asarray([row]), cfg)
+        np.testing.assert_allclose(float(got[i]), float(hidden[0, -1] @ params["head"]["w_d"] + 0.5), rtol=1e-5)
+    wider, _ = rm_lib.scores(params, jnp.asarray(np.pad(tokens, ((0, 0), (0, 8)), constant_values=3)),
+                             jnp.asarray(lengths), cfg)
+    np.testing.assert_allclose(np.asarray(wider), np.asarray(got), rtol=1e-4, atol=1e-5)  # padding is never read
+
+
+def test_scored_part_per_aspect():
+    readable, zero = f"{R}think{S}the answer", "<think>t</think> <answer>42</answer>"
+    assert rm_lib.scored_part(readable, "helpful") == "the answer"
+    assert rm_lib.scored_part(readable, "harmless") == readable
+    assert rm_lib.scored_part(zero, "helpful") == "42"
+    assert rm_lib.scored_part("plain reply", "helpful") == "plain reply"
+    with pytest.raises(ValueError):
+        rm_lib.scored_part(readable, "honest")
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A harmlessness RM trained briefly from scratch on the tiny world (a 2-layer dense decoder); harmlessness is
+    the aspect a fresh model learns within a few dozen steps (the tiny pipeline trains both from the base model)."""
+    from r1jax import stages
+    from r1jax.stages.sft import ensure_world, train_world_tokenizer
+
+    root = tmp_path_factory.mktemp("rm")
+    world = ensure_world(str(root), 0)
+    tokenizer = train_world_tokenizer(world, os.path.join(world, "tokenizer"), 1024)
+    config = rm_config.get_config("tiny")
+    config.model = rm_config.common.tiny_model("tiny_dense", n_layers=2, n_dense_layers=2)
+    config.data.update(tokenizer=tokenizer, train_files=(os.path.join(world, "preferences_train.jsonl"),),
+                       eval_files=(os.path.join(world, "preferences_heldout.jsonl"),), seq_len=96)
+    config.rm.aspect = "harmless"
+    config.optimizer.lr = 3e-3
+    config.train.update(steps=40, log_every=20, eval_every=40, checkpoint_every=20, progress=False)
+    result = stages.run(config, str(root / "run"))
+    return result, world
+
+
+def test_training_learns_the_preferences(trained):
+    result, _ = trained
+    assert result.status == "done" and result.checkpoint.endswith("/40")
+    with open(result.outputs["metrics"]) as f:
+        records = [json.loads(line) for line in f]
+    assert [r["step"] for r in records] == [20, 40]
+    assert records[-1]["heldout_pair_accuracy"] >= 0.9  # chance is 0.5
+    assert records[-1]["bt_loss"] < 0.5
+
+
+def test_reward_model_reward_and_by_source_routing(trained):
+    result, world = trained
+    rm = rm_lib.load(result.checkpoint)
+    assert rm.aspect == "harmless" and rm.template == "raw"
+    with open(os.path.join(world, "preferences_heldout.jsonl")) as f:
+        pairs = [r for r in map(json.loads, f) if r["kind"] == "helpful"][:40]
+    questions = [p["question"] for p in pairs]
+    helpful = {"checkpoint": result.checkpoint, "aspect": "helpful"}  # read as helpfulness: the summary only
+    via_reward = rewards.score((("reward_model", 1.0, helpful),), ["ignored"] * 40, [p["chosen"] for p in pairs],
+                               {"question": questions})
+    np.testing.assert_allclose(via_reward[0], rm.score(questions, [p["chosen"] for p in pairs], "helpful"), rtol=1e-5)
+    assert via_reward[2] == {"reward_model": 0}
+    # helpfulness reads the summary only: the same summary after any reasoning scores the same
+    with_reasoning = [f"{R}whatever I thought{S}{p['chosen']}" for p in pairs[:4]]
+    np.testing.assert_allclose(rm.score(questions[:4], with_reasoning, "helpful"), via_reward[0][:4], rtol=1e-4,
+                               atol=1e-5)
+    assert np.all(np.abs(rm.score(questions[:4], with_reasoning) - via_reward[0][:4]) > 1e-5)  # harmless reads it all
+
+    routes = {"rule": (("answer_accuracy", 1.0),),
+              "reward_model": (("reward_model", 1.0, helpful), ("reward_model", 0.5, helpful))}  # one reward twice
+    completions = [f"{R}6 plus 7{S}the answer is 13 .", f"{R}6 plus 7{S}the answer is 12 .", pairs[0]["chosen"]]
+    fields = {"reward_source": ["rule", "rule", "reward_model"], "answer": ["13", "13", None],
+              "question": ["Calculate 6 + 7 .", "Calculate 6 + 7 .", questions[0]]}
+    total, per, errors = rewards.score((("by_source", 1.0, {"routes": routes}),), ["p"] * 3, completions, fields)
+    np.testing.assert_allclose(total, [1.0, 0.0, 1.5 * via_reward[0][0]], rtol=1e-5)
+    assert errors == {"by_source": 0}
+    fields["reward_source"][0] = "unknown"  # no route: that sample errors (0, counted), the others are scored
+    total, _, errors = rewards.score((("by_source", 1.0, {"routes": routes}),), ["p"] * 3, completions, fields)
+    assert errors == {"by_source": 1} and total[0] == 0.0
+    assert total[2] == pytest.approx(1.5 * via_reward[0][0], rel=1e-5)
