@@ -18,13 +18,14 @@ expert densely (see `_experts_tiled`).
 Expert parallelism (EP): when an active mesh (r1jax.sharding.use_rules) puts the `exp` axis of the expert weights on
 mesh axes of size > 1, `moe_layer` runs `dispatch_ep` instead: inside `jax.shard_map` every device sorts its own
 tokens' pairs by expert, a ragged all-to-all sends each expert's rows to the device holding it, the local experts
-run the same grouped matmul, and a second ragged all-to-all brings the rows home (REFERENCE.md §5; the exchange
-of DeepSeek-V3 §3.2). Dropless with a proven bound, not a capacity factor: a device of an EP group of size P_e can
-receive at most P_e * c * min(k, E_loc) rows from c tokens per device (each token sends at most one row to each
-expert), and the receive buffer has exactly that many rows, so no row is ever dropped whatever the routing. That
-worst case is P_e times the balanced load, so tokens go through the exchange in chunks of c per device, with c
-chosen to keep the buffer under `EP_MAX_BUFFER_ROWS`. Without an active mesh (or with `exp` unsharded) the
-single-device path above runs unchanged.
+run the same grouped matmul, and a second ragged all-to-all brings the rows home (the dispatch / combine exchange
+of DeepSeek-V3 §3.2.2). Dropless with a proven bound, not a capacity factor: a device of an EP group of size P_e
+can receive at most P_e * c * min(k, E_loc) rows from c tokens per device (each token sends at most one row to
+each expert), and the receive buffer has exactly that many rows, so no row is ever dropped whatever the routing.
+That worst case is P_e times the balanced load: tokens go through the exchange in chunks of c per device, c chosen
+to keep the buffer under `EP_MAX_BUFFER_ROWS` rows, and the grouped matmul costs buffer-sized FLOPs unless its
+kernel skips the rows past the group sizes. Without an active mesh (or with `exp` unsharded) the single-device
+path above runs unchanged.
 
 Balancing is aux-loss-free: the layer reports each expert's load; `update_router_bias` (outside the gradient)
 moves b_i by gamma * sign(mean load - load_i). The optional sequence-wise balance loss is
@@ -134,6 +135,149 @@ def dispatch(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", max_tile
     inverse = jnp.zeros_like(order).at[order].set(jnp.arange(m * k, dtype=order.dtype))
     y = y[inverse].reshape(m, k, -1)
     return jnp.einsum("mkd,mk->md", y, weights.astype(y.dtype))
+
+
+# ------------------------------------------------------------------------------------- expert parallelism
+
+def _mesh_axes(table, logical: str, mesh) -> tuple[str, ...]:
+    """The mesh axes (of size > 1) that the rule for `logical` names."""
+    value = table.get(logical)
+    names = () if value is None else (value,) if isinstance(value, str) else tuple(value)
+    return tuple(a for a in names if mesh.shape.get(a, 1) > 1)
+
+
+def expert_parallel():
+    """(mesh, token axes, expert axes, expert-width axes) when an active mesh shards the experts, else None.
+
+    Tokens are split over the `act_batch` axes plus the expert axes (so every device of an EP group holds
+    different tokens); expert weights over the `exp` axes (EP) and `exp_mlp` axes (tensor parallel inside
+    each expert, summed with a psum). Their `embed` axis is gathered at the shard_map boundary (FSDP)."""
+    active = sharding._ACTIVE.get()
+    if active is None:
+        return None
+    mesh, rules = active
+    table = dict(rules)
+    exp_axes = _mesh_axes(table, "exp", mesh)
+    if not exp_axes:
+        return None
+    tok_axes = _mesh_axes(table, "act_batch", mesh)
+    tok_axes += tuple(a for a in exp_axes if a not in tok_axes)
+    mlp_axes = _mesh_axes(table, "exp_mlp", mesh)
+    if set(mlp_axes) & set(tok_axes):
+        raise sharding.ShardingError(
+            f"expert parallelism: the `exp_mlp` rule {mlp_axes} shares mesh axes with the token axes {tok_axes} "
+            "(`act_batch` + `exp`); an expert's width can only be split over axes that hold the same tokens")
+    return mesh, tok_axes, exp_axes, mlp_axes
+
+
+def _excl_cumsum(a, axis):
+    return jnp.cumsum(a, axis) - a
+
+
+def _exchange(rows, out_rows: int, input_offsets, send_sizes, output_offsets, recv_sizes, axis, platform,
+              max_slice: int):
+    """Ragged all-to-all of `rows` into a fresh [out_rows, ...] buffer (jax.lax.ragged_all_to_all semantics).
+
+    XLA:CPU has no ragged all-to-all, so on CPU (tests on fake devices) the same exchange is built from a dense
+    all_to_all of per-slice blocks padded to `max_slice` rows, the largest slice possible."""
+    out = jnp.zeros((out_rows,) + rows.shape[1:], rows.dtype)
+    if platform != "cpu":
+        return jax.lax.ragged_all_to_all(rows, out, input_offsets, send_sizes, output_offsets, recv_sizes,
+                                         axis_name=axis)
+    n_slices, cap = input_offsets.shape[0], max_slice
+    r = jnp.arange(cap)
+    take = jnp.where(r[None] < send_sizes[:, None], input_offsets[:, None] + r[None], rows.shape[0])  # [S, cap]
+    blocks = jnp.take(rows, take, axis=0, mode="fill", fill_value=0)  # [S, cap, ...]
+    blocks = jax.lax.all_to_all(blocks, axis, 0, 0, tiled=True)
+    offsets = jax.lax.all_to_all(output_offsets, axis, 0, 0, tiled=True)
+    dest = jnp.where(r[None] < recv_sizes[:, None], offsets[:, None] + r[None], out_rows)  # [S, cap]
+    return out.at[dest.reshape(-1)].set(blocks.reshape((n_slices * cap,) + rows.shape[1:]), mode="drop")
+
+
+def _grouped_swiglu(rows, sizes, w_gate, w_up, w_down, impl: str, max_tile: int):
+    """Grouped SwiGLU over rows grouped by expert, where sum(sizes) may be less than the rows (the tail of the
+    receive buffer). ragged_dot leaves those rows zero; the tiled path gets a phantom zero expert for them."""
+    if impl == "ragged_dot":
+        return _experts_ragged(rows, sizes, w_gate, w_up, w_down)
+    tail = (rows.shape[0] - sizes.sum())[None].astype(sizes.dtype)
+    zero = lambda w: jnp.concatenate([w, jnp.zeros_like(w[:1])])  # noqa: E731
+    return _experts_tiled(rows, jnp.concatenate([sizes, tail]), zero(w_gate), zero(w_up), zero(w_down), max_tile)
+
+
+def _ep_chunk(x, idx, weights, w_gate, w_up, w_down, *, exp_axes, n_dev, impl, max_tile, platform):
+    """One chunk on one device: x [c,D], idx/weights [c,k] -> [c,D] (partial over `exp_mlp` axes).
+
+    Slice s*E_loc + l of an exchange is (device s of the EP group, its local expert l). C [P_e, E] holds every
+    device's row count per expert, so each device computes the whole plan locally:
+      forward   my rows for expert e go to owner e // E_loc, at (start of e's block there) + (rows of e from
+                lower-ranked devices); the owner's buffer is grouped by local expert, then by source device
+      backward  the same slices in reverse, landing at my sorted-row offsets."""
+    c, k = idx.shape
+    e_loc = w_gate.shape[0]
+    n_exp = n_dev * e_loc
+    me = jax.lax.axis_index(exp_axes)
+    order, cnt = _sort_pairs(idx, n_exp)  # cnt [E]: my rows per expert
+    rows = x[order // k]  # [c*k, D] sorted by expert = by (owner, local expert)
+    counts = jax.lax.all_gather(cnt, exp_axes)  # [P_e, E]
+    block = _excl_cumsum(counts.sum(0).reshape(n_dev, e_loc), 1).reshape(n_exp)  # [E] block start at its owner
+    src = _excl_cumsum(counts, 0)  # [P_e, E] start of each source's rows within a block
+    mine = lambda a: jax.lax.dynamic_slice_in_dim(a, me * e_loc, e_loc, axis=1)  # noqa: E731  [P_e, E_loc]
+    recv = mine(counts).reshape(-1)  # [P_e*E_loc] rows I get from source s for local expert l
+    buf_rows = n_dev * c * min(k, e_loc)  # the worst case: dropless by construction
+    exchange = functools.partial(_exchange, axis=exp_axes, platform=platform, max_slice=c)  # a slice: <= 1 row/token
+    buf = exchange(rows, buf_rows, _excl_cumsum(cnt, 0), cnt, block + src[me], recv)
+    sizes = mine(counts).sum(0)  # [E_loc] rows per local expert
+    y = _grouped_swiglu(buf, sizes, w_gate, w_up, w_down, impl, max_tile)  # [buf_rows, D]
+    home = (jax.lax.dynamic_slice_in_dim(block, me * e_loc, e_loc)[None] + mine(src)).reshape(-1)
+    y = exchange(y, c * k, home, recv, mine(_excl_cumsum(counts, 1)).reshape(-1), cnt)
+    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(c * k, dtype=order.dtype))
+    return jnp.einsum("mkd,mk->md", y[inverse].reshape(c, k, -1), weights.astype(y.dtype))
+
+
+def dispatch_ep(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", max_tile: int = 128,
+                max_buffer_rows: int | None = None):
+    """`dispatch` under expert parallelism (module docstring); same arguments and result, global shapes.
+
+    Needs an active mesh that shards `exp` (see `expert_parallel`). Tokens are padded to a multiple of the
+    token shards times the chunk; padding rows carry zero weight."""
+    ep = expert_parallel()
+    if ep is None:
+        raise ValueError("dispatch_ep needs an active mesh whose `exp` rule shards the experts (use_rules)")
+    mesh, tok_axes, exp_axes, mlp_axes = ep
+    impl, platform = _resolve_impl(impl), mesh.devices.flat[0].platform
+    m, k = idx.shape
+    n_exp = w_gate.shape[0]
+    n_tok = math.prod(mesh.shape[a] for a in tok_axes)
+    n_dev = math.prod(mesh.shape[a] for a in exp_axes)
+    if n_exp % n_dev:
+        raise sharding.ShardingError(
+            f"expert parallelism: {n_exp} experts do not divide over the {n_dev} devices of mesh axes {exp_axes}")
+    budget = EP_MAX_BUFFER_ROWS if max_buffer_rows is None else max_buffer_rows
+    m_dev = -(-m // n_tok)  # tokens per device
+    n_chunks = -(-m_dev // max(1, budget // (n_dev * min(k, n_exp // n_dev))))
+    chunk = -(-m_dev // n_chunks)
+    pad = n_tok * n_chunks * chunk - m
+    if pad:
+        x = jnp.pad(x, ((0, pad), (0, 0)))
+        idx = jnp.concatenate([idx, jnp.broadcast_to(jnp.arange(k, dtype=idx.dtype), (pad, k))])
+        weights = jnp.pad(weights, ((0, pad), (0, 0)))
+    body = functools.partial(_ep_chunk, exp_axes=exp_axes, n_dev=n_dev, impl=impl, max_tile=max_tile,
+                             platform=platform)
+
+    def per_device(x, idx, weights, w_gate, w_up, w_down):
+        if n_chunks == 1:
+            y = body(x, idx, weights, w_gate, w_up, w_down)
+        else:  # one chunk's buffers live at a time, forward and backward (the chunk is recomputed)
+            step = jax.checkpoint(lambda xs: body(*xs, w_gate, w_up, w_down), prevent_cse=False)
+            split = lambda a: a.reshape((n_chunks, chunk) + a.shape[1:])  # noqa: E731
+            y = jax.lax.map(step, (split(x), split(idx), split(weights))).reshape(n_chunks * chunk, -1)
+        return jax.lax.psum(y, mlp_axes) if mlp_axes else y
+
+    tok = P(tok_axes, None)
+    w_in, w_out = P(exp_axes, None, mlp_axes or None), P(exp_axes, mlp_axes or None, None)
+    y = jax.shard_map(per_device, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)(
+        x, idx, weights, w_gate, w_up, w_down)
+    return y[:m]
 
 
 def moe_layer(p, x, valid, cfg: ModelConfig):
