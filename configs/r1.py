@@ -80,7 +80,7 @@ def tiny_stages() -> dict:
     s["rejection_sampling"] = rejection_sampling.get_config("tiny")
     s["rejection_sampling"].init_from = "@reasoning_rl:checkpoint"
     s["rejection_sampling"].data.update(prompt_files=("@world:rl_train.jsonl", "@world:code_train.jsonl"),
-                                        non_reasoning_files=("@world:non_reasoning.jsonl",))
+                                        non_reasoning_files=("@world:non_reasoning.jsonl",), max_prompts_per_file=1500)
 
     s["sft"] = sft.get_config("tiny")
     s["sft"].init_from = "@pretrain:checkpoint"  # R1 fine-tunes the *base* model on the ~800k samples

@@ -8,7 +8,8 @@ paragraphs or code blocks in the reasoning), pick per prompt, and mix in non-rea
         --config.data.non_reasoning_files=/path/to/non_reasoning_sft.jsonl
 
 tiny: the tiny world's rl_train and code_train prompts (the cold-start template: raw question, readable output),
-4 samples each, and its non_reasoning set at 25% of the mix (R1: ~600k reasoning + ~200k non-reasoning).
+8 samples each at temperature 0.7, up to 2 kept per prompt, and its non_reasoning set at 25% of the mix (R1: ~600k
+reasoning + ~200k non-reasoning).
 Default: the V3-sized RL checkpoint; prompts whose answers rules cannot check go to DeepSeek-V3 as a generative
 judge (judge.kind = generative, judge.checkpoint = its directory). k, the readability thresholds and the judge
 prompt are not published: *unverified* choices.
@@ -63,9 +64,9 @@ def get_config(arg=None):
     if arg == "tiny":
         return rs_config(
             data=data_block(template="raw", tiny_world=True),
-            sampling=sampling_block(samples=4, max_new_tokens=96, batch_prompts=64, prompt_buckets=(64, 128),
-                                    method="temperature", temperature=1.0, top_p=1.0),
-            max_paragraph_chars=400, per_prompt=1, pick="shortest", chunk_prompts=512)
+            sampling=sampling_block(samples=8, max_new_tokens=96, batch_prompts=32, prompt_buckets=(64, 128),
+                                    method="temperature", temperature=0.7, top_p=1.0),
+            max_paragraph_chars=400, per_prompt=2, pick="shortest", chunk_prompts=256)
     if arg not in (None, ""):
         raise ValueError(f"configs/rejection_sampling.py: unknown preset {arg!r}; expected '' or 'tiny'")
     return rs_config(

@@ -224,7 +224,7 @@ def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss:
             params = optax.apply_updates(params, updates)
             if load is not None:
                 params = models.update_router_bias(params, load, cfg.bias_update_rate)
-            metrics = {**metrics, "grad_norm": optax.global_norm(grads), "lr": schedule(step)}
+            metrics = {**metrics, "grad_norm": optax.tree.norm(grads), "lr": schedule(step)}
             return (params, opt_state, step + 1), (metrics, mb_old_logp)
 
         (params, opt_state, step), (per_update, old_u) = jax.lax.scan(

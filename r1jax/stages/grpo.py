@@ -27,7 +27,8 @@ uninterrupted one would (same prompts, same samples, same updates).
 
 Weights: resume WORKDIR/checkpoints, else config.init_from (an r1jax run or a Hugging Face directory), else
 the stage config named by config.base (e.g. `configs/pretrain.py:tiny`) run first in WORKDIR/base (skipped
-when finished), else a fresh init.
+when finished), else a fresh init. The architecture comes with the initial weights (an r1jax checkpoint's
+saved ModelConfig, an HF config.json); config.model then only sets the training numerics (dtype, remat, ...).
 
 Departures from the papers, stated: old log-probs come from the trainer's forward before the first update,
 not from the sampler (the two are logged against each other as `logprob_diff_max`); the reference is a full
@@ -58,7 +59,7 @@ from r1jax.rl import sampler as sampler_lib
 from r1jax.rl import trainer as trainer_lib
 from r1jax.sharding import logical_to_spec
 from r1jax.stages.common import StageResult, is_primary, mesh_and_rules, model_config
-from r1jax.stages.sft import ensure_world, load_init, resolve_tokenizer
+from r1jax.stages.sft import TRAINING_FIELDS, ensure_world, load_init, resolve_tokenizer
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import state as state_lib
 from r1jax.train.loop import NonFiniteError, PreemptionFlag
@@ -90,7 +91,7 @@ def run(config, workdir: str) -> StageResult:
         cfg = models.ModelConfig(**resume_meta["model"])
         log.info("resuming %s from step %d", workdir, resume_step)
     if init_from and (resume_meta is None or (rl.beta and not resume_meta.get("reference_step"))):
-        cfg, init_params, init_meta = load_init(init_from, cfg, mesh, rules)
+        cfg, init_params, init_meta = load_init(init_from, checkpoint_architecture(init_from, cfg), mesh, rules)
         log.info("initial weights from %s", init_from)
 
     # ---------------------------------------------------------------- 3. data
@@ -109,9 +110,10 @@ def run(config, workdir: str) -> StageResult:
 
     # ---------------------------------------------------------------- 4. optimizer, state, reference, steps
     steps = int(config.train.steps)
-    loss = trainer_lib.LossSpec(temperature=float(rl.temperature), eps_low=float(rl.eps_low),
-                                eps_high=float(rl.eps_high), beta=float(rl.beta), agg=rl.agg,
-                                max_len=int(rl.max_new_tokens), mu=int(rl.mu), mini_batches=int(rl.mini_batches))
+    loss = loss_spec(config)
+    if int(config.train.micro_batches) != 1:
+        raise ValueError(f"train.micro_batches={config.train.micro_batches}: the GRPO stage splits a rollout with "
+                         "rl.mini_batches (one optimizer update each); leave train.micro_batches at 1")
     if steps % loss.updates_per_rollout:
         raise ValueError(f"train.steps={steps} (optimizer updates) must be a multiple of rl.mu x rl.mini_batches "
                          f"= {loss.updates_per_rollout}")
@@ -141,11 +143,8 @@ def run(config, workdir: str) -> StageResult:
         else:
             ref_params = trainer_lib.copy_params(state.params, shardings.params)
     scorer = trainer_lib.make_scorer(cfg, loss.temperature, mesh=mesh, rules=rules)
-    stop_sequences = sampler_lib.stop_token_sequences(tokenizer, tuple(rl.stop_strings))
-    train_spec = sampler_lib.SamplerSpec(
-        method=sampler_lib.method_from_config(rl.sampling, loss.temperature, rl.top_k, rl.top_p),
-        group_size=int(rl.group_size), max_new_tokens=int(rl.max_new_tokens), eos_id=tokenizer.eos_id,
-        pad_id=tokenizer.pad_id, stop_sequences=stop_sequences)
+    train_spec = sampler_spec(rl, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
+                              stop_sequences=sampler_lib.stop_token_sequences(tokenizer, tuple(rl.stop_strings)))
     eval_spec = dataclasses.replace(
         train_spec, group_size=int(config.eval.samples),
         method=sampler_lib.method_from_config(config.eval.sampling, float(config.eval.temperature),
@@ -292,6 +291,53 @@ def run(config, workdir: str) -> StageResult:
     return StageResult(stage="grpo", workdir=workdir, status=status, checkpoint=checkpoint,
                        outputs={"checkpoint": checkpoint, "tokenizer": tokenizer_path, "metrics": logger.path},
                        metrics=last_record)
+
+
+def loss_spec(config) -> trainer_lib.LossSpec:
+    rl = config.rl
+    return trainer_lib.LossSpec(temperature=float(rl.temperature), eps_low=float(rl.eps_low),
+                                eps_high=float(rl.eps_high), beta=float(rl.beta), agg=rl.agg,
+                                max_len=int(rl.max_new_tokens), mu=int(rl.mu), mini_batches=int(rl.mini_batches))
+
+
+def sampler_spec(rl, *, eos_id: int, pad_id: int, stop_sequences=(), max_new_tokens: int | None = None):
+    return sampler_lib.SamplerSpec(
+        method=sampler_lib.method_from_config(rl.sampling, float(rl.temperature), rl.top_k, rl.top_p),
+        group_size=int(rl.group_size), max_new_tokens=int(max_new_tokens or rl.max_new_tokens), eos_id=eos_id,
+        pad_id=pad_id, stop_sequences=stop_sequences)
+
+
+def smoke_step(config) -> dict:
+    """The check every stage offers to tests/test_configs.py (no files, no checkpoint): a fresh model of the
+    config samples G completions of 8 tokens for 2 x rl.mini_batches random prompts with the config's sampler,
+    and one rollout's GRPO update runs with advantages from a fixed reward pattern (odd rows 1, even rows 0).
+    "loss" is the sampled tokens' mean negative log-likelihood; the update's metrics are under "update/"."""
+    mesh, rules = mesh_and_rules(config.mesh)
+    cfg = model_config(config.model)
+    rl, loss = config.rl, loss_spec(config)
+    update = trainer_lib.make_update(cfg, trainer_lib.optimizer_key(config.optimizer), int(config.train.steps),
+                                     loss, mesh=mesh, rules=rules)
+    state = state_lib.init_state(cfg, update.tx, config.seed, update.shardings)
+    spec = sampler_spec(rl, eos_id=cfg.vocab_size, pad_id=0, max_new_tokens=8)  # no EOS: 8 tokens per row
+    rng = np.random.default_rng(config.seed)
+    prompts = [list(rng.integers(4, cfg.vocab_size, 5 + i)) for i in range(2 * loss.mini_batches)]
+    prompts_bp, lengths_b = sampler_lib.pad_prompts(prompts, tuple(rl.prompt_buckets), 0)
+    out = jax.device_get(jax.tree.map(to_host, sampler_lib.make_sampler(cfg, spec, mesh=mesh, rules=rules)(
+        state.params, prompts_bp, lengths_b, jax.random.PRNGKey(config.seed))))
+    rewards_n = np.arange(out.lengths.shape[0]) % 2
+    adv_n, _ = grpo.group_advantages(jax.numpy.asarray(rewards_n, np.float32), spec.group_size, scale=rl.adv_scale,
+                                     baseline=rl.adv_baseline)
+    host = trainer_lib.build_batch([p for p in prompts for _ in range(spec.group_size)], out.tokens, out.lengths,
+                                   prompt_buckets=tuple(rl.prompt_buckets),
+                                   completion_buckets=tuple(rl.completion_buckets), pad_id=0)
+    batch = put_rows(host, mesh, rules)
+    scorer = trainer_lib.make_scorer(cfg, loss.temperature, mesh=mesh, rules=rules)
+    old_logp = None if update.fused else scorer(state.params, batch)[0]
+    ref_logp = scorer(state.params, batch)[0] if loss.beta else None
+    _, metrics, _ = update(state, batch, old_logp, ref_logp, put_rows({"a": np.asarray(adv_n)}, mesh, rules)["a"],
+                           jax.random.PRNGKey(0))
+    nll = float(-out.logprobs.sum() / max(out.lengths.sum(), 1))
+    return {"loss": nll, **{f"update/{k}": float(v) for k, v in jax.device_get(metrics).items()}}
 
 
 # ------------------------------------------------------------------------------------------ rollouts
@@ -443,6 +489,21 @@ def run_base(spec: str, workdir: str) -> str:
         raise RuntimeError(f"the base stage {spec} in {base_dir} ended with status {result.status!r}; rerun to "
                            "resume it")
     return base_dir
+
+
+def checkpoint_architecture(path: str, cfg: models.ModelConfig) -> models.ModelConfig:
+    """The architecture of the r1jax checkpoint at `path` with cfg's training numerics (TRAINING_FIELDS: dtype,
+    remat, bias rate, ...), so an RL config need not repeat its base model's sizes; cfg itself otherwise
+    (a Hugging Face directory brings its own config.json)."""
+    found = ckpt_lib.find_checkpoint(path)
+    if found is None:
+        return cfg
+    reader = ckpt_lib.Checkpointer(found[0], read_only=True)
+    meta = reader.restore_meta(found[1])
+    reader.close()
+    if "model" not in meta:
+        return cfg
+    return models.ModelConfig(**meta["model"]).replace(**{name: getattr(cfg, name) for name in TRAINING_FIELDS})
 
 
 def load_config(spec: str):
