@@ -4,14 +4,17 @@
 
 Part 1 (flatness). `models.moe.moe_layer` (router, group-limited top-k, dropless dispatch, shared expert,
 balance statistics) at a fixed top-k and token count, for E = 8, 64, 256 routed experts, with
-moe_impl = "ragged_dot" (jax.lax.ragged_dot) and "tiled" (sorted + padded batched matmul). Timed: forward,
-and forward + backward (gradients for the weights and the input). The activated work per token is the same for
-every E, so a dropless dispatch should cost the same; `vs_E_min` is each time over the smallest E's.
+moe_impl = "ragged_dot" (jax.lax.ragged_dot) and "tiled" (rows padded to expert tiles, a loop over the used
+tiles). Timed: forward, and forward + backward (gradients for the weights and the input), medians of --runs
+rounds that each time every configuration once (a shared machine's load changes hit every E alike). The
+activated work per token is the same for every E, so a dropless dispatch should cost the same; `vs_E_min` is
+each time over the smallest E's.
 XLA:CPU lowers ragged_dot to a dense computation over all experts (cost ~ E), so on CPU a ragged_dot run whose
 estimate (previous E's time x E ratio) exceeds --budget seconds is skipped and marked.
 
 Part 2 (crossover). Forward time at E = max(--experts) over a sweep of token counts M, fitted as
-t(M) = a + b M: `a` is the fixed cost (reading all E expert weights, routing set-up), `b` the per-token compute.
+t(M) = a + b M (least squares in relative error): `a` is the fixed cost (reading all E expert weights, routing
+set-up), `b` the per-token compute.
 The crossover M* = a / b is where compute starts to dominate reading the expert weights; the table also gives
 the estimate from first principles, M*_est = (3 E D F x 4 bytes / memory bandwidth) / (6 k D F / matmul peak),
 with the bandwidth (a large copy) and the peak (a 2048² matmul) measured in the same run.
@@ -21,6 +24,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
+import statistics
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -86,23 +92,33 @@ def _inputs(size: Size, tokens: int, seed: int = 1):
 
 
 def flatness(size: Size, experts: list[int], impls, *, runs: int, budget: float) -> list[dict]:
-    rows = []
+    """Forward and forward+backward per (impl, E). The runs are interleaved (each round times every
+    configuration once), so that a change of load on a shared machine hits every E alike; medians."""
+    rows, calls = [], []
     x, ct = _inputs(size, size.tokens)
     for impl in impls:
         prev = None
         for e in experts:
             row = {"impl": impl, "experts": e, "top_k": size.top_k, "tokens": size.tokens}
+            rows.append(row)
             if prev is not None and prev[1] * e / prev[0] > budget:
                 row["skipped"] = f"est {prev[1] * e / prev[0]:.0f}s/call > budget {budget:.0f}s"
-                rows.append(row)
                 continue
             cfg = layer_config(size, e, impl)
             p = layer_params(cfg)
             fwd, grad = layer_fns(cfg)
-            row["fwd_ms"] = 1e3 * median_time(lambda: fwd(p, x), runs=runs)
-            row["fwd_bwd_ms"] = 1e3 * median_time(lambda: grad(p, x, ct), runs=runs)
-            prev = (e, row["fwd_bwd_ms"] / 1e3)
-            rows.append(row)
+            call_fwd, call_grad = functools.partial(fwd, p, x), functools.partial(grad, p, x, ct)
+            prev = (e, median_time(call_grad, warmup=1, runs=1))  # compiles; the estimate for the next E
+            jax.block_until_ready(call_fwd())  # compiles
+            calls.append((row, call_fwd, call_grad))
+    times = {id(row): ([], []) for row, _, _ in calls}
+    for _ in range(runs):
+        for row, call_fwd, call_grad in calls:
+            times[id(row)][0].append(median_time(call_fwd, warmup=0, runs=1))
+            times[id(row)][1].append(median_time(call_grad, warmup=0, runs=1))
+    for row, _, _ in calls:
+        row["fwd_ms"], row["fwd_bwd_ms"] = (1e3 * statistics.median(t) for t in times[id(row)])
+    for impl in impls:
         timed = [r for r in rows if r["impl"] == impl and "fwd_ms" in r]
         for r in timed:
             r["fwd_vs_E_min"] = r["fwd_ms"] / timed[0]["fwd_ms"]
@@ -135,7 +151,8 @@ def crossover(size: Size, n_experts: int, impls, *, runs: int, budget: float, pe
             jax.block_until_ready(fwd(p, x))  # compile
             pts.append((m, median_time(lambda: fwd(p, x), warmup=0, runs=runs)))
         ms, ts = np.array([q[0] for q in pts], float), np.array([q[1] for q in pts])
-        b, a = np.polyfit(ms, ts, 1) if len(pts) > 1 else (float("nan"), float("nan"))
+        # relative residuals: the sweep spans 250x in M, and a plain fit would leave the small M to noise
+        b, a = np.polyfit(ms, ts, 1, w=1 / ts) if len(pts) > 1 else (float("nan"), float("nan"))
         rows.append({"impl": impl, "experts": n_experts, "top_k": size.top_k,
                      "sweep_ms": {int(m): round(1e3 * t, 3) for m, t in pts},
                      "fixed_ms": 1e3 * a, "per_1k_tokens_ms": 1e6 * b,
@@ -151,7 +168,7 @@ def main(argv=None):
     ap.add_argument("--impls", default=",".join(IMPLS))
     ap.add_argument("--tokens", type=int, default=0, help="override the size's token count (part 1)")
     ap.add_argument("--sweep", default="", help="override the crossover token counts, e.g. 64,1024")
-    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--budget", type=float, default=20.0, help="skip calls estimated slower than this (s)")
     ap.add_argument("--no-crossover", action="store_true")
     ap.add_argument("--peak-n", type=int, default=2048, help="matmul size of the peak measurement")

@@ -12,8 +12,8 @@ Routing (DeepSeek-V3 §2.1.2, REFERENCE.md §1):
 
 Dispatch is dropless: the M*k (token, expert) pairs are sorted by expert, each expert's contiguous rows go
 through a grouped matmul (FLOPs ~ M*k, independent of E), and the results are unsorted and weighted. The grouped
-matmul is `jax.lax.ragged_dot` on TPU/GPU and a tiled batched matmul on CPU, where XLA's ragged_dot computes every
-expert densely (see `_experts_tiled`).
+matmul is `jax.lax.ragged_dot` on TPU/GPU and, on CPU, where XLA's ragged_dot computes every expert densely, a loop
+over expert tiles that computes only the tiles holding rows (`_experts_tiled`).
 
 Expert parallelism (EP): when an active mesh (r1jax.sharding.use_rules) puts the `exp` axis of the expert weights on
 mesh axes of size > 1, `moe_layer` runs `dispatch_ep` instead: inside `jax.shard_map` every device sorts its own
@@ -49,6 +49,10 @@ from r1jax.models.layers import swiglu
 # D = 7168 in bf16 are 0.9 GB; the chunk of tokens per device shrinks as the EP group grows.
 EP_MAX_BUFFER_ROWS = 65536
 
+# Rows per step of the loop over tiles in `_tiled_swiglu`: large enough that the batched matmuls of a step keep
+# the cores busy, small enough that the unused tail of the last used chunk is a small share of the work.
+TILE_CHUNK_ROWS = 1024
+
 
 def route(x, w_router, bias, cfg: ModelConfig):
     """x [M,D] -> (weights [M,k] fp32, expert ids [M,k] int32, scores s [M,E] fp32). Steps 1-5 above."""
@@ -81,26 +85,142 @@ def _experts_ragged(rows, sizes, w_gate, w_up, w_down):
     return jax.lax.ragged_dot(h, w_down, sizes)
 
 
-def _experts_tiled(rows, sizes, w_gate, w_up, w_down, max_tile: int):
-    """The same grouped SwiGLU as tiles: each expert's rows are padded to a multiple of a tile of Tm rows, every
-    tile belongs to one expert, and all tiles go through one batched matmul with their expert's weights.
-    Static shapes; tiles <= P/Tm + E, so FLOPs <= (P + E*Tm) * ... <= 2x the activated work for Tm <= P/E.
-    CPU's ragged_dot computes every expert densely (FLOPs ~ E), hence this path there."""
-    p, d = rows.shape
-    n_exp = w_gate.shape[0]
-    tm = max(1, min(max_tile, p // n_exp))
-    tm = 1 << (tm.bit_length() - 1)  # a power of two
-    n_tiles = -(-p // tm) + n_exp
+def _tile_size(n_rows: int, n_exp: int, max_tile: int) -> int:
+    """Rows per tile: a power of two at most max_tile, n_rows / E and sqrt(16 n_rows / E).
+
+    Padding costs ~E*Tm/2 rows of matmul (<= n_rows for Tm <= n_rows / E) and every tile copies its expert's
+    weights once, ~ n_rows/Tm + E copies of D*F; the sum is smallest near Tm = sqrt(c n_rows / E) with c the
+    cost of copying a weight over that of one multiply-add (c ~ 16 measured on CPU)."""
+    tm = max(1, min(max_tile, n_rows // n_exp, math.isqrt(16 * n_rows // n_exp)))
+    return 1 << (tm.bit_length() - 1)
+
+
+def _experts_tiled(x, src, dst, sizes, w_gate, w_up, w_down, max_tile: int):
+    """The grouped SwiGLU as tiles. Sorted row r (rows grouped by expert, `sizes` [E] of them) reads x[src[r]]
+    and is written to output row dst[r]: x [A, D], src/dst [P] -> y [P, D] (dst a permutation of range(P)).
+
+    Each expert's rows are padded to a multiple of a tile of Tm rows (`_tile_size`), so every tile belongs to
+    one expert. The tile layout holds the worst case, P/Tm + E tiles, in chunks of TILE_CHUNK_ROWS rows, but
+    only the chunks holding rows are computed (`_tiled_swiglu`): the work is ~ P + E*Tm/2 rows, and no buffer
+    of the worst-case size is written. CPU's ragged_dot computes every expert densely, hence this path there."""
+    n_rows, n_exp = src.shape[0], w_gate.shape[0]
+    tm = _tile_size(n_rows, n_exp, max_tile)
+    per_chunk = max(1, TILE_CHUNK_ROWS // tm)  # tiles
+    n_chunks = -(-(-(-n_rows // tm) + n_exp) // per_chunk)
     padded = -(-sizes // tm) * tm  # [E]
     pad_end = jnp.cumsum(padded)
-    start = jnp.cumsum(sizes) - sizes
-    sorted_e = jnp.repeat(jnp.arange(n_exp), sizes, total_repeat_length=p)  # expert of each sorted row
-    dest = (pad_end - padded)[sorted_e] + jnp.arange(p) - start[sorted_e]  # row -> slot in the padded layout
-    buf = jnp.zeros((n_tiles * tm, d), rows.dtype).at[dest].set(rows).reshape(n_tiles, tm, d)
-    tile_e = jnp.minimum(jnp.searchsorted(pad_end, jnp.arange(n_tiles) * tm, side="right"), n_exp - 1)
-    h = jax.nn.silu(jnp.einsum("ntd,ndf->ntf", buf, w_gate[tile_e])) * jnp.einsum("ntd,ndf->ntf", buf, w_up[tile_e])
-    y = jnp.einsum("ntf,nfd->ntd", h, w_down[tile_e]).reshape(n_tiles * tm, d)
-    return y[dest]
+    shift = pad_end - padded - (jnp.cumsum(sizes) - sizes)  # [E] padded start - sorted start
+    sorted_e = jnp.repeat(jnp.arange(n_exp), sizes, total_repeat_length=n_rows)  # expert of each sorted row
+    slot = shift[sorted_e] + jnp.arange(n_rows)  # [P] place of each sorted row in the tile layout
+    n_slots = n_chunks * per_chunk * tm
+    slot_src = jnp.full((n_slots,), x.shape[0], src.dtype).at[slot].set(src, unique_indices=True)
+    slot_dst = jnp.full((n_slots,), n_rows, dst.dtype).at[slot].set(dst, unique_indices=True)
+    tile_e = jnp.searchsorted(pad_end, jnp.arange(n_chunks * per_chunk) * tm, side="right")
+    tile_e = jnp.minimum(tile_e, n_exp - 1).reshape(n_chunks, per_chunk)
+    used = -(-pad_end[-1] // (per_chunk * tm))  # chunks holding rows
+    args = (jnp.asarray(x), slot_src.reshape(n_chunks, -1), slot_dst.reshape(n_chunks, -1), tile_e, used,
+            jnp.asarray(w_gate), jnp.asarray(w_up), jnp.asarray(w_down))
+    return _tiled_swiglu(n_rows, *_varying(args, *args))  # one mesh type for all: the VJP's sums need no psum
+
+
+def _tile_inputs(x, slot_src, tile_e, i, w_gate, w_up):
+    """Chunk i's rows [G, Tm, D] (zero in padding slots) and their gate and up projections [G, Tm, F]."""
+    g = tile_e.shape[1]
+    e = tile_e[i]  # [G]
+    b = jnp.take(x, slot_src[i], axis=0, mode="fill", fill_value=0).reshape(g, -1, x.shape[1])
+    return b, jnp.einsum("ntd,ndf->ntf", b, w_gate[e]), jnp.einsum("ntd,ndf->ntf", b, w_up[e])
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _tiled_swiglu(n_out: int, x, slot_src, slot_dst, tile_e, used, w_gate, w_up, w_down):
+    """y[slot_dst] = SwiGLU of x[slot_src] with each tile's expert, looping over the `used` chunks only.
+    x [A, D], slot_src/slot_dst [C, G*Tm] (past the end in padding slots), tile_e [C, G] -> y [n_out, D].
+
+    The VJP is written by hand: it recomputes the gate and up projections chunk by chunk and accumulates the
+    gradients in place (scatter-adds into one [E, D, F] buffer per weight and one [A, D] for x)."""
+    def step(i, y):
+        _, gate, up = _tile_inputs(x, slot_src, tile_e, i, w_gate, w_up)
+        out = jnp.einsum("ntf,nfd->ntd", jax.nn.silu(gate) * up, w_down[tile_e[i]])
+        return y.at[slot_dst[i]].set(out.reshape(-1, x.shape[1]), mode="drop", unique_indices=True)
+
+    init = jnp.zeros((n_out, x.shape[1]), x.dtype)
+    return jax.lax.fori_loop(0, used, step, _varying(init, x))
+
+
+def _tiled_swiglu_fwd(n_out, x, slot_src, slot_dst, tile_e, used, w_gate, w_up, w_down):
+    y = _tiled_swiglu(n_out, x, slot_src, slot_dst, tile_e, used, w_gate, w_up, w_down)
+    return y, (x, slot_src, slot_dst, tile_e, used, w_gate, w_up, w_down)
+
+
+def _tiled_swiglu_bwd(n_out, res, dy):
+    x, slot_src, slot_dst, tile_e, used, w_gate, w_up, w_down = res
+
+    def step(i, acc):
+        dx, d_gate, d_up, d_down = acc
+        e = tile_e[i]  # [G]
+        b, g, u = _tile_inputs(x, slot_src, tile_e, i, w_gate, w_up)  # [G,Tm,D], [G,Tm,F] x2
+        dy_i = jnp.take(dy, slot_dst[i], axis=0, mode="fill", fill_value=0).reshape(b.shape)
+        sig = jax.nn.sigmoid(g)
+        act = g * sig  # silu(g)
+        d_down = d_down.at[e].add(jnp.einsum("ntf,ntd->nfd", act * u, dy_i).astype(d_down.dtype))
+        dh = jnp.einsum("ntd,nfd->ntf", dy_i, w_down[e])
+        du, dg = dh * act, dh * u * sig * (1 + g * (1 - sig))
+        d_gate = d_gate.at[e].add(jnp.einsum("ntd,ntf->ndf", b, dg).astype(d_gate.dtype))
+        d_up = d_up.at[e].add(jnp.einsum("ntd,ntf->ndf", b, du).astype(d_up.dtype))
+        db = jnp.einsum("ntf,ndf->ntd", dg, w_gate[e]) + jnp.einsum("ntf,ndf->ntd", du, w_up[e])
+        dx = dx.at[slot_src[i]].add(db.reshape(-1, x.shape[1]).astype(dx.dtype), mode="drop")
+        return dx, d_gate, d_up, d_down
+
+    init = (jnp.zeros_like(x), jnp.zeros_like(w_gate), jnp.zeros_like(w_up), jnp.zeros_like(w_down))
+    dx, d_gate, d_up, d_down = jax.lax.fori_loop(0, used, step, _varying(init, x, dy))
+    return dx, None, None, None, None, d_gate, d_up, d_down
+
+
+_tiled_swiglu.defvjp(_tiled_swiglu_fwd, _tiled_swiglu_bwd)
+
+
+def _varying(tree, *inputs):
+    """`tree` marked as varying over every mesh axis that an input varies over: inside shard_map (expert
+    parallelism) a loop's initial carry must have the type its body returns. Unchanged outside shard_map."""
+    axes = set().union(*(jax.typeof(a).mat.varying for a in inputs))
+
+    def cast(a):
+        missing = tuple(sorted(axes - set(jax.typeof(a).mat.varying)))
+        return jax.lax.pcast(a, missing, to="varying") if missing else a
+
+    return jax.tree.map(cast, tree)
+
+
+@jax.custom_vjp
+def _take_rows(a, idx, inv):
+    """a[idx] for idx [*O] that reads every row of a [A, ...] exactly r times; inv [A, r] lists the flat output
+    positions reading each row. The transpose is then a gather by inv summed over r, not a scatter-add."""
+    return a[idx]
+
+
+def _take_rows_fwd(a, idx, inv):
+    return a[idx], (idx, inv)
+
+
+def _take_rows_bwd(res, g):
+    idx, inv = res
+    return g.reshape((-1,) + g.shape[idx.ndim:])[inv].sum(1), None, None
+
+
+_take_rows.defvjp(_take_rows_fwd, _take_rows_bwd)
+
+
+def _sorted_rows(x, order, k: int):
+    """x [M, D] -> the M*k (token, expert) rows in `order` [M*k], and rank [M, k] (each pair's sorted row) to
+    bring them back with `_unsorted_rows`."""
+    rank = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0], dtype=order.dtype), unique_indices=True)
+    rank = rank.reshape(-1, k)
+    return _take_rows(x, order // k, rank), rank
+
+
+def _unsorted_rows(y, order, rank):
+    """Rows [M*k, D] in `order` -> [M, k, D] by (token, expert) pair."""
+    return _take_rows(y, rank, order[:, None])
 
 
 def _target_platform() -> str:
@@ -127,13 +247,11 @@ def dispatch(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", max_tile
     m, k = idx.shape
     impl = _resolve_impl(impl)
     order, sizes = _sort_pairs(idx, w_gate.shape[0])
-    rows = x[order // k]  # [M*k, D], grouped by expert
     if impl == "ragged_dot":
-        y = _experts_ragged(rows, sizes, w_gate, w_up, w_down)
-    else:
-        y = _experts_tiled(rows, sizes, w_gate, w_up, w_down, max_tile)
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(m * k, dtype=order.dtype))
-    y = y[inverse].reshape(m, k, -1)
+        rows, rank = _sorted_rows(x, order, k)  # [M*k, D] grouped by expert
+        y = _unsorted_rows(_experts_ragged(rows, sizes, w_gate, w_up, w_down), order, rank)  # [M, k, D]
+    else:  # the tiles read the tokens and write the (token, expert) pairs directly
+        y = _experts_tiled(x, order // k, order, sizes, w_gate, w_up, w_down, max_tile).reshape(m, k, -1)
     return jnp.einsum("mkd,mk->md", y, weights.astype(y.dtype))
 
 
@@ -201,7 +319,9 @@ def _grouped_swiglu(rows, sizes, w_gate, w_up, w_down, impl: str, max_tile: int)
         return _experts_ragged(rows, sizes, w_gate, w_up, w_down)
     tail = (rows.shape[0] - sizes.sum())[None].astype(sizes.dtype)
     zero = lambda w: jnp.concatenate([w, jnp.zeros_like(w[:1])])  # noqa: E731
-    return _experts_tiled(rows, jnp.concatenate([sizes, tail]), zero(w_gate), zero(w_up), zero(w_down), max_tile)
+    every = jnp.arange(rows.shape[0])
+    return _experts_tiled(rows, every, every, jnp.concatenate([sizes, tail]), zero(w_gate), zero(w_up), zero(w_down),
+                          max_tile)
 
 
 def _ep_chunk(x, idx, weights, w_gate, w_up, w_down, *, exp_axes, n_dev, impl, max_tile, platform):
@@ -217,7 +337,7 @@ def _ep_chunk(x, idx, weights, w_gate, w_up, w_down, *, exp_axes, n_dev, impl, m
     n_exp = n_dev * e_loc
     me = jax.lax.axis_index(exp_axes)
     order, cnt = _sort_pairs(idx, n_exp)  # cnt [E]: my rows per expert
-    rows = x[order // k]  # [c*k, D] sorted by expert = by (owner, local expert)
+    rows, rank = _sorted_rows(x, order, k)  # [c*k, D] sorted by expert = by (owner, local expert)
     counts = jax.lax.all_gather(cnt, exp_axes)  # [P_e, E]
     block = _excl_cumsum(counts.sum(0).reshape(n_dev, e_loc), 1).reshape(n_exp)  # [E] block start at its owner
     src = _excl_cumsum(counts, 0)  # [P_e, E] start of each source's rows within a block
@@ -230,8 +350,7 @@ def _ep_chunk(x, idx, weights, w_gate, w_up, w_down, *, exp_axes, n_dev, impl, m
     y = _grouped_swiglu(buf, sizes, w_gate, w_up, w_down, impl, max_tile)  # [buf_rows, D]
     home = (jax.lax.dynamic_slice_in_dim(block, me * e_loc, e_loc)[None] + mine(src)).reshape(-1)
     y = exchange(y, c * k, home, recv, mine(_excl_cumsum(counts, 1)).reshape(-1), cnt)
-    inverse = jnp.zeros_like(order).at[order].set(jnp.arange(c * k, dtype=order.dtype))
-    return jnp.einsum("mkd,mk->md", y[inverse].reshape(c, k, -1), weights.astype(y.dtype))
+    return jnp.einsum("mkd,mk->md", _unsorted_rows(y, order, rank), weights.astype(y.dtype))
 
 
 def dispatch_ep(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", max_tile: int = 128,
@@ -298,11 +417,11 @@ def _balance_stats(idx, s, valid, cfg: ModelConfig):
     b, t = valid.shape
     e, k = cfg.n_routed_experts, cfg.n_experts_per_tok
     vf = valid.astype(jnp.float32)
-    chosen = jax.nn.one_hot(idx, e, dtype=jnp.float32).sum(1).reshape(b, t, e)  # [B,T,E] 0/1
-    chosen = jax.lax.stop_gradient(chosen) * vf[..., None]
-    load = chosen.sum((0, 1)) / jnp.maximum(vf.sum() * k, 1.0)  # [E], sums to 1
+    seq = jnp.repeat(jnp.arange(b), t)[:, None]  # [M,1] sequence of each token
+    chosen = jnp.zeros((b, e), jnp.float32).at[seq, idx].add(vf.reshape(-1, 1))  # [B,E] valid tokens choosing i
+    load = chosen.sum(0) / jnp.maximum(vf.sum() * k, 1.0)  # [E], sums to 1
     n_tok = jnp.maximum(vf.sum(1), 1.0)  # [B]
-    f = chosen.sum(1) * e / (k * n_tok[:, None])  # [B,E]
+    f = chosen * e / (k * n_tok[:, None])  # [B,E]
     s_norm = (s / s.sum(-1, keepdims=True)).reshape(b, t, e) * vf[..., None]
     p_mean = s_norm.sum(1) / n_tok[:, None]  # [B,E]
     aux = (f * p_mean).sum(-1).mean()
