@@ -28,11 +28,15 @@ def rl_block(*, group_size: int, prompts_per_rollout: int, max_new_tokens: int, 
              mini_batches: int = 1, stop_strings: tuple = ("</answer>",), sampling: str = "temperature",
              top_k: int = 0, top_p: float = 1.0, adv_scale: str = "group", adv_baseline: str = "mean",
              mask_truncated: bool = False, dynamic_sampling: bool = False, dynamic_max_batches: int = 3,
-             ref_reset_every: int = 0) -> mlc.ConfigDict:
+             ref_reset_every: int = 0, micro_batches: int = 1, score_chunk_rows: int = 0,
+             ref_dtype: str = "float32") -> mlc.ConfigDict:
     """config.rl: sampling, rewards and the GRPO loss (r1jax/stages/grpo.py documents every field).
 
     rewards: (name, weight) or (name, weight, kwargs) with names from r1jax.rl.rewards.REGISTRY.
     prompts_per_rollout x group_size samples per rollout, split into mini_batches optimizer updates, mu times.
+    Memory at long completions (r1jax/rl/trainer.py): micro_batches = gradient accumulation steps inside a
+    mini-batch; score_chunk_rows = rows per forward of the log-prob pass (0 = the whole rollout at once);
+    ref_dtype = the frozen reference's dtype (bfloat16 halves it; the forward computes in the model's dtype).
     sampling: greedy | temperature | top_k | top_p (with top_k / top_p), always at `temperature`.
     prompt_buckets / completion_buckets: padded lengths; one compile per bucket; max_new_tokens is the
       sampler's limit, completion_buckets[-1] must be >= it.
@@ -46,7 +50,8 @@ def rl_block(*, group_size: int, prompts_per_rollout: int, max_new_tokens: int, 
         top_k=top_k, top_p=top_p, beta=beta, eps_low=eps_low, eps_high=eps_high, agg=agg, mu=mu,
         mini_batches=mini_batches, adv_scale=adv_scale, adv_baseline=adv_baseline, mask_truncated=mask_truncated,
         dynamic_sampling=dynamic_sampling, dynamic_max_batches=dynamic_max_batches,
-        ref_reset_every=ref_reset_every))
+        ref_reset_every=ref_reset_every, micro_batches=micro_batches, score_chunk_rows=score_chunk_rows,
+        ref_dtype=ref_dtype))
 
 
 def eval_block(*, num_prompts: int, samples: int, batch_prompts: int, sampling: str = "top_p",
@@ -113,7 +118,8 @@ def get_config(arg=None):
                     prompt_buckets=(512, 1024, 2048), completion_buckets=(4096, 8192, 16384, 32768),
                     rewards=R1_ZERO_REWARDS, temperature=1.0, beta=0.001,
                     eps_low=10.0, eps_high=10.0,  # *unverified*
-                    agg="seq-mean-token-mean", ref_reset_every=400),  # ref reset: *unverified*
+                    agg="seq-mean-token-mean", ref_reset_every=400,  # ref reset: *unverified*
+                    score_chunk_rows=32, ref_dtype="bfloat16"),  # log-prob pass per mini-batch of 32 rows
         eval_=eval_block(num_prompts=30, samples=16, batch_prompts=30),  # AIME 2024; R1 uses k=64
         optimizer_block=common.optimizer(3e-6, 0, schedule="constant", b2=0.95, weight_decay=0.1,
                                          clip_norm=1.0),  # betas / decay / clip *unverified*

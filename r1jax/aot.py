@@ -24,6 +24,7 @@ two per chip) or explicit chip grids (v5p:4x8x8, v6e:16x16).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import re
@@ -332,11 +333,16 @@ def grpo_reports(config, mesh, rules) -> list[StepReport]:
     cfg = model_config(config.model)
     loss = trainer_lib.LossSpec(temperature=float(rl.temperature), eps_low=float(rl.eps_low),
                                 eps_high=float(rl.eps_high), beta=float(rl.beta), agg=rl.agg,
-                                max_len=int(rl.max_new_tokens), mu=int(rl.mu), mini_batches=int(rl.mini_batches))
+                                max_len=int(rl.max_new_tokens), mu=int(rl.mu), mini_batches=int(rl.mini_batches),
+                                micro_batches=int(rl.get("micro_batches", 1)))
+    chunk_rows, ref_dtype = int(rl.get("score_chunk_rows", 0)), rl.get("ref_dtype", "float32")
     update = trainer_lib.make_update(cfg, trainer_lib.optimizer_key(config.optimizer), int(config.train.steps), loss,
                                      mesh=mesh, rules=rules)
     state = state_lib.abstract_state(cfg, update.tx, update.shardings)
-    reference = state.params if loss.beta else None  # the frozen copy the stage keeps (trainer.copy_params)
+    reference = None  # the frozen copy the stage keeps (trainer.copy_params), in rl.ref_dtype
+    if loss.beta:
+        ref_dtypes = jax.eval_shape(functools.partial(trainer_lib.cast_copy, dtype=ref_dtype), state.params)
+        reference = jax.tree.map(lambda s, r: _abstract(s.shape, r.dtype, s.sharding), state.params, ref_dtypes)
     b, g = int(rl.prompts_per_rollout), int(rl.group_size)
     n, p, t = b * g, max(rl.prompt_buckets), max(rl.completion_buckets)
     rows = trainer_lib.batch_shardings(mesh, rules)["tokens"]
@@ -352,18 +358,19 @@ def grpo_reports(config, mesh, rules) -> list[StepReport]:
     opt_bytes = bytes_per_chip(state) - bytes_per_chip(state.params)
     out = []
 
-    compiled, jaxpr = _compile(update, (state, batch, logp, logp, _abstract((n,), jnp.float32, rows1), key),
-                               donate=(0,))
+    old_logp = None if update.fused else logp  # one update per rollout: pi_old is the update's own forward
+    compiled, jaxpr = _compile(update, (state, batch, old_logp, logp if loss.beta else None,
+                                        _abstract((n,), jnp.float32, rows1), key), donate=(0,))
     out.append(analyze(compiled, "grpo policy update", jaxpr=jaxpr, tokens=n * (p + t) * loss.mu,
                        model_flops_per_token=6 * n_act, resident=ref_bytes,
-                       note=f"{n} rows x {p}+{t} tokens, {loss.mu} x {loss.mini_batches} updates; resident: "
-                            f"the frozen reference"))
+                       note=f"{n} rows x {p}+{t} tokens, {loss.mu} x {loss.mini_batches} updates of "
+                            f"{loss.micro_batches} micro-batches; resident: the frozen reference ({ref_dtype})"))
 
-    scorer = trainer_lib.make_scorer(cfg, loss.temperature, mesh=mesh, rules=rules)
+    scorer = trainer_lib.make_scorer(cfg, loss.temperature, mesh=mesh, rules=rules, chunk_rows=chunk_rows)
     compiled, jaxpr = _compile(scorer, (state.params, batch))
     out.append(analyze(compiled, "grpo log-prob pass (pi_old, pi_ref)", jaxpr=jaxpr, tokens=n * (p + t),
                        model_flops_per_token=2 * n_act, resident=opt_bytes + ref_bytes,
-                       note="resident: the optimizer state and the other params copy"))
+                       note=f"chunks of {chunk_rows or n} rows; resident: the optimizer state and the reference"))
 
     spec = sampler_lib.SamplerSpec(method=sampler_lib.method_from_config(rl.sampling, float(rl.temperature),
                                                                         rl.top_k, rl.top_p),

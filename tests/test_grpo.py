@@ -322,3 +322,79 @@ def test_token_entropy_matches_numpy():
     uniform = grpo.token_entropy(jnp.zeros((2, 3, 16)), jnp.ones((2, 3)))
     assert float(uniform) == pytest.approx(math.log(16), rel=1e-6)
     assert float(grpo.token_entropy(jnp.asarray(logits, jnp.float32), jnp.zeros((3, 4)))) == 0.0
+
+
+# ---------------------------------------------------------------- the trainer's memory options (tiny model, 1 device)
+
+@functools.lru_cache(maxsize=None)
+def _trainer_world():
+    import ml_collections as mlc
+
+    from r1jax import models
+    from r1jax.rl import trainer
+    from r1jax.sharding import DEFAULT_RULES, make_mesh
+
+    cfg = models.get_preset("tiny_dense", n_layers=1, n_dense_layers=1, vocab_size=64)
+    mesh = make_mesh({"fsdp": -1}, devices=jax.devices()[:1])
+    # eps = 1: Adam's first step is ~lr * grad, so comparing params compares gradients (with eps = 1e-8 it is
+    # lr * sign(grad), which turns the rounding of a near-zero gradient into a full step).
+    opt = trainer.optimizer_key(mlc.ConfigDict(dict(lr=1.0, warmup_steps=0, schedule="constant", end_lr_ratio=1.0,
+                                                    b1=0.9, b2=0.95, eps=1.0, weight_decay=0.0, clip_norm=0.0)))
+    rng = np.random.default_rng(0)
+    prompts = [[1, 5, 9], [1, 7], [2, 3, 4, 5], [6]] * 2
+    batch = trainer.build_batch(prompts, rng.integers(4, 64, (8, 6)).astype(np.int32),
+                                np.array([6, 3, 5, 1, 2, 6, 4, 1]), prompt_buckets=(4,), completion_buckets=(6,),
+                                pad_id=0, train_mask_n=np.array([1, 1, 1, 0, 1, 1, 1, 1], bool))
+    return cfg, mesh, DEFAULT_RULES, opt, batch
+
+
+@pytest.mark.parametrize("mini_batches,agg,beta", [(1, "token-mean", 0.0), (2, "seq-mean-token-mean", 0.1)])
+def test_update_micro_batches_equal_one_pass(mini_batches, agg, beta):
+    """Gradient accumulation over 2 micro-batches gives the mini-batch's update and metrics: the fused single
+    update (π_old its own forward) with token-mean, and 2 mini-batches with the paper's seq-mean and a KL."""
+    from r1jax.rl import trainer
+    from r1jax.train import state as state_lib
+
+    cfg, mesh, rules, opt, batch = _trainer_world()
+    adv = np.array([1.0, -1.0, 0.5, -0.5, 2.0, 0.0, -1.5, 1.0], np.float32)
+    scorer = trainer.make_scorer(cfg, 0.8, mesh=mesh, rules=rules)
+    out = []
+    for micro in (1, 2):
+        loss = trainer.LossSpec(temperature=0.8, agg=agg, beta=beta, mini_batches=mini_batches, micro_batches=micro)
+        update = trainer.make_update(cfg, opt, 10, loss, mesh=mesh, rules=rules)
+        state = state_lib.init_state(cfg, update.tx, 0, update.shardings)
+        old_logp = None if update.fused else scorer(state.params, batch)[0]
+        ref_logp = scorer(state.params, batch)[0] - 0.1 if beta else None
+        out.append(update(state, batch, old_logp, ref_logp, adv, jax.random.PRNGKey(0)))
+    (state1, metrics1, logp1), (state2, metrics2, logp2) = jax.device_get(out)
+    assert float(metrics1["grad_norm"]) > 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), state2.params, state1.params)
+    assert metrics1.keys() == metrics2.keys()
+    for k in metrics1:
+        np.testing.assert_allclose(metrics2[k], metrics1[k], atol=1e-6, rtol=1e-5, err_msg=k)
+    np.testing.assert_allclose(logp2, logp1, atol=1e-6)
+
+
+def test_scorer_row_chunks_and_bf16_reference():
+    """The log-prob pass over chunks of 2 rows equals the whole-batch pass; a bf16 reference copy (router leaves
+    kept fp32) scores exactly like its fp32 original when the model computes in bf16."""
+    from r1jax import models
+    from r1jax.rl import trainer
+
+    cfg, mesh, rules, _, batch = _trainer_world()
+    params = models.init(cfg, jax.random.PRNGKey(1))
+    whole = trainer.make_scorer(cfg, 0.8, mesh=mesh, rules=rules)(params, batch)
+    chunked = trainer.make_scorer(cfg, 0.8, mesh=mesh, rules=rules, chunk_rows=2)(params, batch)
+    np.testing.assert_allclose(chunked[0], whole[0], atol=1e-6)
+    np.testing.assert_allclose(chunked[1], whole[1], rtol=1e-6)
+    with pytest.raises(ValueError, match="not divisible"):
+        trainer.make_scorer(cfg, 0.8, mesh=mesh, rules=rules, chunk_rows=3)(params, batch)
+
+    moe = models.get_preset("tiny_moe", n_layers=2, mtp_depth=0, dtype="bfloat16")
+    moe_params = models.init(moe, jax.random.PRNGKey(2))
+    ref = trainer.copy_params(moe_params, models.param_shardings(moe, mesh, rules), dtype="bfloat16")
+    dtypes = jax.tree_util.tree_flatten_with_path(jax.tree.map(lambda x: x.dtype, ref))[0]
+    assert {str(d) for p, d in dtypes if p[-1].key in ("router", "router_bias")} == {"float32"}
+    assert {str(d) for p, d in dtypes if p[-1].key not in ("router", "router_bias")} == {"bfloat16"}
+    score = trainer.make_scorer(moe, 1.0, mesh=mesh, rules=rules)
+    np.testing.assert_array_equal(score(ref, batch)[0], score(moe_params, batch)[0])

@@ -82,6 +82,64 @@ def test_packed_forward_equals_separate():
     np.testing.assert_allclose(packed[6:], fwd(params, jnp.asarray(b[None]), None, None)[0], atol=1e-5)
 
 
+def test_chunked_attention_equals_dot_attention():
+    """Values and gradients of the chunked (flash) attention == dot attention (fp32), for a packed + padded
+    forward (GQA: 4 query heads over 2 kv heads, qk head dim 6 != v head dim 4, T = S = 11 in blocks of 4: the
+    last block padded) and a cache-style call (MQA, T = 5 queries at slots 3..7 over S = 13 slots, 2 of them
+    empty), where the block skipping (lax.cond) and the padded keys matter."""
+    from r1jax.models.attention import attend
+
+    def loss(q, k, v, ids, block):
+        out = attend(q, k, v, ids, 0.4, block)
+        return jnp.sum(out * jnp.cos(jnp.arange(out.size, dtype=out.dtype).reshape(out.shape))), out
+
+    grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True), static_argnums=4)
+    rng = np.random.default_rng(3)
+    seg = jnp.asarray([[1] * 4 + [2] * 5 + [0] * 2, [1] * 9 + [0] * 2], jnp.int32)  # packed; padding = segment 0
+    slot = jnp.broadcast_to(jnp.arange(11, dtype=jnp.int32), (2, 11))
+    k_seg = jnp.asarray([[1] * 8 + [0] * 5, [1, 1, 2, 0, 2, 2, 2, 2, 0, 0, 0, 0, 0]], jnp.int32)  # 0 = empty slot
+    cases = [((2, 11, 4, 6), (2, 11, 2, 6), (2, 11, 2, 4), (seg, slot, seg, slot)),
+             ((2, 5, 4, 6), (2, 13, 1, 6), (2, 13, 1, 4),
+              (jnp.asarray([[1] * 5, [2] * 5], jnp.int32), slot[:, 3:8], k_seg,
+               jnp.broadcast_to(jnp.arange(13, dtype=jnp.int32), (2, 13))))]
+    for q_shape, k_shape, v_shape, ids in cases:
+        q, k, v = (jnp.asarray(rng.normal(size=s), jnp.float32) for s in (q_shape, k_shape, v_shape))
+        (_, want), want_grads = grads(q, k, v, ids, 0)
+        (_, got), got_grads = grads(q, k, v, ids, 4)
+        np.testing.assert_allclose(got, want, atol=1e-5, rtol=0)
+        for g, w in zip(got_grads, want_grads):
+            np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+
+
+def test_chunked_attention_and_logits_in_the_model():
+    """tiny_moe (MLA) with attn_block=4 and logits_chunk=5 on packed rows of 14 tokens: the log-probs and
+    entropies of token_logprobs and their parameter gradients equal the unchunked model's, whose log-probs
+    are log_softmax of forward's logits."""
+    rng = np.random.default_rng(4)
+    tokens = jnp.asarray(rng.integers(0, 512, (2, 14)), jnp.int32)
+    targets = jnp.roll(tokens, -1, axis=1)
+    seg = jnp.asarray([[1] * 6 + [2] * 8, [1] * 11 + [0] * 3], jnp.int32)
+
+    def loss(params, chunked):
+        cfg = M.get_preset("tiny_moe", mtp_depth=0, n_layers=2, attn_block=4 * chunked, logits_chunk=5 * chunked)
+        h, _ = M.hidden_states(params, tokens, cfg, segment_ids=seg)
+        logp, entropy = M.token_logprobs(params, h, targets, cfg, temperature=0.7, with_entropy=True)
+        return jnp.mean(logp) + 0.1 * jnp.mean(entropy), (logp, entropy)
+
+    cfg = M.get_preset("tiny_moe", mtp_depth=0, n_layers=2)
+    params = M.init(cfg, jax.random.PRNGKey(0))
+    grad_fn = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+    (_, want), want_grads = grad_fn(params, False)
+    (_, got), got_grads = grad_fn(params, True)
+    logits = jax.jit(lambda p: M.forward(p, tokens, cfg, segment_ids=seg)[0])(params)
+    logp_all = jax.nn.log_softmax(logits / 0.7)
+    np.testing.assert_allclose(want[0], jnp.take_along_axis(logp_all, targets[..., None], -1)[..., 0], atol=1e-5)
+    np.testing.assert_allclose(want[1], -jnp.sum(jnp.exp(logp_all) * logp_all, -1), atol=1e-5)
+    for g, w in zip(got, want):
+        np.testing.assert_allclose(g, w, atol=1e-5, rtol=0)
+    jax.tree.map(lambda g, w: np.testing.assert_allclose(g, w, atol=1e-5, rtol=0), got_grads, want_grads)
+
+
 def test_mla_cache_is_latent():
     cfg = M.get_preset("tiny_moe")
     cache = M.init_cache(cfg, 2, 8)

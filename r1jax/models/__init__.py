@@ -14,12 +14,13 @@ from r1jax.models.transformer import (
     param_shardings,
     param_specs,
     prefill,
+    token_logprobs,
     trainable_mask,
     update_router_bias,
 )
 
 __all__ = [
     "PRESETS", "ModelConfig", "ParamSpec", "abstract_params", "count_params", "decode_step", "forward", "get_preset", "hidden_states",
-    "init", "init_cache", "param_axes", "param_shardings", "param_specs", "prefill", "trainable_mask",
+    "init", "init_cache", "param_axes", "param_shardings", "param_specs", "prefill", "token_logprobs", "trainable_mask",
     "update_router_bias",
 ]

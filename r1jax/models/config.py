@@ -41,6 +41,12 @@ class ModelConfig:
     # The official DeepSeek code multiplies the softmax scale by mscale^2 only when the run is longer than the
     # original context; Hugging Face always does when YaRN is configured. Default = HF (for parity).
     mla_softmax_mscale: bool = True
+    # Query/key block of the chunked (flash) attention, used when a call's query length exceeds it; 0 = always
+    # the dot attention (r1jax/models/attention.py). Same values and gradients; memory O(block^2), not O(T S).
+    attn_block: int = 0
+    # Positions per chunk of the output head + log-softmax in training and scoring (transformer.token_logprobs):
+    # the fp32 logits [B,T,V] are never whole (2 GiB per row at T = 32k, V / 8); 0 = all at once.
+    logits_chunk: int = 0
 
     # MoE (DeepSeekMoE). n_routed_experts = 0 means a dense model.
     n_routed_experts: int = 0  # E
@@ -90,6 +96,8 @@ class ModelConfig:
         need(self.attention in ("mla", "gqa"), f"attention must be 'mla' or 'gqa', got {self.attention!r}")
         need(self.rope_kind in ("default", "yarn", "llama3"), f"unknown rope_kind {self.rope_kind!r}")
         need(self.remat in ("none", "full", "dots", "dots_no_batch"), f"unknown remat {self.remat!r}")
+        need(self.attn_block >= 0, f"attn_block={self.attn_block} must be >= 0 (0 = dot attention)")
+        need(self.logits_chunk >= 0, f"logits_chunk={self.logits_chunk} must be >= 0 (0 = all positions at once)")
         if self.attention == "gqa":
             need(self.n_heads % self.n_kv_heads == 0, f"n_heads={self.n_heads} not a multiple of n_kv_heads={self.n_kv_heads}")
             need(self.head_dim % 2 == 0, "head_dim must be even for RoPE")
@@ -169,7 +177,8 @@ def _deepseek_v3_671b() -> ModelConfig:
         rms_norm_eps=1e-6, rope_theta=10000.0, rope_kind="yarn", rope_interleave=True, rope_factor=40.0,
         rope_original_max_pos=4096, rope_beta_fast=32.0, rope_beta_slow=1.0, rope_mscale=1.0,
         rope_mscale_all_dim=1.0, max_position_embeddings=163840, tie_embeddings=False,
-        mtp_depth=1, mtp_loss_weight=0.1, dtype="bfloat16", param_dtype="float32", remat="full",
+        mtp_depth=1, mtp_loss_weight=0.1, dtype="bfloat16", param_dtype="float32", remat="full", attn_block=2048,
+        logits_chunk=4096,
     )
 
 
@@ -178,7 +187,8 @@ def _qwen25(d, f, layers, heads, kv, vocab, tie, theta=1e6, max_pos=32768) -> Mo
         vocab_size=vocab, d_model=d, n_layers=layers, d_ff=f, n_dense_layers=layers, attention="gqa",
         n_heads=heads, n_kv_heads=kv, head_dim=d // heads, qkv_bias=True, rms_norm_eps=1e-6,
         rope_theta=theta, max_position_embeddings=max_pos, tie_embeddings=tie,
-        dtype="bfloat16", param_dtype="float32", remat="full",
+        dtype="bfloat16", param_dtype="float32", remat="full", attn_block=2048,
+        logits_chunk=4096,
     )
 
 
@@ -188,7 +198,8 @@ def _llama3(d, f, layers, heads, kv) -> ModelConfig:
         n_heads=heads, n_kv_heads=kv, head_dim=d // heads, rms_norm_eps=1e-5, rope_theta=500000.0,
         rope_kind="llama3", rope_factor=8.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
         rope_original_max_pos=8192, max_position_embeddings=131072,
-        dtype="bfloat16", param_dtype="float32", remat="full",
+        dtype="bfloat16", param_dtype="float32", remat="full", attn_block=2048,
+        logits_chunk=4096,
     )
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from r1jax.models.attention import attention, empty_layer_cache, make_mask
+from r1jax.models.attention import attention, empty_layer_cache
 from r1jax.models.config import ModelConfig
 from r1jax.models.layers import rms_norm, rope_cos_sin, swiglu
 from r1jax.models.moe import moe_layer
@@ -217,9 +217,9 @@ _REMAT = {
 def _block(p, x, ctx, cfg: ModelConfig, moe: bool, cache=None):
     """One pre-norm decoder block. Returns (x, moe stats or None, new layer cache)."""
     p = _cast(p, cfg.compute_dtype)
-    cos, sin, mask, valid, slots = ctx
+    cos, sin, mask_ids, valid, slots = ctx
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    a, cache = attention(p["attn"], h, cos, sin, mask, cfg, cache, slots)
+    a, cache = attention(p["attn"], h, cos, sin, mask_ids, cfg, cache, slots)
     x = constrain(x + a, ("act_batch", "act_len", "act_embed"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     if moe:
@@ -291,19 +291,22 @@ def forward(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=Non
     positions [B,T] default to the position inside each segment.
     """
     h, aux = hidden_states(params, tokens, cfg, positions=positions, segment_ids=segment_ids, mtp=True)
+    if "mtp_hidden" in aux:
+        aux["mtp_logits"] = _head(params, aux.pop("mtp_hidden"), cfg)
     return _head(params, h, cfg), aux
 
 
 def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_ids=None, mtp: bool = False):
-    """Final-normed hidden states [B,T,D] and aux (as `forward`; mtp_logits only when mtp=True). A reward model
-    puts its scalar head on these."""
+    """Final-normed hidden states [B,T,D] and aux (as `forward`, with mtp_hidden [B,T,D], the MTP module's
+    final-normed states, in place of mtp_logits; only when mtp=True). A reward model puts its scalar head on
+    these; training puts the output head on them with `token_logprobs`."""
     if segment_ids is None:
         segment_ids = jnp.ones_like(tokens, dtype=jnp.int32)
     if positions is None:
         positions = default_positions(segment_ids)
     slots = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     cos, sin = rope_cos_sin(positions, cfg)
-    ctx = (cos, sin, make_mask(segment_ids, slots, segment_ids, slots), segment_ids > 0, slots)
+    ctx = (cos, sin, (segment_ids, slots, segment_ids, slots), segment_ids > 0, slots)
     h, stats, _ = _trunk(params, _embed(params, tokens, cfg), ctx, cfg)
     aux = {}
     if cfg.is_moe:
@@ -312,20 +315,47 @@ def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_i
     else:
         aux["aux_loss"] = jnp.zeros((), jnp.float32)
     if cfg.mtp_depth and mtp:
-        aux["mtp_logits"] = _mtp(params, h, tokens, ctx, cfg)
+        aux["mtp_hidden"] = _mtp(params, h, tokens, ctx, cfg)
     return rms_norm(h, params["final_norm"], cfg.rms_norm_eps), aux
 
 
 def _mtp(params, h, tokens, ctx, cfg: ModelConfig):
-    """DeepSeek-V3 MTP module (depth 1): h'_t = Block(W [enorm(Emb(x_{t+1})) ; hnorm(h_t)]), then the shared
-    output head. The input order of eh_proj follows the released checkpoint's use in vLLM."""
+    """DeepSeek-V3 MTP module (depth 1): h'_t = Block(W [enorm(Emb(x_{t+1})) ; hnorm(h_t)]), final-normed; the
+    shared output head goes on it. The input order of eh_proj follows the released checkpoint's use in vLLM."""
     p = params["mtp"]
     nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros_like(tokens[:, :1])], axis=1)  # x_{t+1} (last: masked by loss)
     e = rms_norm(_embed(params, nxt, cfg), p["enorm"], cfg.rms_norm_eps)
     hn = rms_norm(h, p["hnorm"], cfg.rms_norm_eps)
     x = jnp.concatenate([e, hn], axis=-1) @ p["eh_proj"].astype(cfg.compute_dtype)
     x, _, _ = _block(p["block"], x, ctx, cfg, cfg.is_moe)
-    return _head(params, rms_norm(x, p["norm"], cfg.rms_norm_eps), cfg)
+    return rms_norm(x, p["norm"], cfg.rms_norm_eps)
+
+
+def token_logprobs(params, h, targets, cfg: ModelConfig, *, temperature: float = 1.0, with_entropy: bool = False):
+    """log softmax(head(h) / temperature) at targets [B,T] (fp32) for final-normed states h [B,T,D], and with
+    with_entropy the entropy [B,T] of that distribution. Over chunks of cfg.logits_chunk positions (lax.scan,
+    each chunk rematerialised in the backward pass), so the fp32 logits [B,T,V] are never whole."""
+
+    def chunk(h_c, targets_c):
+        logits = _head(params, h_c, cfg) / temperature  # [B,Tc,V] fp32
+        lse = jax.nn.logsumexp(logits, axis=-1)
+        out = (jnp.take_along_axis(logits, targets_c[..., None], axis=-1)[..., 0] - lse,)
+        if with_entropy:
+            out += (lse - jnp.sum(jnp.exp(logits - lse[..., None]) * logits, axis=-1),)
+        return out
+
+    b, t = targets.shape
+    if not cfg.logits_chunk or t <= cfg.logits_chunk:
+        return chunk(h, targets)
+    n = -(-t // cfg.logits_chunk)
+    size = -(-t // n)
+
+    def blocks(x):  # [B,T,...] -> [n, B, size, ...], the tail padded
+        x = jnp.pad(x, [(0, 0), (0, n * size - t)] + [(0, 0)] * (x.ndim - 2))
+        return jnp.moveaxis(x.reshape(b, n, size, *x.shape[2:]), 1, 0)
+
+    _, outs = jax.lax.scan(jax.checkpoint(lambda _, xs: (None, chunk(*xs))), None, (blocks(h), blocks(targets)))
+    return tuple(jnp.moveaxis(o, 0, 1).reshape(b, n * size)[:, :t] for o in outs)
 
 
 # ----------------------------------------------------------------------------------------- cached decode
@@ -354,7 +384,7 @@ def _cached_step(params, tokens, cfg, cache, positions, segment_ids, slots):
     seg_cache = cache["segment_ids"].at[rows, slots].set(segment_ids)
     k_slot = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), seg_cache.shape)
     cos, sin = rope_cos_sin(positions, cfg)
-    ctx = (cos, sin, make_mask(segment_ids, slots, seg_cache, k_slot), segment_ids > 0, slots)
+    ctx = (cos, sin, (segment_ids, slots, seg_cache, k_slot), segment_ids > 0, slots)
     h, _, layers = _trunk(params, _embed(params, tokens, cfg), ctx, cfg, cache)
     return _logits(params, h, cfg), {**cache, **layers, "segment_ids": seg_cache}
 

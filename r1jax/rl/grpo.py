@@ -122,15 +122,25 @@ def _masked_mean(x, mask_f):
     return (x * mask_f).sum() / jnp.maximum(mask_f.sum(), 1.0)
 
 
+def aggregate_normaliser(mask_nt, agg: str, max_len: int):
+    """The denominator of the AGG_MODES aggregate over mask_nt [N, T]: masked tokens, non-empty rows or
+    N * max_len (at least 1). The aggregate of rows split into parts (gradient accumulation) is the sum of the
+    parts' aggregates, each times normaliser(part) / normaliser(all rows), exactly."""
+    mask_nt = mask_nt.astype(jnp.float32)
+    if agg == "token-mean":
+        return jnp.maximum(mask_nt.sum(), 1.0)
+    if agg == "seq-mean-token-mean":
+        return jnp.maximum((mask_nt.sum(axis=1) > 0).sum(dtype=jnp.float32), 1.0)
+    return jnp.asarray(mask_nt.shape[0] * max_len, jnp.float32)
+
+
 def _aggregate(loss_nt, mask_nt, agg: str, max_len: int):
     """Reduce per-token values [N, T] to a scalar with one of AGG_MODES (module docstring)."""
-    if agg == "token-mean":
-        return _masked_mean(loss_nt, mask_nt)
     if agg == "seq-mean-token-mean":
-        len_n = mask_nt.sum(axis=1)
-        seq_n = (loss_nt * mask_nt).sum(axis=1) / jnp.maximum(len_n, 1.0)
-        return _masked_mean(seq_n, (len_n > 0).astype(jnp.float32))
-    return (loss_nt * mask_nt).sum() / (loss_nt.shape[0] * max_len)
+        total = ((loss_nt * mask_nt).sum(axis=1) / jnp.maximum(mask_nt.sum(axis=1), 1.0)).sum()
+    else:
+        total = (loss_nt * mask_nt).sum()
+    return total / aggregate_normaliser(mask_nt, agg, max_len)
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low: float = 0.2, eps_high: float = 0.2,

@@ -20,7 +20,14 @@ times over (a fresh split per pass), and each mini-batch is one optimizer update
 (`grpo.policy_loss`; DeepSeekMath eq. 3 with the k3 KL) plus the MoE balance loss. π_old is the policy
 before the first update, recomputed by the training forward with the same params (not the sampler's
 numbers): by `make_scorer` when there are several updates, inside the single update otherwise. π_ref is a
-frozen copy of the params (`ref_logp`, same scorer). All μ × mini_batches updates run in one jitted `lax.scan`.
+frozen copy of the params (`ref_logp`, same scorer; `copy_params` can keep it in bf16, the dtype the forward
+computes in anyway). All μ × mini_batches updates run in one jitted `lax.scan`.
+
+Memory at long completions: each mini-batch's gradient can be accumulated over `micro_batches` parts (a scan,
+the GRPO aggregate re-weighted so the sum equals the mini-batch's gradient exactly, `grpo.aggregate_normaliser`),
+and the scorer can run over chunks of `chunk_rows` rows (lax.map), so neither holds the fp32 logits [N, T, V]
+of more rows than one part. Parts are strided (row i in part i mod parts), so rows sharded over devices in
+contiguous blocks stay where they are.
 """
 
 from __future__ import annotations
@@ -38,8 +45,9 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from r1jax import models
 from r1jax.rl import grpo
+from r1jax.models.transformer import FP32_LEAVES
 from r1jax.rl.sampler import bucket
-from r1jax.sharding import logical_to_spec, use_rules
+from r1jax.sharding import constrain, logical_to_spec, use_rules
 from r1jax.train import optimizer as opt_lib
 from r1jax.train import state as state_lib
 from r1jax.train.state import TrainState
@@ -59,12 +67,14 @@ class LossSpec:
     max_len: int | None = None  # normaliser of seq-mean-token-sum-norm (the max completion length)
     mu: int = 1  # passes over each rollout
     mini_batches: int = 1  # optimizer updates per pass
+    micro_batches: int = 1  # gradient accumulation steps inside each mini-batch (same update, less memory)
 
     def __post_init__(self):
         if self.agg not in grpo.AGG_MODES:
             raise ValueError(f"rl.agg={self.agg!r}: expected one of {grpo.AGG_MODES}")
-        if self.mu < 1 or self.mini_batches < 1:
-            raise ValueError(f"rl.mu={self.mu} and rl.mini_batches={self.mini_batches} must be >= 1")
+        if self.mu < 1 or self.mini_batches < 1 or self.micro_batches < 1:
+            raise ValueError(f"rl.mu={self.mu}, rl.mini_batches={self.mini_batches} and "
+                             f"rl.micro_batches={self.micro_batches} must be >= 1")
         if self.temperature <= 0:
             raise ValueError(f"temperature={self.temperature} must be > 0")
 
@@ -116,20 +126,37 @@ def pad_columns(x_nt: np.ndarray, width: int, value=0) -> np.ndarray:
 
 
 def completion_logprobs(params, batch, cfg: models.ModelConfig, temperature: float, *, with_entropy: bool = False):
-    """(logp [N,T], aux): log softmax(logits / temperature) at the completion tokens, by models.forward.
+    """(logp [N,T], aux): log softmax(logits / temperature) at the completion tokens (models.token_logprobs).
     aux: the forward's aux (aux_loss, expert_load) plus `entropy` [N,T] of the temperature distribution
     when with_entropy."""
     t = batch["completion"].shape[1]
     p = batch["tokens"].shape[1] - t
-    logits, aux = models.forward(params, batch["tokens"], cfg, positions=batch["positions"],
-                                 segment_ids=batch["segment_ids"])
-    logits_ntv = logits[:, p - 1:p - 1 + t].astype(jnp.float32) / temperature
-    logp_ntv = jax.nn.log_softmax(logits_ntv, axis=-1)
-    logp_nt = jnp.take_along_axis(logp_ntv, batch["completion"][..., None], axis=-1)[..., 0]
+    h, aux = models.hidden_states(params, batch["tokens"], cfg, positions=batch["positions"],
+                                  segment_ids=batch["segment_ids"])
+    logp_nt, *entropy = models.token_logprobs(params, h[:, p - 1:p - 1 + t], batch["completion"], cfg,
+                                              temperature=temperature, with_entropy=with_entropy)
     out = {k: v for k, v in aux.items() if k in ("aux_loss", "expert_load")}
     if with_entropy:
-        out["entropy"] = -jnp.sum(jnp.exp(logp_ntv) * logp_ntv, axis=-1)
+        out["entropy"] = entropy[0]
     return logp_nt, out
+
+
+def split_rows(tree, parts: int, what: str):
+    """Every [N, ...] leaf -> [parts, N / parts, ...], row i in part i mod parts (module docstring)."""
+    n = jax.tree.leaves(tree)[0].shape[0]
+    if n % parts:
+        raise ValueError(f"{n} rows are not divisible into {what}={parts}")
+
+    def split(x):
+        x = jnp.moveaxis(x.reshape(n // parts, parts, *x.shape[1:]), 1, 0)
+        return constrain(x, (None, "act_batch") + (None,) * (x.ndim - 2))
+
+    return jax.tree.map(split, tree)
+
+
+def merge_rows(x):
+    """The inverse of split_rows: [parts, N / parts, ...] -> [N, ...] in the original row order."""
+    return jnp.moveaxis(x, 0, 1).reshape(-1, *x.shape[2:])
 
 
 def _rows(mesh, rules, ndim: int) -> NamedSharding:
@@ -141,15 +168,26 @@ def batch_shardings(mesh, rules) -> dict[str, NamedSharding]:
 
 
 @functools.lru_cache(maxsize=16)
-def make_scorer(cfg: models.ModelConfig, temperature: float, *, mesh, rules):
+def make_scorer(cfg: models.ModelConfig, temperature: float, *, mesh, rules, chunk_rows: int = 0):
     """Jitted `score(params, batch) -> (logp [N,T], entropy)`: the completion log-probs under params and the
-    mean entropy of the temperature distribution over the masked tokens (r1jax.rl.grpo.token_entropy)."""
+    mean entropy of the temperature distribution over the masked tokens (r1jax.rl.grpo.token_entropy).
+    chunk_rows > 0: one forward per chunk of that many rows (lax.map; N must be a multiple), 0 = all N at once."""
+
+    def score_rows(params, rows):
+        logp_nt, aux = completion_logprobs(params, rows, cfg, temperature, with_entropy=True)
+        return logp_nt, jnp.sum(aux["entropy"] * rows["mask"])
 
     def score(params, batch):
-        logp_nt, aux = completion_logprobs(params, batch, cfg, temperature, with_entropy=True)
-        mask_nt = batch["mask"]
-        entropy = jnp.sum(aux["entropy"] * mask_nt) / jnp.maximum(jnp.sum(mask_nt), 1.0)
-        return logp_nt, entropy
+        n = batch["mask"].shape[0]
+        if 0 < chunk_rows < n:
+            if n % chunk_rows:
+                raise ValueError(f"{n} rows are not divisible into chunks of {chunk_rows} (rl.score_chunk_rows)")
+            logp_cnt, entropy_c = jax.lax.map(functools.partial(score_rows, params),
+                                              split_rows(batch, n // chunk_rows, "N / rl.score_chunk_rows"))
+            logp_nt, entropy_sum = merge_rows(logp_cnt), jnp.sum(entropy_c)
+        else:
+            logp_nt, entropy_sum = score_rows(params, batch)
+        return logp_nt, entropy_sum / jnp.maximum(jnp.sum(batch["mask"]), 1.0)
 
     jitted = jax.jit(score, in_shardings=(models.param_shardings(cfg, mesh, rules), batch_shardings(mesh, rules)),
                      out_shardings=(_rows(mesh, rules, 2), NamedSharding(mesh, P())))
@@ -184,15 +222,17 @@ def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss:
     With one update per rollout (`fused`: μ = mini_batches = 1) π_old is the update's own forward,
     old_logp = stop_gradient(logp) (the same numbers a separate pass would give, one forward less): pass
     old_logp=None; `metrics` then also hold `entropy` and logp_before is that logp [N,T]. Otherwise pass
-    old_logp from `make_scorer` and logp_before is old_logp. ref_logp: None when loss.beta == 0."""
+    old_logp from `make_scorer` and logp_before is old_logp. ref_logp: None when loss.beta == 0.
+    loss.micro_batches > 1 accumulates each mini-batch's gradient over that many parts (module docstring)."""
     tx, schedule = make_optimizer(cfg, opt_key, total_steps)
     shardings = state_lib.state_shardings(cfg, tx, mesh, rules)
     rows1, rows2 = _rows(mesh, rules, 1), _rows(mesh, rules, 2)
     replicated = NamedSharding(mesh, P())
-    n_mb = loss.mini_batches
+    n_mb, n_micro = loss.mini_batches, loss.micro_batches
     fused = loss.updates_per_rollout == 1
 
-    def minibatch_loss(params, mb):
+    def minibatch_loss(params, mb, weights=(1.0, 1.0)):
+        """The loss of rows `mb`, its GRPO part times weights[0] and the balance loss times weights[1]."""
         logp_nt, aux = completion_logprobs(params, mb, cfg, loss.temperature, with_entropy=fused)
         old_logp = jax.lax.stop_gradient(logp_nt) if fused else mb["old_logp"]
         value, metrics = grpo.policy_loss(
@@ -202,9 +242,34 @@ def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss:
         if fused:
             mask_nt = mb["mask"]
             metrics["entropy"] = jnp.sum(aux["entropy"] * mask_nt) / jnp.maximum(jnp.sum(mask_nt), 1.0)
-        return value + aux["aux_loss"], (metrics, aux.get("expert_load"), old_logp)
+        return weights[0] * value + weights[1] * aux["aux_loss"], (metrics, aux.get("expert_load"), old_logp)
 
     grad_fn = jax.value_and_grad(minibatch_loss, has_aux=True)
+
+    def minibatch_grads(params, mb):
+        """(grads, metrics, expert load, old_logp) of one mini-batch, accumulated over n_micro parts: the GRPO
+        aggregate's part weighted by its share of the normaliser, token means by their share of the tokens."""
+        if n_micro == 1:
+            (_, (metrics, load, old_logp)), grads = grad_fn(params, mb)
+            return grads, metrics, load, old_logp
+        micro = split_rows(mb, n_micro, "rl.micro_batches")
+        max_len = loss.max_len or mb["mask"].shape[1]
+        norm = functools.partial(grpo.aggregate_normaliser, agg=loss.agg, max_len=max_len)
+        w_loss = jax.vmap(norm)(micro["mask"]) / norm(mb["mask"])  # [micro]
+        w_tokens = (jnp.maximum(micro["mask"].sum(axis=(1, 2)), 1.0)
+                    / jnp.maximum(mb["mask"].sum(), 1.0))
+
+        def body(grads, part):
+            rows, w_l, w_t = part
+            (_, (metrics, load, old_logp)), g = grad_fn(params, rows, (w_l, 1.0 / n_micro))
+            metrics = {k: v * (w_l if k in ("loss", "pg_loss") else 1.0 / n_micro if k == "aux_loss" else w_t)
+                       for k, v in metrics.items()}
+            return jax.tree.map(jnp.add, grads, g), (metrics, load, old_logp)
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        grads, (metrics, load, old_logp) = jax.lax.scan(body, zeros, (micro, w_loss, w_tokens))
+        load = None if load is None else jnp.mean(load, axis=0)
+        return grads, jax.tree.map(lambda x: jnp.sum(x, axis=0), metrics), load, merge_rows(old_logp)
 
     def update(state: TrainState, batch, old_logp, ref_logp, advantages, key):
         n = advantages.shape[0]
@@ -219,7 +284,7 @@ def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss:
         def body(carry, idx):
             params, opt_state, step = carry
             mb = jax.tree.map(lambda x: x[idx], rows)
-            (_, (metrics, load, mb_old_logp)), grads = grad_fn(params, mb)
+            grads, metrics, load, mb_old_logp = minibatch_grads(params, mb)
             updates, opt_state = tx.update(grads, opt_state, params)
             params = optax.apply_updates(params, updates)
             if load is not None:
@@ -247,6 +312,19 @@ def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss:
     return run
 
 
-def copy_params(params, shardings) -> Any:
-    """A fresh copy of params in `shardings` (the frozen reference; the policy's buffers are donated)."""
-    return jax.jit(lambda p: jax.tree.map(jnp.copy, p), out_shardings=shardings)(params)
+def cast_copy(params, dtype=None) -> Any:
+    """A copy of params, its leaves cast to dtype (None = kept) except the router's fp32 leaves (FP32_LEAVES)."""
+
+    def copy(path, x):
+        keep = dtype is None or getattr(path[-1], "key", None) in FP32_LEAVES
+        return jnp.copy(x) if keep else x.astype(dtype)
+
+    return jax.tree.map_with_path(copy, params)
+
+
+def copy_params(params, shardings, dtype=None) -> Any:
+    """A fresh copy of params in `shardings` (the frozen reference; the policy's buffers are donated).
+    dtype (rl.ref_dtype, e.g. "bfloat16"): cast_copy's. With the model's compute dtype it halves an fp32
+    reference's memory and changes none of its forward's numbers: the forward casts the weights to the compute
+    dtype anyway (the router's fp32 leaves stay fp32)."""
+    return jax.jit(functools.partial(cast_copy, dtype=dtype), out_shardings=shardings)(params)

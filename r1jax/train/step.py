@@ -35,13 +35,6 @@ from r1jax.train.state import TrainState
 BATCH_KEYS = ("inputs", "targets", "loss_mask", "segment_ids", "positions")
 
 
-def token_cross_entropy(logits, targets):
-    """-log softmax(logits)[target] in fp32. logits [B,T,V], targets [B,T] -> [B,T]."""
-    logits = logits.astype(jnp.float32)
-    target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jax.nn.logsumexp(logits, axis=-1) - target_logit
-
-
 def mtp_targets(batch):
     """(targets [B,T], mask [B,T]) for MTP logits at t, which predict token t+2 = targets[t+1]."""
     targets, mask, seg = batch["targets"], batch["loss_mask"].astype(jnp.float32), batch["segment_ids"]
@@ -52,17 +45,17 @@ def mtp_targets(batch):
 
 def loss_sums(params, batch, cfg: models.ModelConfig) -> dict[str, jax.Array]:
     """Un-normalised loss terms of one (micro-)batch: sums and token counts, plus aux_loss and expert_load."""
-    logits, aux = models.forward(params, batch["inputs"], cfg, positions=batch["positions"],
-                                 segment_ids=batch["segment_ids"])
+    h, aux = models.hidden_states(params, batch["inputs"], cfg, positions=batch["positions"],
+                                  segment_ids=batch["segment_ids"], mtp=True)
     mask = batch["loss_mask"].astype(jnp.float32)
     out = {
-        "ce_sum": jnp.sum(token_cross_entropy(logits, batch["targets"]) * mask),
+        "ce_sum": -jnp.sum(models.token_logprobs(params, h, batch["targets"], cfg)[0] * mask),
         "ce_tokens": jnp.sum(mask),
         "aux_loss": aux["aux_loss"],
     }
-    if "mtp_logits" in aux:
+    if "mtp_hidden" in aux:
         mtp_tgt, mtp_mask = mtp_targets(batch)
-        out["mtp_sum"] = jnp.sum(token_cross_entropy(aux["mtp_logits"], mtp_tgt) * mtp_mask)
+        out["mtp_sum"] = -jnp.sum(models.token_logprobs(params, aux["mtp_hidden"], mtp_tgt, cfg)[0] * mtp_mask)
         out["mtp_tokens"] = jnp.sum(mtp_mask)
     if "expert_load" in aux:
         out["expert_load"] = aux["expert_load"]
