@@ -14,7 +14,6 @@ import pytest
 
 from r1jax import models
 from r1jax.data.packing import pack_rows
-from r1jax.sharding import DEFAULT_RULES, make_mesh
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import loop as loop_lib
 from r1jax.train import optimizer as opt_lib
@@ -39,53 +38,98 @@ def subprocess_env(cache_dir, xla_flags=""):
                 XLA_FLAGS=f"--xla_backend_optimization_level=0 {xla_flags}".strip())
 
 
+# ------------------------------------------------------------------------------- background subprocesses
+
+class Background:
+    """A subprocess started when the module starts, so it runs while the in-process tests compile. Its
+    output goes to files (a full pipe would stall it while nobody reads)."""
+
+    def __init__(self, cmd, env, log_dir):
+        self.stdout_path, self.stderr_path = log_dir / "stdout", log_dir / "stderr"
+        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
+            self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=err, text=True)
+
+    def result(self, timeout=900):
+        self.proc.wait(timeout=timeout)
+        stderr = self.stderr_path.read_text()
+        assert self.proc.returncode == 0, stderr[-4000:]
+        return self.stdout_path.read_text(), stderr
+
+
+@pytest.fixture(scope="module", autouse=True)
+def background(tmp_path_factory):
+    """The module's subprocesses, started at once: the packing check, the 8-device step runs and the tiny
+    CLI run (compiles dominate these tests; in subprocesses they get XLA's fast-compile setting)."""
+    cache = tmp_path_factory.getbasetemp() / "jax_cache"
+    workdir = tmp_path_factory.mktemp("sft_tiny")
+    runs = {
+        "packing": Background([sys.executable, "-c", PACKING_WORKER], subprocess_env(cache),
+                              tmp_path_factory.mktemp("packing_log")),
+        "steps": Background([sys.executable, "-c", STEP_WORKER],
+                            subprocess_env(cache, xla_flags="--xla_force_host_platform_device_count=8"),
+                            tmp_path_factory.mktemp("steps_log")),
+        "cli": Background([sys.executable, "-m", "r1jax.main", "--workdir", str(workdir), *CLI_ARGS,
+                           "--config.train.log_every=5", "--config.train.eval_every=15",
+                           "--config.train.checkpoint_every=15"], subprocess_env(cache),
+                          tmp_path_factory.mktemp("cli_log")),
+    }
+    runs["cli"].workdir = workdir
+    yield runs
+    for run in runs.values():
+        if run.proc.poll() is None:
+            run.proc.kill()
+            run.proc.wait()
+
+
 # ------------------------------------------------------------------------------------- loss and packing
 
-def _docs(seed=0):
-    rng = np.random.default_rng(seed)
-    docs = []
-    for n in (9, 14, 6, 11):
-        tokens = rng.integers(4, CFG.vocab_size, n).astype(np.int32)
-        mask = np.ones(n, np.int32)
-        mask[: n // 3] = 0  # a prompt: not trained
-        docs.append({"tokens": tokens, "loss_mask": mask})
-    return docs
+PACKING_WORKER = r"""
+import json
+import jax, jax.numpy as jnp, numpy as np
+from r1jax import models
+from r1jax.data.packing import pack_rows
+from r1jax.train import step as step_lib
+cfg = models.get_preset("tiny_moe")  # MTP on, MoE (tiled CPU dispatch), aux loss off
+rng = np.random.default_rng(0)
+docs = []
+for n in (9, 14, 6, 11):
+    mask = np.ones(n, np.int32)
+    mask[: n // 3] = 0  # a prompt: not trained
+    docs.append({"tokens": rng.integers(4, cfg.vocab_size, n).astype(np.int32), "loss_mask": mask})
+packed = pack_rows([docs, [], [], []], 48, pad_id=0)  # all four documents (40 tokens) in one row
+unpacked = pack_rows([[d] for d in docs], 48, pad_id=0)  # one document per row: same shape, one compile
+fill = {"ones": np.ones, "zeros": np.zeros}  # params from the declaration, drawn with numpy: no init compile
+params = jax.tree.map(lambda s: jnp.asarray(fill[s.init](s.shape) if s.init in fill else
+                                            rng.normal(0.0, cfg.init_std, s.shape), jnp.float32),
+                      models.param_specs(cfg), is_leaf=lambda x: isinstance(x, models.ParamSpec))
+
+def total(params, batch):  # summed, not averaged: both layouts are compared term by term
+    sums = step_lib.loss_sums(params, batch, cfg)
+    return sums["ce_sum"] + sums["mtp_sum"], sums
+
+grad_fn = jax.jit(jax.value_and_grad(total, has_aux=True))
+(loss_p, sums_p), grads_p = grad_fn(params, packed)
+(loss_u, sums_u), grads_u = grad_fn(params, unpacked)
+worst = max(float(jnp.max(jnp.abs(a - b)) / (jnp.max(jnp.abs(b)) + 1e-12))
+            for a, b in zip(jax.tree.leaves(grads_p), jax.tree.leaves(grads_u)))
+print(json.dumps({
+    "segments": [int(packed["segment_ids"][0].max()), int(unpacked["segment_ids"].max())],
+    "loss": [float(loss_p), float(loss_u)], "worst_grad_rel_diff": worst,
+    "ce_tokens": [float(sums_p["ce_tokens"]), float(sums_u["ce_tokens"]),
+                  float(sum(d["loss_mask"][1:].sum() for d in docs))],
+    "mtp_tokens": [float(sums_p["mtp_tokens"]), float(sums_u["mtp_tokens"])]}))
+"""
 
 
-def _host_params(cfg, seed=0):
-    """Params drawn with numpy from the model's declaration (no compiled init needed for a loss test)."""
-    rng = np.random.default_rng(seed)
-    fill = {"ones": np.ones, "zeros": np.zeros}
-    return jax.tree.map(lambda s: jnp.asarray(fill[s.init](s.shape) if s.init in fill else
-                                              rng.normal(0.0, cfg.init_std, s.shape), jnp.float32),
-                        models.param_specs(cfg), is_leaf=lambda x: isinstance(x, models.ParamSpec))
-
-
-def test_packed_rows_equal_unpacked():
-    """Same summed loss (next-token + MTP) and gradients whether the documents share rows or not."""
-    docs = _docs()
-    t = 48  # all four documents (40 tokens) fit one row
-    packed = pack_rows([docs, [], [], []], t, pad_id=0)
-    unpacked = pack_rows([[d] for d in docs], t, pad_id=0)
-    assert packed["segment_ids"][0].max() == 4 and unpacked["segment_ids"].max() == 1
-
-    def total(params, batch):
-        sums = step_lib.loss_sums(params, batch, CFG)
-        return sums["ce_sum"] + sums["mtp_sum"], sums
-
-    grad_fn = jax.jit(jax.value_and_grad(total, has_aux=True))
-    params = _host_params(CFG)
-    (loss_p, sums_p), grads_p = grad_fn(params, packed)
-    (loss_u, sums_u), grads_u = grad_fn(params, unpacked)
-    assert float(sums_p["ce_tokens"]) == float(sums_u["ce_tokens"]) == sum(d["loss_mask"][1:].sum() for d in docs)
-    assert float(sums_p["mtp_tokens"]) == float(sums_u["mtp_tokens"]) > 0
-    np.testing.assert_allclose(float(loss_p), float(loss_u), rtol=1e-5)
-    for path, gp in jax.tree_util.tree_flatten_with_path(grads_p)[0]:
-        gu = grads_u
-        for k in path:
-            gu = gu[k.key]
-        np.testing.assert_allclose(np.asarray(gp), np.asarray(gu), rtol=1e-4, atol=1e-6,
-                                   err_msg=jax.tree_util.keystr(path))
+def test_packed_rows_equal_unpacked(background):
+    """Same summed loss (next-token + MTP) and gradients (the real model) whether documents share rows or not."""
+    stdout, _ = background["packing"].result()
+    r = json.loads(stdout.strip().splitlines()[-1])
+    assert r["segments"] == [4, 1]
+    assert r["ce_tokens"][0] == r["ce_tokens"][1] == r["ce_tokens"][2]
+    assert r["mtp_tokens"][0] == r["mtp_tokens"][1] > 0
+    np.testing.assert_allclose(r["loss"][0], r["loss"][1], rtol=1e-5)
+    assert r["worst_grad_rel_diff"] < 1e-4, r
 
 
 def test_mtp_targets_stay_inside_documents():
@@ -187,44 +231,6 @@ for name, mesh, n_micro in (("one", one_device, 1), ("sharded_micro2", make_mesh
                  "bias_delta": (np.asarray(state.params["moe"]["mlp"]["router_bias"]) - bias0).tolist()}
 print(json.dumps(out))
 """
-
-
-class Background:
-    """A subprocess started when the module starts, so it runs while the in-process tests compile. Its
-    output goes to files (a full pipe would stall it while nobody reads)."""
-
-    def __init__(self, cmd, env, log_dir):
-        self.stdout_path, self.stderr_path = log_dir / "stdout", log_dir / "stderr"
-        with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
-            self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=err, text=True)
-
-    def result(self, timeout=900):
-        self.proc.wait(timeout=timeout)
-        stderr = self.stderr_path.read_text()
-        assert self.proc.returncode == 0, stderr[-4000:]
-        return self.stdout_path.read_text(), stderr
-
-
-@pytest.fixture(scope="module", autouse=True)
-def background(tmp_path_factory):
-    """The module's two subprocesses, started at once: the 8-device step runs and the tiny CLI run."""
-    cache = tmp_path_factory.getbasetemp() / "jax_cache"
-    workdir = tmp_path_factory.mktemp("sft_tiny")
-    runs = {
-        "steps": Background([sys.executable, "-c", STEP_WORKER],
-                            subprocess_env(cache, xla_flags="--xla_force_host_platform_device_count=8"),
-                            tmp_path_factory.mktemp("steps_log")),
-        "cli": Background([sys.executable, "-m", "r1jax.main", "--workdir", str(workdir), *CLI_ARGS,
-                           "--config.train.log_every=5", "--config.train.eval_every=15",
-                           "--config.train.checkpoint_every=15"], subprocess_env(cache),
-                          tmp_path_factory.mktemp("cli_log")),
-    }
-    runs["cli"].workdir = workdir
-    yield runs
-    for run in runs.values():
-        if run.proc.poll() is None:
-            run.proc.kill()
-            run.proc.wait()
 
 
 @pytest.fixture(scope="module")
