@@ -210,9 +210,12 @@ def test_pretrain_has_the_advertised_mix(world):
             reflect += "wait , let me check" in completion or "等等 ， 让 我 检查" in completion
     style = dict(mix.styles_after_template)["r1zero"] * dict(mix.wrappers)["template"] + dict(
         mix.styles_otherwise)["r1zero"] * (1 - dict(mix.wrappers)["template"])
-    assert 0.30 <= 1 - correct / n <= 0.40  # the advertised 30-40% wrong attempts
+    answer_only = dict(mix.styles_after_template)["answer_only"] * dict(mix.wrappers)["template"] + dict(
+        mix.styles_otherwise)["answer_only"] * (1 - dict(mix.wrappers)["template"])
+    wrong = (1 - answer_only) * mix.slip + answer_only * (1 - mix.guess_right)  # slips + bad guesses
+    assert 0.20 <= 1 - correct / n <= 0.40  # imperfect attempts, correct ones still the majority
     assert 0.10 <= mixed / shown <= 0.20 and 0.02 <= reflect / shown <= 0.08
-    assert abs(correct / n - (1 - mix.slip)) < 0.03
+    assert abs((1 - correct / n) - wrong) < 0.03
     assert abs(r1zero / n - style) < 0.03 and 0.3 < r1zero / n < 0.5
     assert abs(template / n - dict(mix.wrappers)["template"]) < 0.03
     assert abs(mixed / shown - mix.mixed) < 0.03

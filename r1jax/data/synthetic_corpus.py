@@ -1,10 +1,12 @@
 """The tiny world's pre-training corpus: imperfect worked solutions, code, facts and dialogues.
 
 The corpus is built so that the base model it trains attempts the tasks *imperfectly*: sampled at
-temperature 1 it uses the R1-Zero format only sometimes (~40% of reasoning documents) and is right
-only sometimes (~35% of attempts carry an arithmetic slip), while the correct computation is still
-the majority. GRPO with accuracy + format rewards then has something to select for: drop slips,
-always close with `<think> … </think> <answer> … </answer>`. About 15% of reasoning switches
+temperature 1 it uses the R1-Zero format only sometimes (~40% of reasoning documents), it sometimes
+answers at once without reasoning (`answer_only`, a guess that is right only `guess_right` of the
+time: answering without thinking is unreliable), and some worked attempts carry an arithmetic slip,
+while worked, correct computation is the majority of what it shows. GRPO with accuracy + format
+rewards then has something to select for: think before answering, drop slips, always close with
+`<think> … </think> <answer> … </answer>` (R1-Zero's longer responses and rising accuracy, in small). About 15% of reasoning switches
 language mid-way (the readability problem of R1-Zero that the language-consistency reward fixes)
 and ~5% shows a reflection ("wait , let me check") that corrects a slip.
 
@@ -33,7 +35,8 @@ class CorpusMix:
     wrappers: tuple = (("template", 0.25), ("qa", 0.35), ("bare", 0.40))
     styles_after_template: tuple = (("r1zero", 0.50), ("plain", 0.20), ("think_only", 0.15), ("answer_only", 0.15))
     styles_otherwise: tuple = (("r1zero", 0.35), ("plain", 0.40), ("think_only", 0.10), ("answer_only", 0.15))
-    slip: float = 0.35  # attempts with a wrong step and a wrong final answer
+    slip: float = 0.20  # worked attempts with a wrong step and a wrong final answer
+    guess_right: float = 0.25  # answer_only documents (no reasoning shown) whose guess is the right answer
     reflect: float = 0.05  # shown reasoning with a wrong step, a "wait, let me check", and the right answer
     mixed: float = 0.15  # shown reasoning that switches language mid-way
     detour: float = 0.25  # countdown reasoning that first tries an expression missing every target
@@ -69,6 +72,9 @@ def reasoning_document(rng: random.Random, problem: tasks.Problem, mix: CorpusMi
     detour = rng.random() < mix.detour
     attempt = text.worked_solution(problem, language, rng, slip=slip, reflect=reflect and shows_reasoning,
                                    mixed=mixed, detour=detour)
+    if not shows_reasoning:  # an answer without reasoning is a guess: right only guess_right of the time
+        attempt = attempt._replace(final=problem.answer if rng.random() < mix.guess_right else
+                                   text.guess_value(rng, problem.answer))
     form = rng.randrange(text.n_question_forms(problem.task, language))
     counts.update({"reasoning": 1, f"style:{style}": 1, f"wrapper:{wrapper}": 1, f"language:{language}": 1,
                    "correct" if attempt.final == problem.answer else "wrong": 1,

@@ -96,6 +96,11 @@ def _slip_value(rng: random.Random, a: int, op: str, b: int, right: int) -> int:
     return rng.choice(sorted(v for v in options if 0 <= v <= tasks.MAX_VALUE and v != right))
 
 
+def guess_value(rng: random.Random, right: int) -> int:
+    """A wrong answer given without working: anywhere near the right one (not only a one-step slip)."""
+    return rng.choice([v for v in range(max(0, right - 12), min(tasks.MAX_VALUE, right + 12) + 1) if v != right])
+
+
 def _arith_clauses(problem, rng, *, slip: bool, reflect: bool) -> tuple:
     steps = tasks.steps_of(problem.expression)
     rows = tasks.step_values(steps)
