@@ -21,6 +21,10 @@ One rollout (an RL "iteration"; DeepSeekMath Algorithm 1, outer loop over batche
   8. reference    with rl.ref_reset_every = R > 0, the reference becomes a copy of the policy every R updates
                   (R1: every 400 steps) and is saved to WORKDIR/reference/<step> for exact resumes
 
+Memory at long completions (docs/sharding.md): rl.micro_batches accumulates gradients inside each mini-batch,
+rl.score_chunk_rows runs the π_old / π_ref log-prob pass that many rows at a time, rl.ref_dtype stores the
+frozen reference in that dtype (bfloat16 at scale; its forward computes in the model's dtype either way).
+
 Everything random comes from the TrainState's rng (split per rollout: sampling key, mini-batch shuffle key),
 and the prompt stream's position is saved in the checkpoint's meta, so a resumed run continues exactly as an
 uninterrupted one would (same prompts, same samples, same updates).
@@ -128,6 +132,7 @@ def run(config, workdir: str) -> StageResult:
         return state_lib.init_state(cfg, update.tx, config.seed, shardings)
 
     references = ReferenceStore(os.path.join(workdir, "reference"))
+    ref_dtype = rl.get("ref_dtype", None)  # the frozen reference's dtype (bfloat16 halves it at scale)
     ref_step = 0
     if resume_meta is not None:
         state, _ = checkpointer.restore(resume_step, state_lib.abstract_state(cfg, update.tx, shardings))
@@ -137,12 +142,14 @@ def run(config, workdir: str) -> StageResult:
     ref_params = None
     if loss.beta:
         if ref_step:
-            ref_params = references.restore(ref_step, cfg, shardings.params)
+            ref_params = trainer_lib.copy_params(references.restore(ref_step, cfg, shardings.params),
+                                                 shardings.params, ref_dtype)
         elif resume_meta is not None:
-            ref_params = initial_state().params
+            ref_params = trainer_lib.copy_params(initial_state().params, shardings.params, ref_dtype)
         else:
-            ref_params = trainer_lib.copy_params(state.params, shardings.params)
-    scorer = trainer_lib.make_scorer(cfg, loss.temperature, mesh=mesh, rules=rules)
+            ref_params = trainer_lib.copy_params(state.params, shardings.params, ref_dtype)
+    scorer = trainer_lib.make_scorer(cfg, loss.temperature, mesh=mesh, rules=rules,
+                                     chunk_rows=int(rl.get("score_chunk_rows", 0)))
     train_spec = sampler_spec(rl, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
                               stop_sequences=sampler_lib.stop_token_sequences(tokenizer, tuple(rl.stop_strings)))
     eval_spec = dataclasses.replace(
@@ -252,7 +259,7 @@ def run(config, workdir: str) -> StageResult:
 
                 # 8: reference reset
                 if loss.beta and rl.ref_reset_every and step % int(rl.ref_reset_every) == 0:
-                    ref_params = trainer_lib.copy_params(state.params, shardings.params)
+                    ref_params = trainer_lib.copy_params(state.params, shardings.params, ref_dtype)
                     ref_step = step
                     references.save(ref_step, ref_params)
 
@@ -297,7 +304,8 @@ def loss_spec(config) -> trainer_lib.LossSpec:
     rl = config.rl
     return trainer_lib.LossSpec(temperature=float(rl.temperature), eps_low=float(rl.eps_low),
                                 eps_high=float(rl.eps_high), beta=float(rl.beta), agg=rl.agg,
-                                max_len=int(rl.max_new_tokens), mu=int(rl.mu), mini_batches=int(rl.mini_batches))
+                                max_len=int(rl.max_new_tokens), mu=int(rl.mu), mini_batches=int(rl.mini_batches),
+                                micro_batches=int(rl.get("micro_batches", 1)))
 
 
 def sampler_spec(rl, *, eos_id: int, pad_id: int, stop_sequences=(), max_new_tokens: int | None = None):
@@ -331,7 +339,8 @@ def smoke_step(config) -> dict:
                                    prompt_buckets=tuple(rl.prompt_buckets),
                                    completion_buckets=tuple(rl.completion_buckets), pad_id=0)
     batch = put_rows(host, mesh, rules)
-    scorer = trainer_lib.make_scorer(cfg, loss.temperature, mesh=mesh, rules=rules)
+    scorer = trainer_lib.make_scorer(cfg, loss.temperature, mesh=mesh, rules=rules,
+                                     chunk_rows=int(rl.get("score_chunk_rows", 0)))
     old_logp = None if update.fused else scorer(state.params, batch)[0]
     ref_logp = scorer(state.params, batch)[0] if loss.beta else None
     _, metrics, _ = update(state, batch, old_logp, ref_logp, put_rows({"a": np.asarray(adv_n)}, mesh, rules)["a"],
