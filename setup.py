@@ -8,7 +8,7 @@ setup(
     packages=find_packages(include=["r1jax", "r1jax.*"]),
     python_requires=">=3.10",
     install_requires=[
-        "jax>=0.7",
+        "jax>=0.10,<0.11",  # tested with 0.10.2
         "flax",
         "optax",
         "orbax-checkpoint",
@@ -29,6 +29,6 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers"],
-        "tpu": ["libtpu"],
+        "tpu": ["jax[tpu]"],  # the libtpu that this jax pins (0.10.2 -> libtpu 0.0.42.*): AOT compiles need the match
     },
 )
