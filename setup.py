@@ -29,6 +29,7 @@ setup(
     ],
     extras_require={
         "test": ["pytest", "pytest-xdist", "torch==2.13.0", "transformers"],
+        "bench": ["torch==2.13.0", "transformers", "trl"],  # the side-by-side baselines of r1jax.bench
         "tpu": ["jax[tpu]"],  # the libtpu that this jax pins (0.10.2 -> libtpu 0.0.42.*): AOT compiles need the match
     },
 )
