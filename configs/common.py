@@ -36,9 +36,17 @@ def model(preset: str, **overrides) -> mlc.ConfigDict:
 TINY_VOCAB = 1024
 
 
+# MLA sizes of the tiny world's MoE model. The tiny_moe preset's (q/kv LoRA 32, nope 16, rope 8, v 16) with the
+# 0.02 init never learned to copy the question's operands into its worked steps within the pretraining budget;
+# wider MLA projections and an init scaled to d_model = 64 (0.1 ~ 0.8 / sqrt(d)) do (docs/results.md, measured).
+TINY_MLA = dict(q_lora_rank=64, kv_lora_rank=64, qk_nope_head_dim=32, qk_rope_head_dim=16, v_head_dim=32,
+                init_std=0.1)
+
+
 def tiny_model(preset: str = "tiny_moe", **overrides) -> mlc.ConfigDict:
-    """config.model of the tiny presets (2-core CPU), with the tiny world's vocabulary."""
-    return model(preset, **{"vocab_size": TINY_VOCAB, **overrides})
+    """config.model of the tiny presets (2-core CPU), with the tiny world's vocabulary (and TINY_MLA for tiny_moe)."""
+    sizes = TINY_MLA if preset == "tiny_moe" else {}
+    return model(preset, **{"vocab_size": TINY_VOCAB, **sizes, **overrides})
 
 
 def mesh(**ici) -> mlc.ConfigDict:
