@@ -63,7 +63,7 @@ from r1jax.rl import sampler as sampler_lib
 from r1jax.rl import trainer as trainer_lib
 from r1jax.sharding import logical_to_spec
 from r1jax.stages.common import StageResult, is_primary, mesh_and_rules, model_config
-from r1jax.stages.sft import TRAINING_FIELDS, ensure_world, load_init, resolve_tokenizer
+from r1jax.stages.sft import TRAINING_FIELDS, ensure_world, load_init, resolve_tokenizer, start_run
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import state as state_lib
 from r1jax.train.loop import NonFiniteError, PreemptionFlag
@@ -75,18 +75,10 @@ REFLECTION = re.compile(r"re-check|\bwait\b|\bverify\b|\bcheck\b|等等|检查",
 
 
 def run(config, workdir: str) -> StageResult:
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     rl = config.rl
 
-    # ---------------------------------------------------------------- 1. mesh and model
-    mesh, rules = mesh_and_rules(config.mesh)
-    cfg = model_config(config.model)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=config.train.keep_checkpoints,
-                                         async_save=config.train.async_checkpoints)
-    resume_step = checkpointer.latest_step()
-    resume_meta = checkpointer.restore_meta(resume_step) if resume_step is not None else None
+    # ---------------------------------------------------------------- 1. mesh, model, checkpoints
+    workdir, mesh, rules, cfg, checkpointer, resume_step, resume_meta = start_run(config, workdir)
 
     # ---------------------------------------------------------------- 2. weights
     init_from = config.init_from or (run_base(config.base, workdir) if config.base else None)

@@ -36,8 +36,7 @@ from r1jax.data.sources import iterate_records
 from r1jax.rl import reward_model as rm_lib
 from r1jax.sharding import use_rules
 from r1jax.stages.common import StageResult, is_primary, mesh_and_rules, model_config
-from r1jax.stages.sft import load_init, resolve_tokenizer
-from r1jax.train import checkpoint as ckpt_lib
+from r1jax.stages.sft import initial_weights, resolve_tokenizer, start_run
 from r1jax.train import optimizer as opt_lib
 from r1jax.train import state as state_lib
 from r1jax.train.loop import NonFiniteError, PreemptionFlag
@@ -49,27 +48,13 @@ PAIR_SCHEMA = {"chosen": "str", "rejected": "str"}
 
 
 def run(config, workdir: str) -> StageResult:
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
     rm = config.rm
 
-    # ---------------------------------------------------------------- 1. mesh and model
-    mesh, rules = mesh_and_rules(config.mesh)
-    cfg = model_config(config.model)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=config.train.keep_checkpoints,
-                                         async_save=config.train.async_checkpoints)
-    resume_step = checkpointer.latest_step()
-    resume_meta = checkpointer.restore_meta(resume_step) if resume_step is not None else None
+    # ---------------------------------------------------------------- 1. mesh, model, checkpoints
+    workdir, mesh, rules, cfg, checkpointer, resume_step, resume_meta = start_run(config, workdir)
 
-    # ---------------------------------------------------------------- 2. weights
-    init_params, init_meta = None, {}
-    if resume_meta is not None:
-        cfg = models.ModelConfig(**resume_meta["model"])
-        log.info("resuming %s from step %d", workdir, resume_step)
-    elif config.init_from:
-        cfg, init_params, init_meta = load_init(config.init_from, cfg, mesh, rules)
-        log.info("decoder initialised from %s", config.init_from)
+    # ---------------------------------------------------------------- 2. weights (the decoder's)
+    cfg, init_params, init_meta = initial_weights(config, cfg, resume_meta, mesh, rules)
 
     # ---------------------------------------------------------------- 3. data
     tokenizer_path = resolve_tokenizer(config, workdir, resume_meta, init_meta)

@@ -45,26 +45,11 @@ TRAINING_FIELDS = ("dtype", "param_dtype", "remat", "bias_update_rate", "aux_los
 
 
 def run(config, workdir: str) -> StageResult:
-    workdir = os.path.abspath(workdir)
-    os.makedirs(workdir, exist_ok=True)
-
-    # ---------------------------------------------------------------- 1. mesh and model
-    mesh, rules = mesh_and_rules(config.mesh)
-    cfg = model_config(config.model)
-    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
-                                         max_to_keep=config.train.keep_checkpoints,
-                                         async_save=config.train.async_checkpoints)
-    resume_step = checkpointer.latest_step()
-    resume_meta = checkpointer.restore_meta(resume_step) if resume_step is not None else None
+    # ---------------------------------------------------------------- 1. mesh, model, checkpoints
+    workdir, mesh, rules, cfg, checkpointer, resume_step, resume_meta = start_run(config, workdir)
 
     # ---------------------------------------------------------------- 2. weights (params only; state below)
-    init_params, init_meta = None, {}
-    if resume_meta is not None:
-        cfg = models.ModelConfig(**resume_meta["model"])
-        log.info("resuming %s from step %d", workdir, resume_step)
-    elif config.init_from:
-        cfg, init_params, init_meta = load_init(config.init_from, cfg, mesh, rules)
-        log.info("initialised from %s", config.init_from)
+    cfg, init_params, init_meta = initial_weights(config, cfg, resume_meta, mesh, rules)
 
     # ---------------------------------------------------------------- 3. data
     tokenizer_path = resolve_tokenizer(config, workdir, resume_meta, init_meta)
@@ -154,6 +139,34 @@ def smoke_step(config) -> dict:
     _, metrics = step_fn(state, step_lib.put_batch(batch, step_fn.batch_shardings))
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
 
+
+
+def start_run(config, workdir: str):
+    """What every training stage does first: (absolute workdir, created; mesh; rules; the configured
+    ModelConfig; the Checkpointer of WORKDIR/checkpoints; its latest step; that step's meta), the last two
+    None when the run has not saved yet."""
+    workdir = os.path.abspath(workdir)
+    os.makedirs(workdir, exist_ok=True)
+    mesh, rules = mesh_and_rules(config.mesh)
+    checkpointer = ckpt_lib.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                         max_to_keep=config.train.keep_checkpoints,
+                                         async_save=config.train.async_checkpoints)
+    resume_step = checkpointer.latest_step()
+    resume_meta = checkpointer.restore_meta(resume_step) if resume_step is not None else None
+    return workdir, mesh, rules, model_config(config.model), checkpointer, resume_step, resume_meta
+
+
+def initial_weights(config, cfg: models.ModelConfig, resume_meta, mesh, rules):
+    """(cfg, init_params, init_meta): a resumed run keeps its saved architecture (its params come with its
+    checkpoint); else config.init_from's weights and architecture; else (cfg, None, {}) for a fresh init."""
+    if resume_meta is not None:
+        log.info("resuming from the run's own checkpoint")
+        return models.ModelConfig(**resume_meta["model"]), None, {}
+    if config.init_from:
+        cfg, params, meta = load_init(config.init_from, cfg, mesh, rules)
+        log.info("initialised from %s", config.init_from)
+        return cfg, params, meta
+    return cfg, None, {}
 
 
 def load_init(path: str, cfg: models.ModelConfig, mesh, rules):
