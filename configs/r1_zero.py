@@ -105,7 +105,7 @@ def get_config(arg=None):
                         dynamic_max_batches=3),
             eval_=eval_block(num_prompts=96, samples=4, batch_prompts=32),
             optimizer_block=common.optimizer(1e-4, 5, schedule="constant", weight_decay=0.0),
-            train_block=common.train(120, log_every=1, eval_every=20, checkpoint_every=20, keep_checkpoints=2))
+            train_block=common.train(60, log_every=1, eval_every=15, checkpoint_every=15, keep_checkpoints=2))
     if arg not in (None, ""):
         raise ValueError(f"configs/r1_zero.py: unknown preset {arg!r}; expected '' or 'tiny'")
     # R1 settings (REFERENCE.md §3, from the later full paper; secondary sources, *unverified*): lr 3e-6,
