@@ -118,3 +118,19 @@ def append_result(path: str, name: str, rows: Sequence[dict], **extra) -> None:
     record = {"bench": name, "time": time.strftime("%Y-%m-%dT%H:%M:%S"), "machine": machine(), "rows": list(rows), **extra}
     with open(path, "a") as f:
         f.write(json.dumps(record) + "\n")
+
+
+class TorchImplementations:
+    """The transformers-side options a benchmark tries, fastest kept as the baseline: every attention
+    implementation and, for MoE models, every experts implementation. Needs self.model and self.is_moe."""
+
+    def options(self) -> list[dict]:
+        attn = [{"attn": a} for a in ("eager", "sdpa")]
+        if not self.is_moe:
+            return attn
+        return [{**a, "experts": e} for a in attn for e in ("eager", "batched_mm", "grouped_mm")]
+
+    def use(self, option: dict):
+        self.model.set_attn_implementation(option["attn"])
+        if "experts" in option:
+            self.model.set_experts_implementation(option["experts"])

@@ -30,7 +30,8 @@ import jax
 import numpy as np
 
 from r1jax import models
-from r1jax.bench.common import append_result, print_table, spread, torch_device, torch_sync, tune_cpu_runtime
+from r1jax.bench.common import (TorchImplementations, append_result, print_table, spread, torch_device,
+                                torch_sync, tune_cpu_runtime)
 from r1jax.bench.train_step import SIZES, default_dtype
 from r1jax.hf import save_hf_checkpoint
 from r1jax.models import ModelConfig
@@ -62,7 +63,7 @@ class R1jaxSampler:
         return jax.block_until_ready(self.fn(self.params, self.prompts, self.lengths, key))
 
 
-class HFSampler:
+class HFSampler(TorchImplementations):
     def __init__(self, hf_dir: str, prompts: np.ndarray, group: int, new: int, dtype: str, device: str):
         import torch
         import transformers
@@ -74,17 +75,6 @@ class HFSampler:
         self.inputs = torch.from_numpy(prompts).long().to(device)
         self.kw = dict(do_sample=True, temperature=1.0, top_k=0, top_p=1.0, num_return_sequences=group,
                        max_new_tokens=new, min_new_tokens=new, use_cache=True, pad_token_id=0)
-
-    def options(self) -> list[dict]:
-        attn = [{"attn": a} for a in ("eager", "sdpa")]
-        if not self.is_moe:
-            return attn
-        return [{**a, "experts": e} for a in attn for e in ("eager", "batched_mm", "grouped_mm")]
-
-    def use(self, option: dict):
-        self.model.set_attn_implementation(option["attn"])
-        if "experts" in option:
-            self.model.set_experts_implementation(option["experts"])
 
     def run(self):
         with self.torch.inference_mode():

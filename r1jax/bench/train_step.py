@@ -41,8 +41,8 @@ import numpy as np
 
 from r1jax import models
 from r1jax.bench import peak as peak_lib
-from r1jax.bench.common import (append_result, print_table, spread, torch_device, torch_sync,
-                                tune_cpu_runtime, cpu_seconds)
+from r1jax.bench.common import (TorchImplementations, append_result, print_table, spread, torch_device,
+                                torch_sync, tune_cpu_runtime, cpu_seconds)
 from r1jax.hf import save_hf_checkpoint
 from r1jax.models import ModelConfig
 from r1jax.sharding import DEFAULT_RULES, make_mesh
@@ -150,7 +150,7 @@ class R1jaxStep:
 
 # ---------------------------------------------------------------------------------------------- torch
 
-class TorchStep:
+class TorchStep(TorchImplementations):
     """transformers model + torch AdamW over the same batch. `step()` runs one update and returns the loss."""
 
     def __init__(self, hf_dir: str, batch: dict[str, np.ndarray], dtype: str, device: str):
@@ -175,17 +175,6 @@ class TorchStep:
         except (RuntimeError, TypeError):
             self.opt = torch.optim.AdamW(params, foreach=True, **kw)
             self.fused = False
-
-    def options(self) -> list[dict]:
-        attn = [{"attn": a} for a in ("eager", "sdpa")]
-        if not self.is_moe:
-            return attn
-        return [{**a, "experts": e} for a in attn for e in ("eager", "batched_mm", "grouped_mm")]
-
-    def use(self, option: dict):
-        self.model.set_attn_implementation(option["attn"])
-        if "experts" in option:
-            self.model.set_experts_implementation(option["experts"])
 
     def step(self) -> float:
         torch = self.torch
