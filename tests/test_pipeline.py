@@ -114,7 +114,7 @@ def runs(tmp_path_factory):
     _finish(root / "full", env)
     killed = root / "killed"
     order = list(r1.ORDER)
-    d = {name: killed / f"{i:02d}_{name}" for i, name in enumerate(order)}
+    d = {name: killed / f"{i:02d}_{name}" for i, name in enumerate(order)}  # DIR/<nn>_<stage>
     stamps = []
     for predicate in (lambda: (d["reasoning_rl"] / "checkpoints" / "2" / "meta").is_dir(),
                       lambda: (d["rm_harmless"] / "checkpoints" / "2" / "meta").is_dir(),
@@ -122,7 +122,8 @@ def runs(tmp_path_factory):
         _kill_when(killed, env, predicate)
         stamps.append({n: os.path.getmtime(p / "result.json") for n, p in d.items() if (p / "result.json").exists()})
     _finish(killed, env)
-    return {"full": root / "full", "killed": killed, "stamps": stamps, "dirs": d}
+    full = {name: root / "full" / p.name for name, p in d.items()}
+    return {"full": root / "full", "killed": killed, "stamps": stamps, "dirs": d, "full_dirs": full}
 
 
 def _strip(summary):
@@ -144,12 +145,12 @@ def test_smoke_pipeline_runs_every_stage(runs):
                  "distill_baseline"):
         assert {"rl_heldout/pass@1", "rl_heldout/cons@k", "code_heldout/pass@1"} <= set(summary[name]["eval"]), name
     assert summary["rm_helpful"]["metrics"]["step"] == 3 and "heldout_pair_accuracy" in summary["rm_helpful"]["metrics"]
-    stats = json.loads((runs["full"] / "06_rejection_sampling" / "stats.json").read_text())
+    stats = json.loads((runs["full_dirs"]["rejection_sampling"] / "stats.json").read_text())
     assert stats["samples"] == 12 * 2 and stats["kept"] + sum(stats["rejected"].values()) + stats["not_selected"] == 24
     report = (runs["full"] / "report.md").read_text()
     assert "Held-out accuracy after each stage" in report and "R1-Zero" in report
-    assert (runs["full"] / "13_report" / "reasoning_rl.png").is_file()
-    assert (runs["full"] / "13_report" / "sft.png").is_file()
+    assert (runs["full_dirs"]["report"] / "reasoning_rl.png").is_file()
+    assert (runs["full_dirs"]["report"] / "sft.png").is_file()
 
 
 def test_killed_and_rerun_pipeline_ends_with_the_same_summary(runs):
