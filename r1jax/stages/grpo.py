@@ -63,7 +63,7 @@ from r1jax.rl import sampler as sampler_lib
 from r1jax.rl import trainer as trainer_lib
 from r1jax.sharding import logical_to_spec
 from r1jax.stages.common import StageResult, is_primary, mesh_and_rules, model_config
-from r1jax.stages.sft import TRAINING_FIELDS, ensure_world, load_init, resolve_tokenizer, start_run
+from r1jax.stages.sft import TRAINING_FIELDS, ensure_world, load_init, stage_tokenizer, start_run
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import state as state_lib
 from r1jax.train.loop import NonFiniteError, PreemptionFlag
@@ -91,13 +91,7 @@ def run(config, workdir: str) -> StageResult:
         log.info("initial weights from %s", init_from)
 
     # ---------------------------------------------------------------- 3. data
-    tokenizer_path = resolve_tokenizer(config, workdir, resume_meta, init_meta)
-    from r1jax.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocab_size is {cfg.vocab_size}")
+    tokenizer_path, tokenizer = stage_tokenizer(config, workdir, resume_meta, init_meta, cfg)
     train_files, eval_files = resolve_files(config, workdir)
     stream = PromptStream(load_prompts(config.data, train_files, tokenizer), seed=config.seed)
     if resume_meta is not None:

@@ -52,13 +52,7 @@ def run(config, workdir: str) -> StageResult:
     cfg, init_params, init_meta = initial_weights(config, cfg, resume_meta, mesh, rules)
 
     # ---------------------------------------------------------------- 3. data
-    tokenizer_path = resolve_tokenizer(config, workdir, resume_meta, init_meta)
-    from r1jax.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_path)
-    if tokenizer.vocab_size > cfg.vocab_size:
-        raise ValueError(f"tokenizer {tokenizer_path} has {tokenizer.vocab_size} tokens but the model's "
-                         f"vocab_size is {cfg.vocab_size}; set config.model.overrides.vocab_size")
+    tokenizer_path, tokenizer = stage_tokenizer(config, workdir, resume_meta, init_meta, cfg)
     train_files, eval_files = resolve_files(config, workdir)
     train_iter = iter(make_dataset(config, tokenizer, train_files, train=True))
 
@@ -183,6 +177,18 @@ def load_init(path: str, cfg: models.ModelConfig, mesh, rules):
     hf_cfg, params = hf.load_hf_checkpoint(path, dtype=cfg.param_dtype, mesh=mesh, rules=rules)
     cfg = hf_cfg.replace(**{name: getattr(cfg, name) for name in TRAINING_FIELDS})
     return cfg, params, {"tokenizer": path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None}
+
+
+def stage_tokenizer(config, workdir: str, resume_meta, init_meta, cfg: models.ModelConfig):
+    """(path, tokenizer) of the run (resolve_tokenizer's choice), checked to fit the model's vocabulary."""
+    from r1jax.data.tokenizer import load_tokenizer
+
+    path = resolve_tokenizer(config, workdir, resume_meta, init_meta)
+    tokenizer = load_tokenizer(path)
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise ValueError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+                         f"{cfg.vocab_size}; set config.model.overrides.vocab_size")
+    return path, tokenizer
 
 
 def resolve_tokenizer(config, workdir: str, resume_meta, init_meta) -> str:
