@@ -8,7 +8,7 @@ CJK characters the tokenizer must cover). Same seed -> byte-identical files.
 
 Files and their records (JSONL, one object a line):
 
-- pretrain: text, kind (arith | countdown | code | facts | dialogue | translation) -- the base model's corpus
+- pretrain: text, kind (arith | countdown | drill | code | facts | dialogue | translation) -- the base model's corpus
 - rl_train, rl_heldout: question, prompt, answer, language, task (arith | countdown), expression,
   numbers, targets, reward_source="rule" -- R1-Zero, reasoning RL, evaluation
 - code_train, code_heldout: question, prompt, tests, entry_point, solution, language, task="code",

@@ -1,4 +1,4 @@
-"""The tiny world's pre-training corpus: imperfect worked solutions, code, facts and dialogues.
+"""The tiny world's pre-training corpus: imperfect worked solutions, arithmetic tables, code, facts and dialogues.
 
 The corpus is built so that the base model it trains attempts the tasks *imperfectly*: sampled at
 temperature 1 it uses the R1-Zero format only sometimes (~40% of reasoning documents), it sometimes
@@ -29,12 +29,14 @@ from r1jax.data import synthetic_world as world
 class CorpusMix:
     """Probabilities of the pre-training mix (each tuple is (choice, weight) pairs)."""
 
-    kinds: tuple = (("reasoning", 0.70), ("code", 0.08), ("facts", 0.10), ("dialogue", 0.08), ("translation", 0.04))
+    kinds: tuple = (("reasoning", 0.58), ("drill", 0.16), ("code", 0.08), ("facts", 0.08), ("dialogue", 0.07),
+                    ("translation", 0.03))
     countdown: float = 0.30  # share of reasoning documents that are countdown (else arith)
     arith_ops: tuple = ((1, 0.20), (2, 0.45), (3, 0.35))
     wrappers: tuple = (("template", 0.25), ("qa", 0.35), ("bare", 0.40))
-    styles_after_template: tuple = (("r1zero", 0.50), ("plain", 0.20), ("think_only", 0.15), ("answer_only", 0.15))
-    styles_otherwise: tuple = (("r1zero", 0.35), ("plain", 0.40), ("think_only", 0.10), ("answer_only", 0.15))
+    styles_after_template: tuple = (("r1zero", 0.45), ("plain", 0.15), ("think_only", 0.15), ("answer_only", 0.25))
+    styles_otherwise: tuple = (("r1zero", 0.35), ("plain", 0.30), ("think_only", 0.10), ("answer_only", 0.25))
+    drill_facts: tuple = (6, 12)  # facts per arithmetic-table document (min, max)
     slip: float = 0.20  # worked attempts with a wrong step and a wrong final answer
     guess_right: float = 0.25  # answer_only documents (no reasoning shown) whose guess is the right answer
     reflect: float = 0.05  # shown reasoning with a wrong step, a "wait, let me check", and the right answer
@@ -82,6 +84,21 @@ def reasoning_document(rng: random.Random, problem: tasks.Problem, mix: CorpusMi
     return _wrap(text.question_text(problem, language, form), text.completion(attempt, style), wrapper, language)
 
 
+def drill_document(rng: random.Random, mix: CorpusMix, counts: collections.Counter) -> str:
+    """An arithmetic table of the single steps that the tasks' worked solutions take (drawn from the steps
+    of fresh random 2-3 operator problems, so two-digit operands appear as often as the solutions need
+    them). Without it the base model gets one-digit facts right (~92%) and facts with a two-digit operand
+    mostly wrong (~10-30%, measured in docs/results.md), which caps what RL can select for."""
+    language = "zh" if rng.random() < mix.zh else "en"
+    rows = []
+    while len(rows) < rng.randint(*mix.drill_facts):
+        problem = tasks.random_arith(rng, rng.choice((1, 2, 3)))
+        steps = tasks.steps_of(problem.expression)
+        rows += [(a, step.op, b) for step, (a, b, _) in zip(steps, tasks.step_values(steps))]
+    counts["drill"] += 1
+    return text.drill(rows, language)
+
+
 def code_document(rng: random.Random, task: code.CodeTask, mix: CorpusMix, counts: collections.Counter) -> str:
     """A code task with a (possibly wrong) one-line solution, in the R1-Zero format or as plain code."""
     language = "zh" if rng.random() < mix.zh else "en"
@@ -109,6 +126,9 @@ def pretrain_documents(rng: random.Random, n_docs: int, arith_pool: list, countd
                 problem = tasks.random_arith(rng, 1) if n_ops == 1 else rng.choice(arith_pool[n_ops])
             records.append({"text": reasoning_document(rng, problem, mix, counts), "kind": problem.task})
             continue
+        if kind == "drill":
+            records.append({"text": drill_document(rng, mix, counts), "kind": kind})
+            continue
         if kind == "code":
             records.append({"text": code_document(rng, rng.choice(code_pool), mix, counts), "kind": kind})
             continue
@@ -128,7 +148,7 @@ def mix_report(counts: collections.Counter, n_docs: int) -> dict:
     correctness, style, wrapper, language over reasoning documents; mixing and reflection over those
     that show their reasoning (not answer_only); correctness and format over code documents."""
     n_reason, n_shown, n_code = (max(counts[k], 1) for k in ("reasoning", "shown", "code"))
-    report = {f"docs:{k}": counts[k] / n_docs for k in ("reasoning", "code", "facts", "dialogue", "translation")}
+    report = {f"docs:{k}": counts[k] / n_docs for k in ("reasoning", "drill", "code", "facts", "dialogue", "translation")}
     report.update({f"reasoning:{k}": counts[k] / n_reason for k in ("correct", "wrong")})
     report.update({f"shown_reasoning:{k}": counts[k] / n_shown for k in ("mixed", "reflect")})
     report.update({f"reasoning:{k}": counts[k] / n_reason for k in sorted(counts)

@@ -21,7 +21,7 @@ import functools
 import itertools
 import random
 
-MAX_VALUE = 99
+MAX_VALUE = 30
 OPS = ("+", "-", "*")
 OP_WORD = {"+": "plus", "-": "minus", "*": "times"}
 _PREC = {"+": 1, "-": 1, "*": 2}
@@ -131,16 +131,18 @@ def _trees_of_three(numbers: tuple):
 _REACHABLE_CACHE: dict = {}
 
 
-def reachable(numbers: tuple) -> dict:
-    """{value: [expressions]} for every value in [0, MAX_VALUE] reachable from `numbers` with all
-    intermediates in range; expressions sorted, so the first is a canonical solution."""
-    key = tuple(sorted(numbers))
+def reachable(numbers: tuple, bounded: bool = True) -> dict:
+    """{value: [expressions]} for every value reachable from `numbers`; bounded: only expressions whose
+    intermediates and result lie in [0, MAX_VALUE] (the solutions the corpus writes); unbounded: any
+    integer on the way (what makes a listed target reachable at all). Expressions sorted, so the first
+    is a canonical solution."""
+    key = (tuple(sorted(numbers)), bounded)
     if key not in _REACHABLE_CACHE:
         found: dict = {}
-        for tree in _trees_of_three(key):
+        for tree in _trees_of_three(key[0]):
             expression = _render(tree)
             steps = steps_of(expression)
-            if _in_range(steps):
+            if not bounded or _in_range(steps):
                 found.setdefault(step_values(steps)[-1][2], set()).add(expression)
         _REACHABLE_CACHE[key] = {v: sorted(e) for v, e in sorted(found.items())}
     return _REACHABLE_CACHE[key]
@@ -155,7 +157,8 @@ def random_countdown(rng: random.Random) -> Problem:
         if len(table) < 3 or not candidates:
             continue
         answer = rng.choice(candidates)
-        near = [v for v in range(max(1, answer - 9), min(MAX_VALUE, answer + 9) + 1) if v not in table]
+        anywhere = reachable(numbers, bounded=False)  # a distractor must be unreachable by any route
+        near = [v for v in range(max(1, answer - 9), min(MAX_VALUE, answer + 9) + 1) if v not in anywhere]
         if len(near) < 2:
             continue
         targets = tuple(rng.sample(sorted(rng.sample(near, 2) + [answer]), 3))
@@ -189,7 +192,7 @@ def parse_int_answer(answer_str: str) -> int | None:
 
 def countdown_answer(numbers: tuple, targets: tuple) -> int:
     """The unique reachable target, recomputed from scratch (fails loudly if not unique)."""
-    hits = [t for t in targets if t in reachable(tuple(numbers))]
+    hits = [t for t in targets if t in reachable(tuple(numbers), bounded=False)]
     if len(hits) != 1:
         raise ValueError(f"countdown {numbers} -> {targets}: {len(hits)} reachable targets, expected 1")
     return hits[0]

@@ -151,7 +151,8 @@ def _render_clause(clause: tuple, language: str) -> str:
     kind = clause[0]
     if kind == "step":
         _, connective, a, op, b, r = clause
-        return f"{w(connective)} {a} {w(tasks.OP_WORD[op])} {b} {w('equals')} {r}"
+        fact = f"{a} {w(tasks.OP_WORD[op])} {b} {w('equals')} {r}"
+        return fact if connective is None else f"{w(connective)} {fact}"
     if kind == "reflect":
         _, a, op, b, right, wrong = clause
         return (f"{w('wait')} {p[',']} {w('let me check')} {p[':']} {a} {w(tasks.OP_WORD[op])} {b} "
@@ -159,6 +160,13 @@ def _render_clause(clause: tuple, language: str) -> str:
     if kind == "miss":
         return f"{clause[1]} {w('is not a target')}"
     return f"{w('so')} {w('the answer is')} {clause[1]}"
+
+
+def drill(rows: list, language: str) -> str:
+    """An arithmetic table: (a, op, b) facts written as the worked solutions write their steps, e.g.
+    `13 minus 4 equals 9 , 3 times 5 equals 15 .` -- the corpus's times table."""
+    clauses = [("step", None, a, op, b, tasks.apply_op(a, op, b)) for a, op, b in rows]
+    return f"{render_clauses(clauses, language)} {_PUNCT[language]['.']}"
 
 
 def render_clauses(clauses: list, language: str, switch_at: int | None = None) -> str:
