@@ -44,7 +44,6 @@ DEFAULT_RULES: tuple[tuple[str, object], ...] = (
     ("exp_mlp", "tensor"),
     ("norm", None),
     ("cache_batch", ("data", "fsdp", "expert")),
-    ("cache_len", None),
 )
 
 

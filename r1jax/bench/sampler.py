@@ -40,9 +40,9 @@ from r1jax.rl import sampler as sampler_lib
 
 def cache_values_per_token(cfg: ModelConfig) -> int:
     """Values one token occupies in one layer of r1jax's decode cache, read off `init_cache`'s arrays."""
-    cache = jax.eval_shape(lambda: models.init_cache(cfg, 1, 1))
+    cache = jax.eval_shape(lambda: models.init_cache(cfg, 1, 1))  # one row, one slot
     layers = cache["dense"] if "dense" in cache else cache["moe"]
-    return sum(int(np.prod(x.shape[3:])) for x in jax.tree.leaves(layers))  # [L, B, S, ...] -> per slot
+    return sum(int(np.prod(x.shape[1:])) for x in jax.tree.leaves(layers))  # [L, ...] -> per layer
 
 
 class R1jaxSampler:

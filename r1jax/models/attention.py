@@ -12,7 +12,12 @@ MLA has two paths over the same weights (REFERENCE.md §1):
 - absorbed: fold W_kv_b's key half into the query (q_nope @ W_UK -> [B,T,N,C]) and its value half into the
   output, and attend directly over the cached latent [c_kv | k_pe] (C + R values per token), i.e. multi-query
   attention with one shared "head" of size C + R. Used whenever a cache is given (prefill and decode), as the
-  official DeepSeek inference code does with attn_impl="absorb".
+  official DeepSeek inference code does with attn_impl="absorb". The key is passed in its two parts
+  (q_lat . c_kv + q_pe . k_pe), so the cache is never concatenated.
+
+The decode cache is stacked over layers [L,B,S,...] and is the layer scan's carry (transformer._scan_blocks):
+each layer writes its new entries into its own slice in place (`update_layer_cache`), so a decode step writes
+B x T entries per layer instead of copying whole cache buffers.
 
 Both paths attend with `attend`: `dot_attention` (the [B,N,T,S] scores at once) or, when T exceeds
 cfg.attn_block, `chunked_attention` (query blocks x key blocks with an online softmax, FlashAttention-2's
@@ -42,25 +47,52 @@ def make_mask(q_seg, q_slot, k_seg, k_slot):
 
 def attend(q, k, v, mask_ids, scale: float, block: int):
     """Attention of q [B,T,N,H] over k [B,S,K,H], v [B,S,K,Hv] under make_mask(*mask_ids): chunked when
-    block > 0 and T > block, else dot attention. -> [B,T,N,Hv]."""
+    block > 0 and T > block, else dot attention. -> [B,T,N,Hv].
+
+    q and k may also be equal-length tuples of parts (q_i [B,T,N,H_i], k_i [B,S,K,H_i]) whose dot products add
+    up to the score: MLA's absorbed path attends over its latent and rope caches without concatenating them."""
     if block and q.shape[1] > block:
         return chunked_attention(q, k, v, mask_ids, scale, block)
     return dot_attention(q, k, v, make_mask(*mask_ids), scale)
 
 
+def _parts(x) -> tuple:
+    return tuple(x) if isinstance(x, (tuple, list)) else (x,)
+
+
+def _grouped(q, kv: int) -> tuple:
+    """Query parts [B,T,N,H_i] -> [B,T,K,G,H_i]: K kv heads, each shared by G = N/K query heads."""
+    return tuple(x.reshape(*x.shape[:2], kv, x.shape[2] // kv, x.shape[3]) for x in _parts(q))
+
+
+def _scores(qg, k) -> jax.Array:
+    """chunked_attention's block scores, sum_i q_i k_i^T over the parts: qg parts [B,T,K,G,H_i], k parts
+    [B,S,K,H_i] -> [B,K,G,T,S] fp32."""
+    return sum(jnp.einsum("btkgh,bskh->bkgts", qi, ki, preferred_element_type=jnp.float32)
+               for qi, ki in zip(qg, _parts(k)))
+
+
 def dot_attention(q, k, v, mask, scale: float):
     """softmax(q k^T * scale) v with K kv heads shared by groups of N/K query heads.
 
-    q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv], mask [B,T,S] -> [B,T,N,Hv]. Scores and softmax in fp32.
+    q [B,T,N,H], k [B,S,K,H] (or tuples of parts, see `attend`), v [B,S,K,Hv], mask [B,T,S] -> [B,T,N,Hv].
+    Scores and softmax in fp32. Both products are batched matmuls over (B, K) with the G*T queries of a KV head
+    as the rows ([B,K,G*T,H] x [B,K,S,H]): with K = 1 (the MLA latent) or a heads-major cache the keys and
+    values enter XLA:CPU's matmuls as they are stored, where a [B,T,K,G,H] x [B,S,K,H] einsum copied (and
+    transposed) the whole cache of every layer at every decode step.
     """
-    b, t, n, h = q.shape
-    kv = k.shape[2]
-    qg = q.reshape(b, t, kv, n // kv, h)  # [B,T,K,G,H]
-    scores = jnp.einsum("btkgh,bskh->bkgts", qg, k, preferred_element_type=jnp.float32) * scale
+    b, t, n = _parts(q)[0].shape[:3]
+    kv = v.shape[2]
+    g = n // kv
+    rows = lambda x: x.reshape(b, t, kv, g, -1).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, -1)  # noqa: E731
+    heads = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [B,S,K,H] -> [B,K,S,H]
+    scores = sum(jnp.einsum("bkqh,bksh->bkqs", rows(qi), heads(ki), preferred_element_type=jnp.float32)
+                 for qi, ki in zip(_parts(q), _parts(k)))  # [B,K,G*T,S]
+    scores = scores.reshape(b, kv, g, t, -1) * scale
     scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bskh->btkgh", probs, v)
-    return out.reshape(b, t, n, v.shape[-1])
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs, heads(v))  # [B,K,G*T,Hv]
+    return out.reshape(b, kv, g, t, -1).transpose(0, 3, 1, 2, 4).reshape(b, t, n, v.shape[-1])
 
 
 def _blocks(x, n: int, fill):
@@ -74,7 +106,8 @@ def _blocks(x, n: int, fill):
 def chunked_attention(q, k, v, mask_ids, scale: float, block: int):
     """dot_attention's result without its [B,N,T,S] scores (FlashAttention-2, Dao 2023, Algorithm 1).
 
-    q [B,T,N,H], k [B,S,K,H], v [B,S,K,Hv], mask_ids (q_seg [B,T], q_slot [B,T], k_seg [B,S], k_slot [B,S]).
+    q [B,T,N,H], k [B,S,K,H] (or tuples of parts, see `attend`), v [B,S,K,Hv], mask_ids (q_seg [B,T],
+    q_slot [B,T], k_seg [B,S], k_slot [B,S]).
     1. Cut T and S into ceil(T/block) and ceil(S/block) equal blocks (the last padded: queries are dropped,
        padded keys get segment -1, which no query has).
     2. For each query block (lax.scan), run over the key blocks (lax.scan) keeping the running max m, the
@@ -87,23 +120,24 @@ def chunked_attention(q, k, v, mask_ids, scale: float, block: int):
     A masked key scores NEG_INF like dot_attention's; a query that sees no key at all (never a real token:
     a token sees itself) gets 0 here where dot_attention averages every value.
     """
-    b, t, n, h = q.shape
-    kv, hv = k.shape[2], v.shape[-1]
+    b, t, n = _parts(q)[0].shape[:3]
+    kv, hv = v.shape[2], v.shape[-1]
     q_seg, q_slot, k_seg, k_slot = mask_ids
-    nq, nk = -(-t // block), -(-k.shape[1] // block)
-    q_blocks = (_blocks(q.reshape(b, t, kv, n // kv, h), nq, 0), _blocks(q_seg, nq, 0), _blocks(q_slot, nq, 0))
-    k_blocks = (_blocks(k, nk, 0), _blocks(v, nk, 0), _blocks(k_seg, nk, -1), _blocks(k_slot, nk, 0))
+    nq, nk = -(-t // block), -(-v.shape[1] // block)
+    q_blocks = (tuple(_blocks(x, nq, 0) for x in _grouped(q, kv)), _blocks(q_seg, nq, 0), _blocks(q_slot, nq, 0))
+    k_blocks = (tuple(_blocks(x, nk, 0) for x in _parts(k)), _blocks(v, nk, 0), _blocks(k_seg, nk, -1),
+                _blocks(k_slot, nk, 0))
 
     def query_block(_, q_block):
-        qg, qs, qp = q_block  # [B,Tb,K,G,H], [B,Tb], [B,Tb]
+        qg, qs, qp = q_block  # parts [B,Tb,K,G,H_i], [B,Tb], [B,Tb]
 
         def key_block(carry, k_block):
-            kb, vb, ks, kp = k_block  # [B,Sb,K,H], [B,Sb,K,Hv], [B,Sb], [B,Sb]
+            kb, vb, ks, kp = k_block  # parts [B,Sb,K,H_i], [B,Sb,K,Hv], [B,Sb], [B,Sb]
             visible = (qs[:, :, None] == ks[:, None, :]) & (kp[:, None, :] <= qp[:, :, None])  # [B,Tb,Sb]
 
             def update(carry):
                 m, l, acc = carry  # [B,K,G,Tb] x2, [B,K,G,Tb,Hv]
-                s = jnp.einsum("btkgh,bskh->bkgts", qg, kb, preferred_element_type=jnp.float32) * scale
+                s = _scores(qg, kb) * scale
                 s = jnp.where(visible[:, None, None], s, NEG_INF)
                 m_new = jnp.maximum(m, s.max(-1))
                 p = jnp.exp(s - m_new[..., None])
@@ -113,7 +147,7 @@ def chunked_attention(q, k, v, mask_ids, scale: float, block: int):
 
             return jax.lax.cond(visible.any(), update, lambda c: c, carry), None
 
-        stats = jnp.full((b, kv, n // kv, qg.shape[1]), NEG_INF, jnp.float32)
+        stats = jnp.full((b, kv, n // kv, qg[0].shape[1]), NEG_INF, jnp.float32)
         init = (stats, jnp.zeros_like(stats), jnp.zeros(stats.shape + (hv,), jnp.float32))
         (_, l, acc), _ = jax.lax.scan(jax.checkpoint(key_block), init, k_blocks)
         out = acc / jnp.where(l > 0, l, 1.0)[..., None]  # [B,K,G,Tb,Hv]
@@ -123,17 +157,21 @@ def chunked_attention(q, k, v, mask_ids, scale: float, block: int):
     return jnp.moveaxis(out, 0, 1).reshape(b, -1, n, hv)[:, :t]
 
 
-def write_cache(buf, new, slots):
-    """Scatter new [B,T,...] into buf [B,S,...] at per-row slots [B,T]."""
-    rows = jnp.arange(buf.shape[0])[:, None]
-    return buf.at[rows, slots].set(new.astype(buf.dtype))
+def update_layer_cache(cache, layer, new: dict, index: tuple):
+    """Write new entries {name: array} into layer `layer` of the stacked cache {name: [L,B,...]} at `index`,
+    the advanced index of one layer's buffer. Returns (cache, that layer's arrays {name: [B,...]}). The stacked
+    cache is the carry of the layer scan (and of the sampler's while_loop), so XLA scatters in place: a decode
+    step writes B x T entries per layer, not whole buffers."""
+    cache = {name: buf.at[(layer,) + index].set(new[name].astype(buf.dtype)) for name, buf in cache.items()}
+    return cache, {name: buf[layer] for name, buf in cache.items()}
 
 
 # ------------------------------------------------------------------------------------------------- MLA
 
-def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, slots=None):
-    """MLA over x [B,T,D]. Without a cache: full path. With a cache {c_kv [B,S,C], k_pe [B,S,R]}: write the
-    new latents at `slots` [B,T] and attend (absorbed) over the whole cache. Returns (out [B,T,D], cache)."""
+def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None):
+    """MLA over x [B,T,D]. Without a cache: full path. With a stacked cache {c_kv [L,B,S,C], k_pe [L,B,S,R]}:
+    write the new latents into `layer` at `slots` [B,T] and attend (absorbed) over that layer's whole cache.
+    Returns (out [B,T,D], cache)."""
     n, dn, dv, c = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     if cfg.q_lora_rank:
         c_q = rms_norm(x @ p["wq_a"], p["q_norm"], cfg.rms_norm_eps)  # [B,T,Q]
@@ -156,12 +194,14 @@ def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, slots=None):
         qf = jnp.concatenate([q_nope, q_pe], -1)
         o = attend(qf, k, v, mask_ids, cfg.softmax_scale, cfg.attn_block)  # [B,T,N,Dv]
     else:
-        cache = {"c_kv": write_cache(cache["c_kv"], c_kv, slots), "k_pe": write_cache(cache["k_pe"], k_pe, slots)}
+        rows = jnp.arange(x.shape[0])[:, None]
+        cache, cached = update_layer_cache(cache, layer, {"c_kv": c_kv, "k_pe": k_pe}, (rows, slots))  # [B,S,C|R]
         w_uk, w_uv = w_kv_b[..., :dn], w_kv_b[..., dn:]
         q_lat = jnp.einsum("btnh,cnh->btnc", q_nope, w_uk)  # [B,T,N,C]: W_UK absorbed into the query
-        q_abs = jnp.concatenate([q_lat, q_pe], -1)  # [B,T,N,C+R]
-        latent = jnp.concatenate([cache["c_kv"], cache["k_pe"]], -1).astype(q_abs.dtype)[:, :, None]  # [B,S,1,C+R]
-        o_lat = attend(q_abs, latent, latent[..., :c], mask_ids, cfg.softmax_scale, cfg.attn_block)  # [B,T,N,C]
+        c_all = cached["c_kv"].astype(q_lat.dtype)[:, :, None]  # [B,S,1,C]: one shared "head"
+        k_pe_all = cached["k_pe"].astype(q_lat.dtype)[:, :, None]  # [B,S,1,R]
+        o_lat = attend((q_lat, q_pe), (c_all, k_pe_all), c_all, mask_ids, cfg.softmax_scale,
+                       cfg.attn_block)  # [B,T,N,C]
         o = jnp.einsum("btnc,cnh->btnh", o_lat, w_uv)  # [B,T,N,Dv]: W_UV absorbed into the output
     o = constrain(o, ("act_batch", "act_len", "act_heads", None))
     return jnp.einsum("btnh,nhd->btd", o, p["wo"]), cache
@@ -169,8 +209,9 @@ def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, slots=None):
 
 # ------------------------------------------------------------------------------------------------- GQA
 
-def gqa(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, slots=None):
-    """Grouped-query attention over x [B,T,D]; cache {k, v} [B,S,K,H] per KV head. Returns (out, cache)."""
+def gqa(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None):
+    """Grouped-query attention over x [B,T,D]; stacked heads-major cache {k, v} [L,B,K,S,H] (written into
+    `layer` at `slots`, then attended whole). Returns (out, cache)."""
     q = jnp.einsum("btd,dnh->btnh", x, p["wq"])
     k = jnp.einsum("btd,dkh->btkh", x, p["wk"])
     v = jnp.einsum("btd,dkh->btkh", x, p["wv"])
@@ -180,22 +221,27 @@ def gqa(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, slots=None):
     q = apply_rope(q, cos, sin, cfg.rope_interleave)
     k = apply_rope(k, cos, sin, cfg.rope_interleave)
     if cache is not None:
-        cache = {"k": write_cache(cache["k"], k, slots), "v": write_cache(cache["v"], v, slots)}
-        k, v = cache["k"].astype(q.dtype), cache["v"].astype(q.dtype)
+        b, kv = x.shape[0], cfg.n_kv_heads
+        index = (jnp.arange(b)[:, None, None], jnp.arange(kv)[None, :, None], slots[:, None, :])  # [B,K,T]
+        new = {"k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}  # [B,K,T,H]
+        cache, cached = update_layer_cache(cache, layer, new, index)
+        k, v = (cached[name].transpose(0, 2, 1, 3).astype(q.dtype) for name in ("k", "v"))  # [B,S,K,H]
     o = attend(q, k, v, mask_ids, cfg.softmax_scale, cfg.attn_block)
     return jnp.einsum("btnh,nhd->btd", o, p["wo"]), cache
 
 
-def attention(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, slots=None):
-    """mask_ids: (q_seg [B,T], q_slot [B,T], k_seg [B,S], k_slot [B,S]), see make_mask."""
+def attention(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None):
+    """mask_ids: (q_seg [B,T], q_slot [B,T], k_seg [B,S], k_slot [B,S]), see make_mask. cache: the stacked
+    layer cache (or None), layer: this layer's index in it."""
     fn = mla if cfg.attention == "mla" else gqa
-    return fn(p, x, cos, sin, mask_ids, cfg, cache, slots)
+    return fn(p, x, cos, sin, mask_ids, cfg, cache, layer, slots)
 
 
 def empty_layer_cache(cfg: ModelConfig, n_layers: int, batch: int, max_len: int, dtype):
-    """Per-layer cache arrays stacked on a leading layer axis."""
+    """Per-layer cache arrays stacked on a leading layer axis: the MLA latent {c_kv [L,B,S,C], k_pe [L,B,S,R]};
+    GQA keys and values heads-major {k, v} [L,B,K,S,H], the layout `dot_attention`'s matmuls read in place."""
     if cfg.attention == "mla":
         return {"c_kv": jnp.zeros((n_layers, batch, max_len, cfg.kv_lora_rank), dtype),
                 "k_pe": jnp.zeros((n_layers, batch, max_len, cfg.qk_rope_head_dim), dtype)}
-    shape = (n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+    shape = (n_layers, batch, cfg.n_kv_heads, max_len, cfg.head_dim)
     return {"k": jnp.zeros(shape, dtype), "v": jnp.zeros(shape, dtype)}

@@ -100,13 +100,16 @@ def _experts_tiled(x, src, dst, sizes, w_gate, w_up, w_down, max_tile: int):
     and is written to output row dst[r]: x [A, D], src/dst [P] -> y [P, D] (dst a permutation of range(P)).
 
     Each expert's rows are padded to a multiple of a tile of Tm rows (`_tile_size`), so every tile belongs to
-    one expert. The tile layout holds the worst case, P/Tm + E tiles, in chunks of TILE_CHUNK_ROWS rows, but
-    only the chunks holding rows are computed (`_tiled_swiglu`): the work is ~ P + E*Tm/2 rows, and no buffer
-    of the worst-case size is written. CPU's ragged_dot computes every expert densely, hence this path there."""
+    one expert. The tile layout holds the worst case, P/Tm + E tiles, in chunks of at most TILE_CHUNK_ROWS rows
+    (one chunk of exactly the worst case when that is smaller: a decode step's 64 tokens x top-2 over 8 experts
+    make 16 tiles of 16 rows, not 64), but only the chunks holding rows are computed (`_tiled_swiglu`): the
+    work is ~ P + E*Tm/2 rows, and no buffer of the worst-case size is written. CPU's ragged_dot computes every
+    expert densely, hence this path there."""
     n_rows, n_exp = src.shape[0], w_gate.shape[0]
     tm = _tile_size(n_rows, n_exp, max_tile)
-    per_chunk = max(1, TILE_CHUNK_ROWS // tm)  # tiles
-    n_chunks = -(-(-(-n_rows // tm) + n_exp) // per_chunk)
+    max_tiles = -(-n_rows // tm) + n_exp  # the worst case
+    per_chunk = max(1, min(TILE_CHUNK_ROWS // tm, max_tiles))  # tiles; few rows (decoding): one small chunk
+    n_chunks = -(-max_tiles // per_chunk)
     padded = -(-sizes // tm) * tm  # [E]
     pad_end = jnp.cumsum(padded)
     shift = pad_end - padded - (jnp.cumsum(sizes) - sizes)  # [E] padded start - sorted start

@@ -214,12 +214,13 @@ _REMAT = {
 }
 
 
-def _block(p, x, ctx, cfg: ModelConfig, moe: bool, cache=None):
-    """One pre-norm decoder block. Returns (x, moe stats or None, new layer cache)."""
+def _block(p, x, ctx, cfg: ModelConfig, moe: bool, cache=None, layer=None):
+    """One pre-norm decoder block (layer `layer` of the stacked cache, if any). Returns (x, moe stats or None,
+    cache)."""
     p = _cast(p, cfg.compute_dtype)
     cos, sin, mask_ids, valid, slots = ctx
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    a, cache = attention(p["attn"], h, cos, sin, mask_ids, cfg, cache, slots)
+    a, cache = attention(p["attn"], h, cos, sin, mask_ids, cfg, cache, layer, slots)
     x = constrain(x + a, ("act_batch", "act_len", "act_embed"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     if moe:
@@ -231,16 +232,21 @@ def _block(p, x, ctx, cfg: ModelConfig, moe: bool, cache=None):
 
 
 def _scan_blocks(stacked, x, ctx, cfg: ModelConfig, moe: bool, cache=None):
-    """Run a stack of blocks with lax.scan (+ remat). Returns (x, stacked stats, stacked cache)."""
+    """Run a stack of blocks with lax.scan (+ remat). Returns (x, stacked stats, stacked cache).
+
+    The stacked cache [L,B,S,...] rides in the carry, not in the scanned inputs/outputs: each layer updates its
+    slice in place, where stacked outputs would be a fresh (zero-filled) copy of the whole cache every call."""
 
     def body(carry, layer):
-        p, c = layer
-        y, stats, c = _block(p, carry, ctx, cfg, moe, c)
-        return y, (stats, c)
+        y, c = carry
+        p, index = layer
+        y, stats, c = _block(p, y, ctx, cfg, moe, c, index)
+        return (y, c), stats
 
     if cfg.remat != "none":
         body = jax.checkpoint(body, policy=_REMAT[cfg.remat], prevent_cse=False)
-    x, (stats, cache) = jax.lax.scan(body, x, (stacked, cache))
+    n_layers = jax.tree.leaves(stacked)[0].shape[0]
+    (x, cache), stats = jax.lax.scan(body, (x, cache), (stacked, jnp.arange(n_layers)))
     return x, stats, cache
 
 
