@@ -30,11 +30,17 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from r1jax.models.config import ModelConfig
 from r1jax.models.layers import apply_rope, rms_norm
 from r1jax.sharding import constrain
 
+# Queries per block of `causal_dot_attention` (the full forward): smaller blocks skip more of the masked
+# half of the scores but run smaller matmuls; 64 measured fastest for the tiny models on CPU (T = 128, 256).
+CAUSAL_BLOCK = 64
+# checkpoint_name of what dot attention's backward reads besides its inputs (output and log-sum-exp, both small).
+SAVED_NAMES = ("attention_out", "attention_lse")
 NEG_INF = -1e30  # finite: a row with no visible key (never a real token) gets a uniform softmax, not NaN
 
 
@@ -45,14 +51,19 @@ def make_mask(q_seg, q_slot, k_seg, k_slot):
     return same & causal
 
 
-def attend(q, k, v, mask_ids, scale: float, block: int):
+def attend(q, k, v, mask_ids, scale: float, block: int, in_order: bool = False):
     """Attention of q [B,T,N,H] over k [B,S,K,H], v [B,S,K,Hv] under make_mask(*mask_ids): chunked when
     block > 0 and T > block, else dot attention. -> [B,T,N,Hv].
 
     q and k may also be equal-length tuples of parts (q_i [B,T,N,H_i], k_i [B,S,K,H_i]) whose dot products add
-    up to the score: MLA's absorbed path attends over its latent and rope caches without concatenating them."""
+    up to the score: MLA's absorbed path attends over its latent and rope caches without concatenating them.
+
+    in_order: the queries are the keys, at slots 0..T-1 (the full forward without a cache), so no query sees a
+    key past its own slot and `causal_dot_attention` skips the key blocks above the diagonal."""
     if block and q.shape[1] > block:
         return chunked_attention(q, k, v, mask_ids, scale, block)
+    if in_order:
+        return causal_dot_attention(q, k, v, make_mask(*mask_ids), scale)
     return dot_attention(q, k, v, make_mask(*mask_ids), scale)
 
 
@@ -80,19 +91,87 @@ def dot_attention(q, k, v, mask, scale: float):
     as the rows ([B,K,G*T,H] x [B,K,S,H]): with K = 1 (the MLA latent) or a heads-major cache the keys and
     values enter XLA:CPU's matmuls as they are stored, where a [B,T,K,G,H] x [B,S,K,H] einsum copied (and
     transposed) the whole cache of every layer at every decode step.
+
+    The gradient is written by hand (`_dot_attention_bwd`, FlashAttention-2's backward without the blocks): the
+    forward saves its inputs, output and the log-sum-exp [B,K,G,T] of the scores, never the [B,K,G,T,S]
+    probabilities, and the backward recomputes them with one matmul. Under the layer scan, autodiff's residual
+    probabilities were stacked over layers ([L,B,N,T,S], zero-filled, written and read back every step): in
+    the tiny pretraining step that bookkeeping cost more than the recomputing matmul.
     """
-    b, t, n = _parts(q)[0].shape[:3]
+    return _dot_attention(_parts(q), _parts(k), v, mask, scale)
+
+
+def causal_dot_attention(q, k, v, mask, scale: float):
+    """dot_attention for queries that are the keys, at slots 0..T-1 (T = S): query block [a, b) attends over
+    keys [0, b) only, in blocks of about CAUSAL_BLOCK queries. The skipped scores are masked anyway (key slot >
+    query slot), so the result is dot_attention's; at T = 4 blocks the score matmuls and softmax work shrink to
+    10/16 of the square."""
+    t = v.shape[1]
+    if _parts(q)[0].shape[1] != t:
+        raise ValueError(f"causal_dot_attention: {_parts(q)[0].shape[1]} queries over {t} keys; needs T = S")
+    n = max(1, t // CAUSAL_BLOCK)
+    edges = [t * i // n for i in range(n + 1)]
+    cut = lambda x, a, b: tuple(p[:, a:b] for p in _parts(x))  # noqa: E731
+    outs = [_dot_attention(cut(q, a, b), cut(k, 0, b), v[:, :b], mask[:, a:b, :b], scale)
+            for a, b in zip(edges[:-1], edges[1:])]
+    return outs[0] if n == 1 else jnp.concatenate(outs, axis=1)
+
+
+def _layout(qs, v):
+    """(rows, heads, back) for query parts [B,T,N,H_i] and v [B,S,K,Hv]: rows [B,T,N,H] -> [B,K,G*T,H],
+    heads [B,S,K,H] -> [B,K,S,H] and back [B,K,G*T,H] -> [B,T,N,H] (rows' inverse)."""
+    b, t, n = qs[0].shape[:3]
     kv = v.shape[2]
     g = n // kv
     rows = lambda x: x.reshape(b, t, kv, g, -1).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, -1)  # noqa: E731
-    heads = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731  [B,S,K,H] -> [B,K,S,H]
+    heads = lambda x: x.transpose(0, 2, 1, 3)  # noqa: E731
+    back = lambda x: x.reshape(b, kv, g, t, -1).transpose(0, 3, 1, 2, 4).reshape(b, t, n, -1)  # noqa: E731
+    return rows, heads, back
+
+
+def _masked_scores(qs, ks, mask, scale: float, rows, heads):
+    """scale * sum_i q_i k_i^T, NEG_INF where masked: [B,K,G,T,S] fp32."""
     scores = sum(jnp.einsum("bkqh,bksh->bkqs", rows(qi), heads(ki), preferred_element_type=jnp.float32)
-                 for qi, ki in zip(_parts(q), _parts(k)))  # [B,K,G*T,S]
-    scores = scores.reshape(b, kv, g, t, -1) * scale
-    scores = jnp.where(mask[:, None, None], scores, NEG_INF)
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype).reshape(b, kv, g * t, -1)
-    out = jnp.einsum("bkqs,bksh->bkqh", probs, heads(v))  # [B,K,G*T,Hv]
-    return out.reshape(b, kv, g, t, -1).transpose(0, 3, 1, 2, 4).reshape(b, t, n, v.shape[-1])
+                 for qi, ki in zip(qs, ks))  # [B,K,G*T,S]
+    b, kv, _, s = scores.shape
+    scores = scores.reshape(b, kv, -1, mask.shape[1], s) * scale
+    return jnp.where(mask[:, None, None], scores, NEG_INF)
+
+
+def _dot_attention_fwd(qs, ks, v, mask, scale: float):
+    rows, heads, back = _layout(qs, v)
+    scores = _masked_scores(qs, ks, mask, scale, rows, heads)
+    m = jnp.max(scores, axis=-1, keepdims=True)
+    e = jnp.exp(scores - m)
+    total = jnp.sum(e, axis=-1, keepdims=True)
+    probs = (e / total).astype(v.dtype)
+    out = jnp.einsum("bkqs,bksh->bkqh", probs.reshape(*probs.shape[:2], -1, probs.shape[-1]), heads(v))
+    # Named so that the remat policies keep them (transformer._REMAT): then the backward needs nothing of the
+    # forward's [B,K,G,T,S] work, where a dots policy would save the score matmul and redo the softmax.
+    out, lse = checkpoint_name(out, "attention_out"), checkpoint_name(m + jnp.log(total), "attention_lse")
+    return back(out), (qs, ks, v, mask, out, lse)
+
+
+def _dot_attention_bwd(scale: float, res, d_out):
+    """dV = P^T dO, dP = dO V^T, dS = P (dP - rowsum(dO o O)) (masked), dQ_i = dS K_i, dK_i = dS^T Q_i."""
+    qs, ks, v, mask, out, lse = res
+    rows, heads, back = _layout(qs, v)
+    probs = jnp.exp(_masked_scores(qs, ks, mask, scale, rows, heads) - lse)  # [B,K,G,T,S]
+    flat = lambda x: x.reshape(*x.shape[:2], -1, x.shape[-1])  # noqa: E731  [B,K,G,T,S] -> [B,K,G*T,S]
+    d_rows = rows(d_out)  # [B,K,G*T,Hv]
+    dv = jnp.einsum("bkqs,bkqh->bksh", flat(probs).astype(v.dtype), d_rows.astype(v.dtype))
+    dp = jnp.einsum("bkqh,bksh->bkqs", d_rows, heads(v), preferred_element_type=jnp.float32)
+    delta = jnp.sum(d_rows.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # [B,K,G*T]
+    ds = probs * (dp.reshape(probs.shape) - delta.reshape(probs.shape[:-1])[..., None]) * scale
+    ds = flat(jnp.where(mask[:, None, None], ds, 0.0))  # a query that sees no key passes no gradient to scores
+    dqs = tuple(back(jnp.einsum("bkqs,bksh->bkqh", ds.astype(qi.dtype), heads(ki))) for qi, ki in zip(qs, ks))
+    dks = tuple(heads(jnp.einsum("bkqs,bkqh->bksh", ds.astype(ki.dtype), rows(qi))) for qi, ki in zip(qs, ks))
+    return dqs, dks, heads(dv), None
+
+
+_dot_attention = jax.custom_vjp(lambda qs, ks, v, mask, scale: _dot_attention_fwd(qs, ks, v, mask, scale)[0],
+                                nondiff_argnums=(4,))
+_dot_attention.defvjp(_dot_attention_fwd, _dot_attention_bwd)
 
 
 def _blocks(x, n: int, fill):
@@ -192,7 +271,7 @@ def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slot
         k_nope, v = kv[..., :dn], kv[..., dn:]
         k = jnp.concatenate([k_nope, jnp.broadcast_to(k_pe[:, :, None], k_nope.shape[:3] + k_pe.shape[-1:])], -1)
         qf = jnp.concatenate([q_nope, q_pe], -1)
-        o = attend(qf, k, v, mask_ids, cfg.softmax_scale, cfg.attn_block)  # [B,T,N,Dv]
+        o = attend(qf, k, v, mask_ids, cfg.softmax_scale, cfg.attn_block, in_order=True)  # [B,T,N,Dv]
     else:
         rows = jnp.arange(x.shape[0])[:, None]
         cache, cached = update_layer_cache(cache, layer, {"c_kv": c_kv, "k_pe": k_pe}, (rows, slots))  # [B,S,C|R]
@@ -226,13 +305,15 @@ def gqa(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slot
         new = {"k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}  # [B,K,T,H]
         cache, cached = update_layer_cache(cache, layer, new, index)
         k, v = (cached[name].transpose(0, 2, 1, 3).astype(q.dtype) for name in ("k", "v"))  # [B,S,K,H]
-    o = attend(q, k, v, mask_ids, cfg.softmax_scale, cfg.attn_block)
+    o = attend(q, k, v, mask_ids, cfg.softmax_scale, cfg.attn_block, in_order=cache is None)
     return jnp.einsum("btnh,nhd->btd", o, p["wo"]), cache
 
 
 def attention(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None):
     """mask_ids: (q_seg [B,T], q_slot [B,T], k_seg [B,S], k_slot [B,S]), see make_mask. cache: the stacked
-    layer cache (or None), layer: this layer's index in it."""
+    layer cache (or None), layer: this layer's index in it. Without a cache the queries are the keys, at slots
+    0..T-1 (the full forward, transformer.hidden_states), and attention skips the key blocks past each query
+    block (`causal_dot_attention`)."""
     fn = mla if cfg.attention == "mla" else gqa
     return fn(p, x, cos, sin, mask_ids, cfg, cache, layer, slots)
 

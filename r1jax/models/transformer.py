@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from r1jax.models.attention import attention, empty_layer_cache
+from r1jax.models.attention import SAVED_NAMES, attention, empty_layer_cache
 from r1jax.models.config import ModelConfig
 from r1jax.models.layers import rms_norm, rope_cos_sin, swiglu
 from r1jax.models.moe import moe_layer
@@ -207,10 +207,14 @@ def _cast(tree, dtype):
             for k, v in tree.items()}
 
 
+# "dots" policies also keep dot attention's output and log-sum-exp (attention.SAVED_NAMES), so its hand-written
+# backward runs without recomputing the forward's softmax.
+_ATTENTION_SAVED = jax.checkpoint_policies.save_only_these_names(*SAVED_NAMES)
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
-    "dots": jax.checkpoint_policies.dots_saveable,
-    "dots_no_batch": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    "dots": jax.checkpoint_policies.save_from_both_policies(jax.checkpoint_policies.dots_saveable, _ATTENTION_SAVED),
+    "dots_no_batch": jax.checkpoint_policies.save_from_both_policies(
+        jax.checkpoint_policies.dots_with_no_batch_dims_saveable, _ATTENTION_SAVED),
 }
 
 
