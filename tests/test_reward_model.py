@@ -100,7 +100,10 @@ def test_reward_model_reward_and_by_source_routing(trained):
     with_reasoning = [f"{R}whatever I thought{S}{p['chosen']}" for p in pairs[:4]]
     np.testing.assert_allclose(rm.score(questions[:4], with_reasoning, "helpful"), via_reward[0][:4], rtol=1e-4,
                                atol=1e-5)
-    assert np.all(np.abs(rm.score(questions[:4], with_reasoning) - via_reward[0][:4]) > 1e-5)  # harmless reads it all
+    # harmless reads it all: the reasoning is in what it scores (a trained RM can be nearly flat on these
+    # benign texts, so the scores themselves need only differ somewhere)
+    assert all(rm_lib.scored_part(r, "harmless") == r for r in with_reasoning)
+    assert np.max(np.abs(rm.score(questions[:4], with_reasoning) - via_reward[0][:4])) > 1e-5
 
     routes = {"rule": (("answer_accuracy", 1.0),),
               "reward_model": (("reward_model", 1.0, helpful), ("reward_model", 0.5, helpful))}  # one reward twice

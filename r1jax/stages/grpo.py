@@ -63,11 +63,11 @@ from r1jax.rl import sampler as sampler_lib
 from r1jax.rl import trainer as trainer_lib
 from r1jax.sharding import logical_to_spec
 from r1jax.stages.common import StageResult, is_primary, mesh_and_rules, model_config
-from r1jax.stages.sft import TRAINING_FIELDS, ensure_world, load_init, stage_tokenizer, start_run
+from r1jax.stages.sft import TRAINING_FIELDS, ensure_world, finish_run, load_init, stage_tokenizer, start_run
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import state as state_lib
 from r1jax.train.loop import NonFiniteError, PreemptionFlag
-from r1jax.train.metrics import MetricsLogger, read_metrics
+from r1jax.train.metrics import MetricsLogger
 
 log = logging.getLogger(__name__)
 
@@ -276,14 +276,7 @@ def run(config, workdir: str) -> StageResult:
         finally:
             checkpointer.wait()
             logger.close()
-    checkpointer.close()
-    if not last_record and os.path.exists(logger.path):
-        records = read_metrics(logger.path)
-        last_record = records[-1] if records else {}
-    checkpoint = checkpointer.step_dir(saved_step) if saved_step is not None else None
-    return StageResult(stage="grpo", workdir=workdir, status=status, checkpoint=checkpoint,
-                       outputs={"checkpoint": checkpoint, "tokenizer": tokenizer_path, "metrics": logger.path},
-                       metrics=last_record)
+    return finish_run("grpo", workdir, checkpointer, logger, saved_step, status, last_record, tokenizer_path)
 
 
 def loss_spec(config) -> trainer_lib.LossSpec:

@@ -36,11 +36,11 @@ from r1jax.data.sources import iterate_records
 from r1jax.rl import reward_model as rm_lib
 from r1jax.sharding import use_rules
 from r1jax.stages.common import StageResult, is_primary, mesh_and_rules, model_config
-from r1jax.stages.sft import initial_weights, resolve_tokenizer, start_run
+from r1jax.stages.sft import finish_run, initial_weights, stage_tokenizer, start_run
 from r1jax.train import optimizer as opt_lib
 from r1jax.train import state as state_lib
 from r1jax.train.loop import NonFiniteError, PreemptionFlag
-from r1jax.train.metrics import MetricsLogger, read_metrics
+from r1jax.train.metrics import MetricsLogger
 from r1jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -57,10 +57,7 @@ def run(config, workdir: str) -> StageResult:
     cfg, init_params, init_meta = initial_weights(config, cfg, resume_meta, mesh, rules)
 
     # ---------------------------------------------------------------- 3. data
-    tokenizer_path = resolve_tokenizer(config, workdir, resume_meta, init_meta)
-    from r1jax.data.tokenizer import load_tokenizer
-
-    tokenizer = load_tokenizer(tokenizer_path)
+    tokenizer_path, tokenizer = stage_tokenizer(config, workdir, resume_meta, init_meta, cfg)
     train_files, eval_files = resolve_files(config, workdir)
     train = encode_pairs(load_pairs(config, train_files), tokenizer, config)
     heldout = encode_pairs(load_pairs(config, eval_files), tokenizer, config) if eval_files else None
@@ -127,14 +124,7 @@ def run(config, workdir: str) -> StageResult:
         finally:
             checkpointer.wait()
             logger.close()
-    checkpointer.close()
-    if not last and os.path.exists(logger.path):
-        records = read_metrics(logger.path)
-        last = records[-1] if records else {}
-    checkpoint = checkpointer.step_dir(saved_step) if saved_step is not None else None
-    return StageResult(stage="reward_model", workdir=workdir, status=status, checkpoint=checkpoint,
-                       outputs={"checkpoint": checkpoint, "tokenizer": tokenizer_path, "metrics": logger.path},
-                       metrics=last)
+    return finish_run("reward_model", workdir, checkpointer, logger, saved_step, status, last, tokenizer_path)
 
 
 # ------------------------------------------------------------------------------------------ data

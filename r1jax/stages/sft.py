@@ -99,15 +99,8 @@ def run(config, workdir: str) -> StageResult:
                         log_every=config.train.log_every,
                         checkpoint_every=config.train.checkpoint_every, eval_every=config.train.eval_every,
                         eval_fn=eval_fn, data_metrics=train_iter.metrics)
-    checkpointer.close()
-    metrics = result.metrics
-    if not metrics and os.path.exists(logger.path):  # nothing left to train: report the run's last record
-        records = read_metrics(logger.path)
-        metrics = records[-1] if records else {}
-    checkpoint = checkpointer.step_dir(result.checkpoint_step) if result.checkpoint_step is not None else None
-    return StageResult(stage="sft", workdir=workdir, status=result.status, checkpoint=checkpoint,
-                       outputs={"checkpoint": checkpoint, "tokenizer": tokenizer_path, "metrics": logger.path},
-                       metrics=metrics)
+    return finish_run("sft", workdir, checkpointer, logger, result.checkpoint_step, result.status, result.metrics,
+                      tokenizer_path)
 
 
 # ------------------------------------------------------------------------------------------ helpers
@@ -148,6 +141,21 @@ def start_run(config, workdir: str):
     resume_step = checkpointer.latest_step()
     resume_meta = checkpointer.restore_meta(resume_step) if resume_step is not None else None
     return workdir, mesh, rules, model_config(config.model), checkpointer, resume_step, resume_meta
+
+
+def finish_run(stage: str, workdir: str, checkpointer, logger, saved_step, status: str, metrics: dict,
+               tokenizer_path: str) -> StageResult:
+    """What every training stage does last: close the checkpointer and return the StageResult (the final
+    checkpoint, tokenizer, metrics.jsonl). `metrics` empty (nothing left to train on a rerun of a finished
+    run): the run's last logged record."""
+    checkpointer.close()
+    if not metrics and os.path.exists(logger.path):
+        records = read_metrics(logger.path)
+        metrics = records[-1] if records else {}
+    checkpoint = checkpointer.step_dir(saved_step) if saved_step is not None else None
+    return StageResult(stage=stage, workdir=workdir, status=status, checkpoint=checkpoint,
+                       outputs={"checkpoint": checkpoint, "tokenizer": tokenizer_path, "metrics": logger.path},
+                       metrics=metrics)
 
 
 def initial_weights(config, cfg: models.ModelConfig, resume_meta, mesh, rules):
