@@ -93,6 +93,7 @@ def tiny_stages() -> dict:
 
     s["student_base"] = pretrain.get_config("tiny")
     s["student_base"].model = common.tiny_model("tiny_dense")
+    s["student_base"].train.steps = 1200  # the dense GQA student copies sooner; it only anchors the distill comparison
     s["student_base"].data.train_files = ("@world:pretrain.jsonl",)
     s["student_base"].data.tokenizer = tokenizer
 
