@@ -51,6 +51,23 @@ def test_cached_decode_matches_forward_padded(name):
 
 
 @pytest.mark.parametrize("name", ["tiny_moe", "tiny_dense"])
+def test_chunked_prefill_matches_dot_prefill(name):
+    """A prefill longer than attn_block runs chunked attention over the cache (for MLA: the absorbed query and
+    key in two parts): same logits as the unchunked prefill."""
+    outs = []
+    for block in (0, 4):
+        cfg = M.get_preset(name, mtp_depth=0, n_layers=2, n_dense_layers=1 if name == "tiny_moe" else 2,
+                           attn_block=block)
+        params = M.init(cfg, jax.random.PRNGKey(0))
+        tokens = jnp.asarray(np.random.default_rng(3).integers(0, cfg.vocab_size, (2, 11)), jnp.int32)
+        seg = jnp.asarray(np.array([[1] * 11, [1] * 6 + [0] * 5]), jnp.int32)
+        logits, _ = M.prefill(params, tokens, cfg, M.init_cache(cfg, 2, 16), segment_ids=seg)
+        outs.append(np.asarray(logits))
+    np.testing.assert_allclose(outs[1][0], outs[0][0], atol=1e-5, rtol=0)
+    np.testing.assert_allclose(outs[1][1, :6], outs[0][1, :6], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("name", ["tiny_moe", "tiny_dense"])
 def test_cached_decode_matches_forward_packed(name):
     """A packed prompt row (two documents): prefill logits equal the forward of each document alone, and
     decoding continues the last document without seeing the first."""

@@ -39,6 +39,9 @@ from r1jax.sharding import constrain
 # Queries per block of `causal_dot_attention` (the full forward): smaller blocks skip more of the masked
 # half of the scores but run smaller matmuls; 64 measured fastest for the tiny models on CPU (T = 128, 256).
 CAUSAL_BLOCK = 64
+# At most this many query blocks (the blocks are unrolled in the program: long sequences without attn_block get
+# longer blocks rather than a program that grows with T).
+MAX_CAUSAL_BLOCKS = 16
 # checkpoint_name of what dot attention's backward reads besides its inputs (output and log-sum-exp, both small).
 SAVED_NAMES = ("attention_out", "attention_lse")
 NEG_INF = -1e30  # finite: a row with no visible key (never a real token) gets a uniform softmax, not NaN
@@ -60,7 +63,7 @@ def attend(q, k, v, mask_ids, scale: float, block: int, in_order: bool = False):
 
     in_order: the queries are the keys, at slots 0..T-1 (the full forward without a cache), so no query sees a
     key past its own slot and `causal_dot_attention` skips the key blocks above the diagonal."""
-    if block and q.shape[1] > block:
+    if block and _parts(q)[0].shape[1] > block:
         return chunked_attention(q, k, v, mask_ids, scale, block)
     if in_order:
         return causal_dot_attention(q, k, v, make_mask(*mask_ids), scale)
@@ -104,12 +107,12 @@ def dot_attention(q, k, v, mask, scale: float):
 def causal_dot_attention(q, k, v, mask, scale: float):
     """dot_attention for queries that are the keys, at slots 0..T-1 (T = S): query block [a, b) attends over
     keys [0, b) only, in blocks of about CAUSAL_BLOCK queries. The skipped scores are masked anyway (key slot >
-    query slot), so the result is dot_attention's; at T = 4 blocks the score matmuls and softmax work shrink to
+    query slot), so the result is dot_attention's (at most MAX_CAUSAL_BLOCKS blocks); at T = 4 blocks the score matmuls and softmax work shrink to
     10/16 of the square."""
     t = v.shape[1]
     if _parts(q)[0].shape[1] != t:
         raise ValueError(f"causal_dot_attention: {_parts(q)[0].shape[1]} queries over {t} keys; needs T = S")
-    n = max(1, t // CAUSAL_BLOCK)
+    n = min(max(1, t // CAUSAL_BLOCK), MAX_CAUSAL_BLOCKS)
     edges = [t * i // n for i in range(n + 1)]
     cut = lambda x, a, b: tuple(p[:, a:b] for p in _parts(x))  # noqa: E731
     outs = [_dot_attention(cut(q, a, b), cut(k, 0, b), v[:, :b], mask[:, a:b, :b], scale)
