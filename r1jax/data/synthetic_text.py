@@ -212,16 +212,18 @@ def completion(attempt: Attempt, style: str) -> str:
 
 def summary(problem, language: str, rng: random.Random, *, expression: str | None = None,
             overrides: dict | None = None) -> str:
-    """Short answer with its computation in symbols, e.g. `4 * 2 = 8 , 3 + 8 = 11 . the answer is 11 .`
+    """Short answer with its computation, each step written as the reasoning writes it, e.g.
+    `4 times 2 equals 8 , 3 plus 8 equals 11 . the answer is 11 .` (in symbols, `4 * 2 = 8`, the tiny models
+    recomputed the steps in a notation the corpus never drills and got them wrong after right reasoning).
     `expression` defaults to the problem's (countdown: a random solving one); `overrides` {step: value}
     writes a slipped, wrong summary."""
     if expression is None:
         expression = _solving_expression(problem, rng)
     steps = tasks.steps_of(expression)
     rows = tasks.step_values(steps, overrides)
+    clauses = [("step", None, a, s.op, b, r) for s, (a, b, r) in zip(steps, rows)]
     p = _PUNCT[language]
-    work = f" {p[',']} ".join(f"{a} {s.op} {b} = {r}" for s, (a, b, r) in zip(steps, rows))
-    return f"{work} {p['.']} {lex.word('the answer is', language)} {rows[-1][2]} {p['.']}"
+    return f"{render_clauses(clauses, language)} {p['.']} {lex.word('the answer is', language)} {rows[-1][2]} {p['.']}"
 
 
 def slipped_summary(problem, language: str, rng: random.Random) -> str:

@@ -60,9 +60,9 @@ def run(config, workdir: str) -> StageResult:
             log.info("pipeline: stage %d/%d %s -> %s", i + 1, len(order), name, stage_dir)
             summary[name] = {**summary.get(name, {}), "status": "running", "workdir": stage_dir}
             write_summary(summary_path, summary, order)
-            t0 = time.time()
+            t0, cpu0 = time.time(), _cpu_seconds()
             result = stages.run(resolved, stage_dir).to_dict()
-            summary[name] = {"seconds": round(time.time() - t0, 1)}
+            summary[name] = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(_cpu_seconds() - cpu0, 1)}
         results[name] = result
         summary[name] = stage_summary(result, summary.get(name, {}))
         add_eval_scores(summary, results)
@@ -78,6 +78,13 @@ def run(config, workdir: str) -> StageResult:
                                                             if os.path.isfile(os.path.join(workdir, "report.md"))
                                                             else {})},
                        metrics=metrics)
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and its finished children (user + system): with `seconds`, how many cores a stage
+    kept busy."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
 
 
 def use_compilation_cache(config, workdir: str) -> None:
@@ -210,7 +217,7 @@ def finished_result(stage_dir: str) -> dict | None:
 def stage_summary(result: dict, previous: dict) -> dict:
     return {"stage": result["stage"], "status": result["status"], "workdir": result["workdir"],
             "checkpoint": result.get("checkpoint"), "outputs": result["outputs"], "metrics": result["metrics"],
-            **({"seconds": previous["seconds"]} if "seconds" in previous else {})}
+            **{k: previous[k] for k in ("seconds", "cpu_seconds") if k in previous}}
 
 
 def add_eval_scores(summary: dict, results: dict[str, dict]) -> None:

@@ -84,7 +84,11 @@ def run(config, workdir: str) -> StageResult:
             n = batch["n"]
             margins.append(s[:n] - s[batch_size:batch_size + n])
         margin = np.concatenate(margins)
-        return {"heldout_pair_accuracy": float(np.mean(margin > 0)), "heldout_margin": float(np.mean(margin))}
+        subkinds = np.asarray(heldout.subkinds)
+        per_subkind = {f"heldout_pair_accuracy/{k}": float(np.mean(margin[subkinds == k] > 0))
+                       for k in sorted(set(heldout.subkinds)) if k}
+        return {"heldout_pair_accuracy": float(np.mean(margin > 0)), "heldout_margin": float(np.mean(margin)),
+                **per_subkind}
 
     def meta():
         return {"stage": "reward_model", "model": dataclasses.asdict(cfg), "tokenizer": tokenizer_path,
@@ -136,6 +140,7 @@ class Pairs:
 
     chosen: list[list[int]]
     rejected: list[list[int]]
+    subkinds: list[str]  # the records' `subkind` ("" without one): held-out accuracy is also reported per subkind
 
     def rows_for_step(self, step: int, batch_size: int, seed: int) -> list[int]:
         """The pair indices of step `step`: consecutive slices of a seeded permutation per epoch."""
@@ -189,7 +194,8 @@ def encode_pairs(records: list[dict], tokenizer, config) -> Pairs:
     data, aspect = config.data, config.rm.aspect
     encode = lambda response, r: rm_lib.encode(  # noqa: E731
         tokenizer, rm_lib.rm_text(r[data.prompt_field], response, aspect, data.template), int(data.seq_len))
-    return Pairs(chosen=[encode(r["chosen"], r) for r in records], rejected=[encode(r["rejected"], r) for r in records])
+    return Pairs(chosen=[encode(r["chosen"], r) for r in records], rejected=[encode(r["rejected"], r) for r in records],
+                 subkinds=[str(r.get("subkind") or "") for r in records])
 
 
 # ------------------------------------------------------------------------------------------ state and step
