@@ -17,7 +17,7 @@ from configs import r1
 from r1jax.stages import pipeline
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-TIMING_KEYS = ("seconds", "tokens_per_s", "sample_s", "update_s", "rollout_s", "sample_tokens_per_s",
+TIMING_KEYS = ("seconds", "cpu_seconds", "tokens_per_s", "sample_s", "update_s", "rollout_s", "sample_tokens_per_s",
                "heldout_eval_s", "eval_s")
 
 

@@ -127,12 +127,12 @@ def render(summary: dict, images: dict[str, str], pipeline_dir: str, bench: str)
                      f"| {others or '-'} |")
     lines += ["", "pass@1: mean correctness over k samples per question (temperature 0.6, top-p 0.95), in %; "
               "cons@k: majority vote over the k answers.", "", "## Stages", "",
-              "| # | stage | kind | status | wall time (s) | final metrics |", "|---|---|---|---|---|---|"]
+              "| # | stage | kind | status | wall time (s) | CPU time (s) | final metrics |", "|---|---|---|---|---|---|---|"]
     for i, (name, entry) in enumerate(summary.items()):
         if "stage" not in entry:  # running now: the report itself
             continue
         lines.append(f"| {i} | {name} | {entry.get('stage', '-')} | {entry.get('status', '-')} | "
-                     f"{entry.get('seconds', '-')} | {key_metrics(entry)} |")
+                     f"{entry.get('seconds', '-')} | {entry.get('cpu_seconds', '-')} | {key_metrics(entry)} |")
     trend = trends(summary)
     if trend:
         lines += ["", "## RL curves (mean of the first and the last quarter of the logged rollouts)", "",
