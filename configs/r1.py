@@ -76,8 +76,6 @@ def tiny_stages() -> dict:
         rm.rm.aspect = aspect
         rm.data.update(train_files=("@world:preferences_train.jsonl",),
                        eval_files=("@world:preferences_heldout.jsonl",))
-        if aspect == "harmless":  # harmful requests are easy to tell: 100% held-out well before 120 steps
-            rm.train.steps = 120
         s[f"rm_{aspect}"] = rm
 
     s["rejection_sampling"] = rejection_sampling.get_config("tiny")
