@@ -105,7 +105,8 @@ def trends(summary: dict) -> dict[str, float]:
         for key in ("reward_mean", "reward/language_consistency", "reward/answer_accuracy", "accuracy",
                     "response_length_mean"):
             values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
-            if len(values) >= 4:
+            if len(values) >= 4 and any(values):  # all zero: a metric the stage's rewards do not produce
+                # (the R1-Zero-format `accuracy` of a stage trained on the readable format)
                 q = max(len(values) // 4, 1)
                 out[f"{name}/{key}/first"] = float(np.mean(values[:q]))
                 out[f"{name}/{key}/last"] = float(np.mean(values[-q:]))
@@ -127,7 +128,8 @@ def render(summary: dict, images: dict[str, str], pipeline_dir: str, bench: str)
                      f"| {others or '-'} |")
     lines += ["", "pass@1: mean correctness over k samples per question (temperature 0.6, top-p 0.95), in %; "
               "cons@k: majority vote over the k answers.", "", "## Stages", "",
-              "| # | stage | kind | status | wall time (s) | CPU time (s) | final metrics |", "|---|---|---|---|---|---|---|"]
+              "| # | stage | kind | status | wall time (s) | CPU time (s) | final metrics |",
+              "|---|---|---|---|---|---|---|"]
     for i, (name, entry) in enumerate(summary.items()):
         if "stage" not in entry:  # running now: the report itself
             continue
