@@ -19,8 +19,9 @@ from configs import common, r1_zero
 from r1jax.rl import filters  # noqa: F401 - registers the answer_accuracy reward
 
 REWARDS = (("answer_accuracy", 1.0), ("language_consistency", 1.0))
-# tiny: accuracy weighs 4x the language reward (every cold-start sample is ~0.93 one-language already, so with equal
-# weights the group advantages are mostly language noise); lr and DAPO dynamic sampling as R1-Zero's tiny preset.
+# tiny: accuracy weighs 4x the language reward (cold-start samples are already ~0.93 one-language, so with equal
+# weights most of a group's reward spread is language); lr and DAPO dynamic sampling as R1-Zero's tiny preset.
+# Neither these nor equal weights at lr 1e-4 moved held-out accuracy within 40 updates (docs/results.md).
 TINY_REWARDS = (("answer_accuracy", 2.0), ("language_consistency", 0.5))
 
 

@@ -81,6 +81,8 @@ def test_training_learns_the_preferences(trained):
         records = [json.loads(line) for line in f]
     assert [r["step"] for r in records] == [20, 40]
     assert records[-1]["heldout_pair_accuracy"] >= 0.9  # chance is 0.5
+    # per subkind of the held-out pairs: every harmlessness pair is a harmful request
+    assert records[-1]["heldout_pair_accuracy/harmful_request"] == records[-1]["heldout_pair_accuracy"]
     assert records[-1]["bt_loss"] < 0.5
 
 
