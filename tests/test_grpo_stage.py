@@ -150,3 +150,38 @@ def test_single_update_uses_its_own_forward_as_pi_old():
     assert int(state.step) == 1
     moved = jax.tree.leaves(jax.tree.map(lambda a, b: float(np.abs(np.asarray(a) - b).max()), state.params, before))
     assert max(moved) > 0
+
+
+class _CharTokenizer:
+    """One token per character (code point): enough to decode fixed completions."""
+
+    pad_id = 0
+
+    def decode(self, ids):
+        return "".join(chr(int(i)) for i in ids)
+
+
+def test_readable_format_stage_measures_its_own_accuracy():
+    """A stage rewarded by answer_accuracy answers in the readable format: its always-measured accuracy is that
+    reward, not the R1-Zero-format `accuracy` as well (on the tiny world's readable answers it reads 0)."""
+    from r1jax.rl import filters  # noqa: F401 - registers answer_accuracy
+    from r1jax.rl.sampler import Completions
+    from r1jax.stages import grpo
+
+    texts = ["<|reasoning|>2 plus 2 equals 4<|summary|>the answer is \\boxed{4}",
+             "<|reasoning|>2 plus 2 equals 5<|summary|>the answer is \\boxed{5}"]
+    width = max(map(len, texts))
+    tokens = np.zeros((2, width), np.int32)
+    for i, t in enumerate(texts):
+        tokens[i, :len(t)] = [ord(c) for c in t]
+    done = Completions(tokens=tokens, logprobs=np.zeros((2, width), np.float32),
+                       lengths=np.asarray([len(t) for t in texts], np.int32), truncated=np.zeros(2, bool))
+    prompt = {"tokens": [1, 2, 3], "prompt_text": "What is 2 + 2 ?", "answer": "4", "task": "arith"}
+    kw = dict(group_size=2, tokenizer=_CharTokenizer(), prompt_buckets=(8,))
+    groups = grpo.sample_groups(lambda *a: done, None, [prompt], None,
+                                reward_specs=(("answer_accuracy", 1.0),), **kw)
+    assert "accuracy" not in groups[0].per_reward
+    assert list(groups[0].per_reward["answer_accuracy"]) == [1.0, 0.0]
+    # R1-Zero-rewarded stages still measure format and accuracy when only one of them is rewarded
+    groups = grpo.sample_groups(lambda *a: done, None, [prompt], None, reward_specs=(("format", 1.0),), **kw)
+    assert {"accuracy", "format"} <= set(groups[0].per_reward)

@@ -107,8 +107,8 @@ def dot_attention(q, k, v, mask, scale: float):
 def causal_dot_attention(q, k, v, mask, scale: float):
     """dot_attention for queries that are the keys, at slots 0..T-1 (T = S): query block [a, b) attends over
     keys [0, b) only, in blocks of about CAUSAL_BLOCK queries. The skipped scores are masked anyway (key slot >
-    query slot), so the result is dot_attention's (at most MAX_CAUSAL_BLOCKS blocks); at T = 4 blocks the score matmuls and softmax work shrink to
-    10/16 of the square."""
+    query slot), so the result is dot_attention's (at most MAX_CAUSAL_BLOCKS blocks); with 4 blocks the score
+    matmuls and softmax work shrink to 10/16 of the square."""
     t = v.shape[1]
     if _parts(q)[0].shape[1] != t:
         raise ValueError(f"causal_dot_attention: {_parts(q)[0].shape[1]} queries over {t} keys; needs T = S")

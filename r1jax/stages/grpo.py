@@ -155,8 +155,9 @@ def run(config, workdir: str) -> StageResult:
             groups += sample_groups(sample_eval, params, heldout[i:i + per_batch], jax.random.PRNGKey(i),
                                     group_size=eval_spec.group_size, batch_size=per_batch, **rollout_kw)
         out = behaviour_metrics(groups, prefix="heldout_")
-        if "accuracy" in groups[0].per_reward:  # k samples per question: mean over k, then over questions
-            out["heldout_pass_at_1"] = pass_at_1_mean([g.per_reward["accuracy"] for g in groups])
+        correct = next((k for k in ("accuracy", "answer_accuracy") if k in groups[0].per_reward), None)
+        if correct:  # k samples per question: mean over k, then over questions
+            out["heldout_pass_at_1"] = pass_at_1_mean([g.per_reward[correct] for g in groups])
         out["heldout_eval_s"] = time.perf_counter() - t0
         return out
 
@@ -364,8 +365,11 @@ def sample_groups(sample_fn, params, prompts: list[dict], rng, *, group_size: in
     fields["lengths"] = [int(x) for x in out.lengths[:n]]
     prompt_texts = fields.pop("prompt_text")
     total, per_reward, errors = rewards_lib.score(reward_specs, prompt_texts, texts, fields)
-    for name in ("accuracy", "format"):  # always measured, even when not rewarded
-        if name not in per_reward and (name != "accuracy" or "answer" in fields):
+    # Accuracy and format are measured even when not rewarded; the R1-Zero-format accuracy is not measured for a
+    # stage rewarded by answer_accuracy (it answers in the readable format: the tiny pipeline's read 0 throughout).
+    r1_zero_answers = "answer" in fields and "answer_accuracy" not in per_reward
+    for name in ("accuracy", "format"):
+        if name not in per_reward and (name != "accuracy" or r1_zero_answers):
             per_reward[name] = rewards_lib.score(((name, 1.0),), prompt_texts, texts, fields)[1][name]
     groups = []
     for b, record in enumerate(prompts):
