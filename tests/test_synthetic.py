@@ -14,6 +14,7 @@ from r1jax.data import synthetic
 from r1jax.data import synthetic_code as code
 from r1jax.data import synthetic_corpus as corpus
 from r1jax.data import synthetic_lexicon as lex
+from r1jax.data import synthetic_text as text
 
 _RL = {"question", "prompt", "answer", "language", "task", "expression", "numbers", "targets", "reward_source"}
 SCHEMAS = {
@@ -182,6 +183,7 @@ def test_cold_start_is_correct_readable_and_single_language(world):
         assert lex.language_share(reasoning, r["language"]) == 1.0
         assert "wait" not in reasoning and "等等" not in reasoning
         assert str(_truth(_question_key(r["question"]))) == r["answer"]
+        assert summary == text.result_summary(r["answer"], r["language"])  # the result, not a recomputation
         assert int(_CLAIM.findall(summary)[-1][1]) == int(r["answer"])
         assert synthetic.check_answer(r, summary.split()[-2])
 

@@ -212,9 +212,9 @@ def completion(attempt: Attempt, style: str) -> str:
 
 def summary(problem, language: str, rng: random.Random, *, expression: str | None = None,
             overrides: dict | None = None) -> str:
-    """Short answer with its computation, each step written as the reasoning writes it, e.g.
-    `4 times 2 equals 8 , 3 plus 8 equals 11 . the answer is 11 .` (in symbols, `4 * 2 = 8`, the tiny models
-    recomputed the steps in a notation the corpus never drills and got them wrong after right reasoning).
+    """Short answer with its computation, the helpfulness pairs' summaries: each step written as the reasoning
+    writes it, e.g. `4 times 2 equals 8 , 3 plus 8 equals 11 . the answer is 11 .` (a wrong step is a signal the
+    reward model can read).
     `expression` defaults to the problem's (countdown: a random solving one); `overrides` {step: value}
     writes a slipped, wrong summary."""
     if expression is None:
@@ -246,5 +246,12 @@ def cold_start_response(problem, language: str, rng: random.Random, detour: bool
     attempt = worked_solution(problem, language, rng, detour=detour)
     if attempt.final != problem.answer:
         raise AssertionError(f"clean solution of {problem.key} gave {attempt.final}, expected {problem.answer}")
-    short = summary(problem, language, rng, expression=attempt.expression)
-    return f"{REASONING_TOKEN}{attempt.reasoning}{SUMMARY_TOKEN}{short}"
+    return f"{REASONING_TOKEN}{attempt.reasoning}{SUMMARY_TOKEN}{result_summary(attempt.final, language)}"
+
+
+def result_summary(answer, language: str) -> str:
+    """The cold-start summary: the reasoning's result, `the answer is 11 .`. A summary that restates the steps
+    makes the tiny models compute them a second time, and they copied right reasoning into a wrong summary half
+    the time (docs/results.md: cold start 51.0% with the steps restated in words, 65.5% with the last step only,
+    71.5% with the result only, same base)."""
+    return f"{lex.word('the answer is', language)} {answer} {_PUNCT[language]['.']}"
