@@ -63,11 +63,14 @@ class Scale:
     preferences_heldout: int
     general_prompts: int
     pretrain_pool: int  # distinct arith (2-3 ops) + countdown problems the corpus draws from
+    pref_train_pool: int  # distinct problems the preference pairs draw their questions from (with replacement)
+    pref_heldout_pool: int
 
 
 SCALES = {
-    "tiny": Scale(25_000, 2_000, 200, 200, 40, 1_500, 4_000, 200, 300, 6_000),
-    "small": Scale(200_000, 20_000, 500, 300, 60, 4_000, 8_000, 500, 300, 30_000),
+    # tiny: 1000 held-out pairs (~710 helpfulness pairs) measure a reward model's accuracy to ~1.7 points
+    "tiny": Scale(25_000, 2_000, 200, 200, 40, 1_500, 4_000, 1_000, 300, 6_000, 1_333, 100),
+    "small": Scale(200_000, 20_000, 500, 300, 60, 4_000, 8_000, 500, 300, 30_000, 2_666, 250),
 }
 
 
@@ -91,8 +94,8 @@ def problem_splits(seed: int, scale: Scale) -> dict:
     """Disjoint problem sets {split: [Problem]}, each COUNTDOWN_SHARE countdown, drawn in a fixed order."""
     rng = random.Random(f"{seed}:problems")
     sizes = {"rl_heldout": scale.rl_heldout, "rl_train": scale.rl_train, "cold_start": scale.cold_start,
-             "pref_heldout": max(scale.preferences_heldout // 2, 20),
-             "pref_train": max(scale.preferences_train // 3, 20), "pretrain": scale.pretrain_pool}
+             "pref_heldout": scale.pref_heldout_pool, "pref_train": scale.pref_train_pool,
+             "pretrain": scale.pretrain_pool}
     seen: set = set()
     splits = {}
     for name, size in sizes.items():
