@@ -10,7 +10,8 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenM
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-from r1jax.bench import moe, peak, train_step  # noqa: E402
+from r1jax.bench import compile as compile_bench  # noqa: E402
+from r1jax.bench import moe, peak, sampler, train_step  # noqa: E402
 
 
 def _records(path):
@@ -34,6 +35,25 @@ def test_train_step(tmp_path):
     for row in rows:
         assert row["r1jax_tok_s"] > 0 and row["torch_tok_s"] > 0
         assert row["r1jax_loss0"] == pytest.approx(row["torch_loss0"], rel=1e-3)  # same weights, same batch
+
+
+def test_sampler(tmp_path):
+    out = tmp_path / "r.jsonl"
+    rows = sampler.main(["--prompts", "2", "--group", "2", "--new", "4", "--prompt_len", "8", "--runs", "1",
+                         "--warmup", "0", "--out", str(out)])
+    (record,) = _records(out)
+    assert record["bench"] == "sampler" and [r["model"] for r in rows] == ["deepseek_v3", "llama"]
+    for row in rows:
+        assert row["r1jax_tok_s"] > 0 and row["hf_tok_s"] > 0
+        assert row["cache_ok"], row  # MLA caches the latent (kv_lora_rank + rope dims), GQA the KV heads
+
+
+def test_compile(tmp_path):
+    out = tmp_path / "r.jsonl"
+    rows = compile_bench.main(["--depths", "2,5", "--out", str(out)])
+    (record,) = _records(out)
+    assert record["bench"] == "compile" and [r["layers"] for r in rows] == [2, 5]
+    assert rows[0]["train_compile_s"] > 0 and rows[1]["decode_compile_s"] > 0
 
 
 def test_moe(tmp_path):
