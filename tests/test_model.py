@@ -219,15 +219,20 @@ def test_bias_update_direction():
     assert M.update_router_bias(params, load, 0.0) is params
 
 
-@pytest.mark.parametrize("impl", ["ragged_dot", "tiled"])
-def test_dropless_dispatch_equals_dense_reference(impl):
+@pytest.mark.parametrize("impl", ["ragged_dot", "tiled", "tiled_from_memory"])
+def test_dropless_dispatch_equals_dense_reference(impl, monkeypatch):
+    if impl == "tiled_from_memory":  # weights past L2: tiles of up to twice the balanced load (16 > 74 rows / 5)
+        monkeypatch.setattr(moe_lib, "L2_BYTES", 0)
+        assert moe_lib._tile_size(74, 5, 16, weight_bytes=1) == 16
+        impl = "tiled"
     rng = np.random.default_rng(3)
     m, d, f, e, k = 37, 8, 6, 5, 2
     x = rng.normal(size=(m, d)).astype(np.float32)
     wg, wu, wd = (rng.normal(size=s).astype(np.float32) for s in [(e, d, f), (e, d, f), (e, f, d)])
     idx = np.stack([rng.choice(e, k, replace=False) for _ in range(m)]).astype(np.int32)
     w = rng.random((m, k)).astype(np.float32)
-    got = moe_lib.dispatch(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), wg, wu, wd, impl, max_tile=4)
+    tile = 16 if moe_lib.L2_BYTES == 0 else 4
+    got = moe_lib.dispatch(jnp.asarray(x), jnp.asarray(idx), jnp.asarray(w), wg, wu, wd, impl, max_tile=tile)
     ref = np.zeros((m, d), np.float32)
     for t in range(m):
         for j in range(k):
@@ -238,7 +243,7 @@ def test_dropless_dispatch_equals_dense_reference(impl):
     np.testing.assert_allclose(np.asarray(got), ref, rtol=1e-4, atol=1e-4)
     # Gradients flow through ragged_dot to the expert weights and the routing weights.
     def loss(wg_, w_):
-        return (moe_lib.dispatch(jnp.asarray(x), jnp.asarray(idx), w_, wg_, wu, wd, impl, max_tile=4) ** 2).sum()
+        return (moe_lib.dispatch(jnp.asarray(x), jnp.asarray(idx), w_, wg_, wu, wd, impl, max_tile=tile) ** 2).sum()
 
     def loss_ref(wg_, w_):
         return (moe_lib.dispatch(jnp.asarray(x), jnp.asarray(idx), w_, wg_, wu, wd, "ragged_dot") ** 2).sum()
@@ -248,6 +253,16 @@ def test_dropless_dispatch_equals_dense_reference(impl):
     for a, r in zip(g, g_ref):
         assert np.abs(np.asarray(a)).sum() > 0
         np.testing.assert_allclose(np.asarray(a), np.asarray(r), rtol=1e-4, atol=1e-4)
+
+
+def test_tile_size_amortises_weights_read_from_memory():
+    """Cache-resident expert weights: sqrt(16 P / E) capped at the balanced load; weights from memory: sqrt(256 P / E)
+    capped at twice the balanced load (the 100m bench layer: 512 tokens x top-6 over 32 experts of 768 x 256)."""
+    small, big = 3 * 128 * 64 * 4, 3 * 768 * 256 * 4
+    assert moe_lib._tile_size(8192 * 8, 256, 128, small) == 64  # the flatness bench at E = 256, as measured
+    assert moe_lib._tile_size(512 * 6, 32, 128, small) == 32
+    assert moe_lib._tile_size(512 * 6, 32, 128, big) == 128
+    assert moe_lib._tile_size(64 * 2, 8, 128, big) == 32  # few rows: at most twice the balanced load
 
 
 def test_dispatch_flops_scale_with_activated_experts():

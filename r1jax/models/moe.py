@@ -52,6 +52,7 @@ EP_MAX_BUFFER_ROWS = 65536
 # Rows per step of the loop over tiles in `_tiled_swiglu`: large enough that the batched matmuls of a step keep
 # the cores busy, small enough that the unused tail of the last used chunk is a small share of the work.
 TILE_CHUNK_ROWS = 1024
+L2_BYTES = 1 << 20  # a core's L2 cache on current server CPUs (1-2 MiB): where a tile's weights stop being cheap
 
 
 def route(x, w_router, bias, cfg: ModelConfig):
@@ -85,13 +86,18 @@ def _experts_ragged(rows, sizes, w_gate, w_up, w_down):
     return jax.lax.ragged_dot(h, w_down, sizes)
 
 
-def _tile_size(n_rows: int, n_exp: int, max_tile: int) -> int:
-    """Rows per tile: a power of two at most max_tile, n_rows / E and sqrt(16 n_rows / E).
+def _tile_size(n_rows: int, n_exp: int, max_tile: int, weight_bytes: int = 0) -> int:
+    """Rows per tile: a power of two at most max_tile, n_rows / E (2 n_rows / E) and sqrt(c n_rows / E).
 
-    Padding costs ~E*Tm/2 rows of matmul (<= n_rows for Tm <= n_rows / E) and every tile copies its expert's
-    weights once, ~ n_rows/Tm + E copies of D*F; the sum is smallest near Tm = sqrt(c n_rows / E) with c the
-    cost of copying a weight over that of one multiply-add (c ~ 16 measured on CPU)."""
-    tm = max(1, min(max_tile, n_rows // n_exp, math.isqrt(16 * n_rows // n_exp)))
+    Padding costs ~E*Tm/2 rows of matmul and every tile copies its expert's weights once, ~ n_rows/Tm + E copies
+    of D*F; the sum is smallest near Tm = sqrt(c n_rows / E), c = twice the cost of copying a weight over that
+    of one multiply-add. Measured on CPU: c ~ 16 while a tile's three matrices (`weight_bytes`) fit in a core's
+    L2 cache (the tiny models, the MoE flatness bench); ~ 256 once they come from memory, where the backward
+    also writes and adds a weight gradient per tile, and a tile of up to twice the balanced load pays for its
+    padding (the 100m MoE layer: Tm 128 instead of 32 is ~1.7x faster, docs/performance.md)."""
+    from_memory = weight_bytes > L2_BYTES
+    c, cap = (256, 2 * n_rows // n_exp) if from_memory else (16, n_rows // n_exp)
+    tm = max(1, min(max_tile, cap, math.isqrt(c * n_rows // n_exp)))
     return 1 << (tm.bit_length() - 1)
 
 
@@ -106,7 +112,8 @@ def _experts_tiled(x, src, dst, sizes, w_gate, w_up, w_down, max_tile: int):
     work is ~ P + E*Tm/2 rows, and no buffer of the worst-case size is written. CPU's ragged_dot computes every
     expert densely, hence this path there."""
     n_rows, n_exp = src.shape[0], w_gate.shape[0]
-    tm = _tile_size(n_rows, n_exp, max_tile)
+    tile_weight_bytes = 3 * w_gate.shape[1] * w_gate.shape[2] * w_gate.dtype.itemsize
+    tm = _tile_size(n_rows, n_exp, max_tile, tile_weight_bytes)
     max_tiles = -(-n_rows // tm) + n_exp  # the worst case
     per_chunk = max(1, min(TILE_CHUNK_ROWS // tm, max_tiles))  # tiles; few rows (decoding): one small chunk
     n_chunks = -(-max_tiles // per_chunk)
