@@ -68,7 +68,7 @@ class Scale:
 
 
 SCALES = {
-    # tiny: 1000 held-out pairs (~710 helpfulness pairs) measure a reward model's accuracy to ~1.7 points
+    # tiny: 1000 held-out pairs (671 helpfulness pairs) measure a reward model's accuracy to ~1.8 points
     "tiny": Scale(25_000, 2_000, 200, 200, 40, 1_500, 4_000, 1_000, 300, 6_000, 1_333, 100),
     "small": Scale(200_000, 20_000, 500, 300, 60, 4_000, 8_000, 500, 300, 30_000, 2_666, 250),
 }
