@@ -74,3 +74,21 @@ def test_grpo_step(tmp_path):
                            "--new-tokens", "4", "--steps", "1", "--warmup", "0", "--out", str(out)])
     (record,) = _records(out)
     assert record["bench"] == "grpo_step" and rows[0]["r1jax_s"] > 0 and rows[0]["trl_s"] > 0
+
+
+def test_torch_options_skip_batched_mm_experts_that_cannot_fit():
+    from types import SimpleNamespace
+
+    from r1jax.bench import common
+
+    class Fake(common.TorchImplementations):
+        def __init__(self, d, f, tokens):
+            self.is_moe = True
+            self.model = SimpleNamespace(config=SimpleNamespace(hidden_size=d, moe_intermediate_size=f,
+                                                                num_experts_per_tok=6))
+            self.inputs = SimpleNamespace(numel=lambda: tokens)
+
+    tiny = {o["experts"] for o in Fake(64, 32, 1024).options()}
+    big = {o["experts"] for o in Fake(768, 256, 512).options()}  # the 100m bench: 7 GB per layer
+    assert tiny == {"eager", "batched_mm", "grouped_mm"}
+    assert big == ({"eager", "grouped_mm"} if common.available_memory() < 8 * 7.3e9 else tiny)
