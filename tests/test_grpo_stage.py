@@ -164,7 +164,7 @@ class _CharTokenizer:
 def test_readable_format_stage_measures_its_own_accuracy():
     """A stage rewarded by answer_accuracy answers in the readable format: its always-measured accuracy is that
     reward, not the R1-Zero-format `accuracy` as well (on the tiny world's readable answers it reads 0)."""
-    from r1jax.rl import filters  # noqa: F401 - registers answer_accuracy
+    from r1jax.rl import filters, reward_model  # noqa: F401 - register answer_accuracy and by_source
     from r1jax.rl.sampler import Completions
     from r1jax.stages import grpo
 
@@ -180,6 +180,12 @@ def test_readable_format_stage_measures_its_own_accuracy():
     kw = dict(group_size=2, tokenizer=_CharTokenizer(), prompt_buckets=(8,))
     groups = grpo.sample_groups(lambda *a: done, None, [prompt], None,
                                 reward_specs=(("answer_accuracy", 1.0),), **kw)
+    assert "accuracy" not in groups[0].per_reward
+    assert list(groups[0].per_reward["answer_accuracy"]) == [1.0, 0.0]
+    # ... also when answer_accuracy is one of by_source's routes (all-scenario RL)
+    routed = (("by_source", 1.0, {"routes": {"rule": (("answer_accuracy", 1.0),), "other": (("format", 1.0),)}}),)
+    groups = grpo.sample_groups(lambda *a: done, None, [dict(prompt, reward_source="rule")], None,
+                                reward_specs=routed, **kw)
     assert "accuracy" not in groups[0].per_reward
     assert list(groups[0].per_reward["answer_accuracy"]) == [1.0, 0.0]
     # R1-Zero-rewarded stages still measure format and accuracy when only one of them is rewarded

@@ -92,6 +92,18 @@ def score(specs: Sequence[tuple], prompts: Sequence[str], completions: Sequence[
     return total, per_reward, errors
 
 
+def reward_names(specs) -> set[str]:
+    """Every reward name the specs use, those inside a routing reward's `routes` ({source: specs}, by_source)
+    included: what a stage is trained on, e.g. which answer format its accuracy is read in."""
+    names = set()
+    for spec in specs:
+        names.add(spec[0])
+        routes = dict(spec[2]).get("routes") if len(spec) == 3 else None
+        for route in dict(routes or {}).values():
+            names |= reward_names(route)
+    return names
+
+
 def _parse_specs(specs) -> list[tuple[str, float, dict]]:
     parsed = []
     for spec in specs:

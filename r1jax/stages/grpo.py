@@ -262,13 +262,13 @@ def run(config, workdir: str) -> StageResult:
                     record.update(evaluate(state.params))
                 record["rollout_s"] = time.perf_counter() - t_start
                 final = step >= steps or preempted.set
-                if rollout % max(int(config.train.log_every), 1) == 0 or final or "heldout_accuracy" in record:
+                if rollout % max(int(config.train.log_every), 1) == 0 or final or "heldout_eval_s" in record:
                     logger.write(step, record)
                     last_record = {"step": step, **record}
                 if crossed(int(config.train.checkpoint_every)) or final:
                     saved_step = checkpointer.save(state, meta())
                     references.prune(checkpointer)
-                logger.progress(per_rollout, reward=record["reward_mean"], acc=record.get("accuracy", 0.0),
+                logger.progress(per_rollout, reward=record["reward_mean"], acc=record.get("accuracy", record.get("reward/answer_accuracy", 0.0)),
                                 len=record["response_length_mean"])
                 if preempted.set and step < steps:
                     status = "preempted"
@@ -365,11 +365,12 @@ def sample_groups(sample_fn, params, prompts: list[dict], rng, *, group_size: in
     fields["lengths"] = [int(x) for x in out.lengths[:n]]
     prompt_texts = fields.pop("prompt_text")
     total, per_reward, errors = rewards_lib.score(reward_specs, prompt_texts, texts, fields)
-    # Accuracy and format are measured even when not rewarded; the R1-Zero-format accuracy is not measured for a
-    # stage rewarded by answer_accuracy (it answers in the readable format: the tiny pipeline's read 0 throughout).
-    r1_zero_answers = "answer" in fields and "answer_accuracy" not in per_reward
-    for name in ("accuracy", "format"):
-        if name not in per_reward and (name != "accuracy" or r1_zero_answers):
+    # Accuracy and format are measured even when not rewarded (or rewarded inside by_source's routes). Accuracy is
+    # read in the stage's answer format: answer_accuracy for a stage trained on it anywhere (the readable format,
+    # where the R1-Zero-format `accuracy` reads 0), else the R1-Zero `accuracy`.
+    correct = "answer_accuracy" if "answer_accuracy" in rewards_lib.reward_names(reward_specs) else "accuracy"
+    for name in (correct, "format"):
+        if name not in per_reward and (name == "format" or "answer" in fields):
             per_reward[name] = rewards_lib.score(((name, 1.0),), prompt_texts, texts, fields)[1][name]
     groups = []
     for b, record in enumerate(prompts):
