@@ -56,11 +56,11 @@ def test_wiring_errors_name_the_stage_and_the_reference():
         pipeline.check_wiring(_toy(("a",), {"a": mlc.ConfigDict(dict(stage="nope"))}))
 
 
-def test_report_trends_skip_curves_the_stage_does_not_produce(tmp_path):
+def test_report_trends_show_what_the_stage_logs(tmp_path):
     from r1jax.stages import report
 
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps({"step": i, "reward_mean": float(i), "accuracy": 0.0,
+    metrics.write_text("".join(json.dumps({"step": i, "reward_mean": float(i), "reward/answer_accuracy": 0.0,
                                            "reward/language_consistency": 0.9 + 0.01 * i}) + "\n" for i in range(8)))
     summary = {"reasoning_rl": {"stage": "grpo", "outputs": {"metrics": str(metrics)}},
                "sft": {"stage": "sft", "outputs": {"metrics": str(metrics)}}}
@@ -68,7 +68,8 @@ def test_report_trends_skip_curves_the_stage_does_not_produce(tmp_path):
     assert trend["reasoning_rl/reward_mean/first"] == 0.5 and trend["reasoning_rl/reward_mean/last"] == 6.5
     language = "reasoning_rl/reward/language_consistency"
     assert trend[f"{language}/last"] > trend[f"{language}/first"]
-    assert not any("accuracy/" in k and "answer" not in k for k in trend)  # all zero: not this stage's metric
+    assert trend["reasoning_rl/reward/answer_accuracy/last"] == 0.0  # a flat zero curve is a result: shown
+    assert not any(k.startswith("reasoning_rl/accuracy/") for k in trend)  # not logged (readable format): left out
     assert not any(k.startswith("sft/") for k in trend)
 
 

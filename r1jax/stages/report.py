@@ -105,8 +105,7 @@ def trends(summary: dict) -> dict[str, float]:
         for key in ("reward_mean", "reward/language_consistency", "reward/answer_accuracy", "accuracy",
                     "response_length_mean"):
             values = [r[key] for r in records if isinstance(r.get(key), (int, float))]
-            if len(values) >= 4 and any(values):  # all zero: a metric the stage's rewards do not produce
-                # (the R1-Zero-format `accuracy` of a stage trained on the readable format)
+            if len(values) >= 4:  # a metric the stage does not log is left out
                 q = max(len(values) // 4, 1)
                 out[f"{name}/{key}/first"] = float(np.mean(values[:q]))
                 out[f"{name}/{key}/last"] = float(np.mean(values[-q:]))
