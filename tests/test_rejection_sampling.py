@@ -133,7 +133,8 @@ def cfg():
 
 def _rm(cfg, tokenizer, *, w_scale=0.0, bias=0.0, aspect="helpful"):
     decoder = models.init(cfg, jax.random.PRNGKey(0))
-    head = {"w_d": w_scale * jax.random.normal(jax.random.PRNGKey(1), (cfg.d_model,)), "b": jnp.asarray(bias)}
+    head = {"w_d": w_scale * jax.random.normal(jax.random.PRNGKey(1), (cfg.d_model,)), "b": jnp.asarray(bias),
+            "w_lp": jnp.asarray(0.0)}
     return rm_lib.RewardModel(cfg=cfg, params={"decoder": decoder, "head": head}, tokenizer=tokenizer, aspect=aspect,
                               template="raw", max_len=128, batch_size=4)
 

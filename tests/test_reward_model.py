@@ -1,4 +1,5 @@
-"""Reward models: the Bradley-Terry loss against its formula, the score read at the last real token, what each
+"""Reward models: the Bradley-Terry loss against its formula, the score (last-token head + the decoder's mean
+log-likelihood of the scored part) against a computation from the logits, where the scored part starts, what each
 aspect reads, a short real training run on the tiny world's preference pairs (held-out pairwise accuracy well above
 chance), and the GRPO rewards that load it: `reward_model` and `by_source` routing by the `reward_source` field."""
 
@@ -27,20 +28,42 @@ def test_bradley_terry_matches_the_formula():
     assert float(metrics["pair_accuracy"]) == pytest.approx(1 / 3)  # a tie is not a win
 
 
-def test_score_is_read_at_the_last_real_token():
+def test_score_is_the_last_token_head_plus_the_mean_likelihood_of_the_scored_part():
     cfg = models.get_preset("tiny_dense", n_layers=2, n_dense_layers=2)
     params = {"decoder": models.init(cfg, jax.random.PRNGKey(0)),
-              "head": {"w_d": jax.random.normal(jax.random.PRNGKey(1), (cfg.d_model,)), "b": jnp.asarray(0.5)}}
-    rows = [[1, 5, 9, 11], [1, 7]]
+              "head": {"w_d": jax.random.normal(jax.random.PRNGKey(1), (cfg.d_model,)), "b": jnp.asarray(0.5),
+                       "w_lp": jnp.asarray(0.7)}}
+    rows, starts = [[1, 5, 9, 11, 2], [1, 7, 2]], [3, 1]  # the scored part: tokens from `start` on
     tokens, lengths = rm_lib.pad_rows(rows, pad_id=0, bucket=8)
-    assert tokens.shape == (2, 8) and lengths.tolist() == [4, 2]
-    got, _ = rm_lib.scores(params, jnp.asarray(tokens), jnp.asarray(lengths), cfg)
-    for i, row in enumerate(rows):
+    assert tokens.shape == (2, 8) and lengths.tolist() == [5, 3]
+    got, _ = rm_lib.scores(params, jnp.asarray(tokens), jnp.asarray(lengths), jnp.asarray(starts), cfg)
+    for i, (row, start) in enumerate(zip(rows, starts)):  # unpadded, from the logits
         hidden, _ = models.hidden_states(params["decoder"], jnp.asarray([row]), cfg)
-        np.testing.assert_allclose(float(got[i]), float(hidden[0, -1] @ params["head"]["w_d"] + 0.5), rtol=1e-5)
+        logits, _ = models.forward(params["decoder"], jnp.asarray([row]), cfg)
+        logits = np.asarray(logits[0], np.float64)
+        logp = logits - np.log(np.sum(np.exp(logits - logits.max(-1, keepdims=True)), -1, keepdims=True)) \
+            - logits.max(-1, keepdims=True)
+        mean_logp = np.mean([logp[t - 1, row[t]] for t in range(start, len(row))])
+        want = float(hidden[0, -1] @ params["head"]["w_d"]) + 0.5 + 0.7 * mean_logp
+        np.testing.assert_allclose(float(got[i]), want, rtol=1e-5)
     wider, _ = rm_lib.scores(params, jnp.asarray(np.pad(tokens, ((0, 0), (0, 8)), constant_values=3)),
-                             jnp.asarray(lengths), cfg)
+                             jnp.asarray(lengths), jnp.asarray(starts), cfg)
     np.testing.assert_allclose(np.asarray(wider), np.asarray(got), rtol=1e-4, atol=1e-5)  # padding is never read
+
+
+def test_encode_marks_where_the_scored_part_starts():
+    class Chars:  # one token per character; BOS 1, EOS 2
+        bos_id, eos_id = 1, 2
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    row, start = rm_lib.encode(Chars(), "ab", "xy", "helpful", "raw", max_len=64)
+    prompt = [1] + [ord(c) for c in rm_lib.templates.render_prompt("raw", "ab")]
+    assert row == prompt + [ord("x"), ord("y"), 2] and start == len(prompt)
+    cut, cut_start = rm_lib.encode(Chars(), "ab", "xy", "helpful", "raw", max_len=4)  # the last 4 tokens are kept
+    assert cut == row[-4:] and cut_start == start - (len(row) - 4)
+    assert rm_lib.encode(Chars(), "ab", "xy", "helpful", "raw", max_len=2)[1] == 1  # prompt cut away entirely
 
 
 def test_scored_part_per_aspect():

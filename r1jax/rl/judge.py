@@ -79,12 +79,8 @@ def _continuation_logprob(cfg: models.ModelConfig):
     """jitted (params, tokens [B, T], lengths [B], start [B]) -> sum of log p(tokens[t]) for start <= t < length."""
 
     def fn(params, tokens_bt, lengths_b, start_b):
-        t = jnp.arange(tokens_bt.shape[1])[None, :]
-        segment_ids = (t < lengths_b[:, None]).astype(jnp.int32)
-        logits_btv, _ = models.forward(params, tokens_bt, cfg, segment_ids=segment_ids)
-        logp_btv = jax.nn.log_softmax(logits_btv[:, :-1].astype(jnp.float32), axis=-1)
-        next_bt = jnp.take_along_axis(logp_btv, tokens_bt[:, 1:, None], axis=-1)[..., 0]  # log p(token t+1)
-        mask_bt = (t[:, 1:] >= start_b[:, None]) & (t[:, 1:] < lengths_b[:, None])
-        return jnp.sum(jnp.where(mask_bt, next_bt, 0.0), axis=1)
+        segment_ids = (jnp.arange(tokens_bt.shape[1])[None, :] < lengths_b[:, None]).astype(jnp.int32)
+        hidden_btd, _ = models.hidden_states(params, tokens_bt, cfg, segment_ids=segment_ids)
+        return rm_lib.continuation_logprob(params, hidden_btd, tokens_bt, lengths_b, start_b, cfg)[0]
 
     return jax.jit(fn)

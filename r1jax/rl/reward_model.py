@@ -1,8 +1,19 @@
 """Reward models: the decoder with a scalar head, the Bradley-Terry loss, and the rewards that use them.
 
-A reward model (REFERENCE.md §4.5) is `{"decoder": model params, "head": {"w_d": [D], "b": []}}`: the final-normed
-hidden state of the last real token (`models.hidden_states`) times w_d, plus b. It is trained on preference pairs
-with the Bradley-Terry loss, `-log sigmoid(r(chosen) - r(rejected))` (r1jax/stages/reward_model.py).
+A reward model (REFERENCE.md §4.5) is `{"decoder": model params, "head": {"w_d": [D], "b": [], "w_lp": []}}`. Its
+score of a text = prompt + scored part is
+
+    r = w_d . h_last + b + w_lp * mean log p(scored part | what precedes it)
+
+h_last: the final-normed hidden state of the last real token (the EOS that ends every scored text,
+`models.hidden_states`); the log-likelihood is the decoder's own, through its LM head, per scored token. w_d and b
+start at zero, w_lp at config.rm.likelihood_init, and the whole model is trained on preference pairs with the
+Bradley-Terry loss, `-log sigmoid(r(chosen) - r(rejected))` (r1jax/stages/reward_model.py).
+
+Why the likelihood term: an RM initialised from a base model should use what the base knows. A head on the last
+token alone has to learn to read that knowledge out of preference pairs, and at tiny scale it does not: on the tiny
+world's held-out helpfulness pairs it stays near chance on wrong facts and slipped arithmetic that the base model's
+own likelihood ranks right (docs/results.md). likelihood_init 0 starts as the plain last-token head.
 
 What it reads depends on its aspect (R1's all-scenario RL):
   helpful    the final summary only: the text after `<|summary|>` (or the `<answer>` content), so a long or
@@ -45,17 +56,31 @@ LENGTH_BUCKET = 64  # scored sequences are padded to a multiple of this (one com
 # ------------------------------------------------------------------------------------------ model
 
 
-def init_head(cfg: models.ModelConfig) -> dict:
-    """A zero head: every response scores 0 before training."""
-    return {"w_d": jnp.zeros((cfg.d_model,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
+def init_head(cfg: models.ModelConfig, likelihood_init: float = 0.0) -> dict:
+    """A head that scores what the decoder's likelihood says, times likelihood_init (0: every response scores 0)."""
+    return {"w_d": jnp.zeros((cfg.d_model,), jnp.float32), "b": jnp.zeros((), jnp.float32),
+            "w_lp": jnp.full((), likelihood_init, jnp.float32)}
 
 
-def scores(params, tokens_bt, lengths_b, cfg: models.ModelConfig):
-    """Scalar reward per row [B] of right-padded tokens [B, T] (real tokens: the first lengths_b), and aux."""
+def continuation_logprob(decoder, hidden_btd, tokens_bt, lengths_b, starts_b, cfg: models.ModelConfig):
+    """Per row [B]: (sum of log p(tokens[t] | tokens[:t]) over starts_b <= t < lengths_b, that count), from the
+    decoder's final-normed hidden states [B, T, D] of right-padded tokens [B, T]."""
+    logp_bt = models.token_logprobs(decoder, hidden_btd[:, :-1], tokens_bt[:, 1:], cfg)[0]  # log p(token t+1)
+    t = jnp.arange(1, tokens_bt.shape[1])[None, :]
+    mask_bt = (t >= starts_b[:, None]) & (t < lengths_b[:, None])
+    return jnp.sum(jnp.where(mask_bt, logp_bt, 0.0), axis=1), jnp.sum(mask_bt, axis=1)
+
+
+def scores(params, tokens_bt, lengths_b, starts_b, cfg: models.ModelConfig):
+    """Reward per row [B] of right-padded tokens [B, T] (real tokens: the first lengths_b, scored part from
+    starts_b on; module docstring), and aux."""
     segment_ids_bt = (jnp.arange(tokens_bt.shape[1])[None, :] < lengths_b[:, None]).astype(jnp.int32)
     hidden_btd, aux = models.hidden_states(params["decoder"], tokens_bt, cfg, segment_ids=segment_ids_bt)
     last_bd = jnp.take_along_axis(hidden_btd, (lengths_b - 1)[:, None, None], axis=1)[:, 0]
-    return last_bd.astype(jnp.float32) @ params["head"]["w_d"] + params["head"]["b"], aux
+    logp_b, n_b = continuation_logprob(params["decoder"], hidden_btd, tokens_bt, lengths_b, starts_b, cfg)
+    head = params["head"]
+    mean_logp_b = logp_b / jnp.maximum(n_b, 1)  # per token: the term does not favour short responses
+    return last_bd.astype(jnp.float32) @ head["w_d"] + head["b"] + head["w_lp"] * mean_logp_b, aux
 
 
 def bradley_terry(chosen_b, rejected_b) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -80,14 +105,15 @@ def scored_part(response: str, aspect: str) -> str:
     return response  # a response without a reasoning section is all summary
 
 
-def rm_text(question: str, response: str, aspect: str, template: str) -> str:
-    return templates.render_prompt(template, question) + scored_part(response, aspect)
-
-
-def encode(tokenizer, text: str, max_len: int) -> list[int]:
-    """BOS + tokens, keeping the last max_len (the score is read at the last token)."""
+def encode(tokenizer, question: str, response: str, aspect: str, template: str, max_len: int) -> tuple:
+    """(BOS + rendered prompt + scored part + EOS as tokens, keeping the last max_len; index of the first scored
+    token). Prompt and scored part are tokenised apart, as the policy produced them. The EOS makes the likelihood
+    term that of a *complete* response, so an empty or cut-off one is not the likeliest."""
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    return (bos + tokenizer.encode(text))[-max_len:]
+    head = bos + tokenizer.encode(templates.render_prompt(template, question))
+    row = head + tokenizer.encode(scored_part(response, aspect)) + [tokenizer.eos_id]
+    cut = max(len(row) - max_len, 0)
+    return row[cut:], max(len(head) - cut, 1)
 
 
 def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, batch: int | None = None,
@@ -100,6 +126,12 @@ def pad_rows(rows: Sequence[Sequence[int]], pad_id: int, batch: int | None = Non
     for i, row in enumerate(rows):
         out[i, :len(row)] = row
     return out, np.asarray([len(r) for r in rows], np.int32)
+
+
+def pad_starts(starts: Sequence[int], batch: int) -> np.ndarray:
+    """[B] first-scored-token indices for pad_rows' batch (its appended copies repeat the last)."""
+    starts = list(starts)
+    return np.asarray(starts + starts[-1:] * (batch - len(starts)), np.int32)
 
 
 # ------------------------------------------------------------------------------------------ loading
@@ -120,19 +152,20 @@ class RewardModel:
     def score(self, questions: Sequence[str], responses: Sequence[str], aspect: str | None = None) -> np.ndarray:
         """RM score of every (question, response) pair [N], read as `aspect` (default: the trained one)."""
         aspect = aspect or self.aspect
-        rows = [encode(self.tokenizer, rm_text(q, r, aspect, self.template), self.max_len)
-                for q, r in zip(questions, responses, strict=True)]
+        rows, starts = zip(*[encode(self.tokenizer, q, r, aspect, self.template, self.max_len)
+                             for q, r in zip(questions, responses, strict=True)]) if len(responses) else ((), ())
         out = []
         for i in range(0, len(rows), self.batch_size):
             chunk = rows[i:i + self.batch_size]
             tokens, lengths = pad_rows(chunk, self.tokenizer.pad_id, self.batch_size)
-            out.append(np.asarray(_jitted_scores(self.cfg)(self.params, tokens, lengths))[:len(chunk)])
+            start = pad_starts(starts[i:i + self.batch_size], self.batch_size)
+            out.append(np.asarray(_jitted_scores(self.cfg)(self.params, tokens, lengths, start))[:len(chunk)])
         return np.concatenate(out) if out else np.zeros((0,), np.float32)
 
 
 @functools.lru_cache(maxsize=8)
 def _jitted_scores(cfg: models.ModelConfig):
-    return jax.jit(lambda params, tokens, lengths: scores(params, tokens, lengths, cfg)[0])
+    return jax.jit(lambda params, tokens, lengths, starts: scores(params, tokens, lengths, starts, cfg)[0])
 
 
 def abstract_rm_params(cfg: models.ModelConfig):

@@ -72,7 +72,7 @@ def run(config, workdir: str) -> StageResult:
     if resume_meta is not None:
         state, _ = checkpointer.restore(resume_step, abstract_rm_state(cfg, tx, shardings))
     else:
-        state = init_rm_state(cfg, tx, config.seed, shardings, init_params)
+        state = init_rm_state(cfg, tx, config.seed, shardings, float(rm.likelihood_init), init_params)
     step_fn, score_fn = make_steps(cfg, tx, mesh, rules, shardings)
     batch_size, seq_len = int(config.data.batch_size), int(config.data.seq_len)
 
@@ -81,7 +81,7 @@ def run(config, workdir: str) -> StageResult:
         for i in range(0, len(heldout.chosen), batch_size):
             batch = heldout.batch(range(i, min(i + batch_size, len(heldout.chosen))), batch_size, tokenizer.pad_id,
                                   seq_len)
-            s = np.asarray(score_fn(params, batch["tokens"], batch["lengths"]))
+            s = np.asarray(score_fn(params, batch["tokens"], batch["lengths"], batch["starts"]))
             n = batch["n"]
             margins.append(s[:n] - s[batch_size:batch_size + n])
         margin = np.concatenate(margins)
@@ -105,7 +105,7 @@ def run(config, workdir: str) -> StageResult:
             while step < steps:
                 rows = train.rows_for_step(step, batch_size, config.seed)
                 batch = train.batch(rows, batch_size, tokenizer.pad_id, seq_len)
-                state, metrics = step_fn(state, batch["tokens"], batch["lengths"])
+                state, metrics = step_fn(state, batch["tokens"], batch["lengths"], batch["starts"])
                 step += 1
                 final = step == steps or preempted.set
                 eval_now = heldout is not None and (final or (config.train.eval_every
@@ -137,10 +137,12 @@ def run(config, workdir: str) -> StageResult:
 
 @dataclasses.dataclass
 class Pairs:
-    """Encoded preference pairs: token lists of the chosen and the rejected side."""
+    """Encoded preference pairs: token lists of the chosen and the rejected side, and where their scored parts start."""
 
     chosen: list[list[int]]
     rejected: list[list[int]]
+    chosen_starts: list[int]
+    rejected_starts: list[int]
     subkinds: list[str]  # the records' `subkind` ("" without one): held-out accuracy is also reported per subkind
 
     def rows_for_step(self, step: int, batch_size: int, seed: int) -> list[int]:
@@ -155,15 +157,15 @@ class Pairs:
         return out
 
     def batch(self, rows, batch_size: int, pad_id: int, seq_len: int) -> dict:
-        """tokens [2B, seq_len] (chosen rows, then rejected rows), lengths [2B]; short batches are padded. One
-        shape for every batch: one compile."""
+        """tokens [2B, seq_len] (chosen rows, then rejected rows), lengths and starts [2B]; short batches are
+        padded. One shape for every batch: one compile."""
         rows = list(rows)
-        chosen = [self.chosen[i] for i in rows]
-        rejected = [self.rejected[i] for i in rows]
-        fill = batch_size - len(rows)
-        tokens, lengths = rm_lib.pad_rows(chosen + [chosen[-1]] * fill + rejected + [rejected[-1]] * fill, pad_id,
-                                          bucket=seq_len)
-        return {"tokens": tokens, "lengths": lengths, "n": len(rows)}
+        fill = [rows[-1]] * (batch_size - len(rows))
+        tokens, lengths = rm_lib.pad_rows([self.chosen[i] for i in rows + fill] + [self.rejected[i] for i in rows + fill],
+                                          pad_id, bucket=seq_len)
+        starts = np.asarray([self.chosen_starts[i] for i in rows + fill] + [self.rejected_starts[i] for i in rows + fill],
+                            np.int32)
+        return {"tokens": tokens, "lengths": lengths, "starts": starts, "n": len(rows)}
 
 
 def resolve_files(config, workdir: str) -> tuple[list[str], list[str]]:
@@ -194,9 +196,11 @@ def load_pairs(config, files: list[str]) -> list[dict]:
 def encode_pairs(records: list[dict], tokenizer, config) -> Pairs:
     data, aspect = config.data, config.rm.aspect
     encode = lambda response, r: rm_lib.encode(  # noqa: E731
-        tokenizer, rm_lib.rm_text(r[data.prompt_field], response, aspect, data.template), int(data.seq_len))
-    return Pairs(chosen=[encode(r["chosen"], r) for r in records], rejected=[encode(r["rejected"], r) for r in records],
-                 subkinds=[str(r.get("subkind") or "") for r in records])
+        tokenizer, r[data.prompt_field], response, aspect, data.template, int(data.seq_len))
+    chosen, chosen_starts = zip(*[encode(r["chosen"], r) for r in records])
+    rejected, rejected_starts = zip(*[encode(r["rejected"], r) for r in records])
+    return Pairs(chosen=list(chosen), rejected=list(rejected), chosen_starts=list(chosen_starts),
+                 rejected_starts=list(rejected_starts), subkinds=[str(r.get("subkind") or "") for r in records])
 
 
 # ------------------------------------------------------------------------------------------ state and step
@@ -207,36 +211,40 @@ def make_optimizer(opt, cfg: models.ModelConfig, total_steps: int) -> optax.Grad
     decoder, plus the head (trained, not decayed)."""
     schedule = opt_lib.make_schedule(opt, total_steps)
     parts = [optax.clip_by_global_norm(float(opt.clip_norm))] if float(opt.clip_norm) > 0 else []
-    decay = {"decoder": opt_lib.weight_decay_mask(cfg), "head": {"w_d": False, "b": False}}
+    decay = {"decoder": opt_lib.weight_decay_mask(cfg), "head": {"w_d": False, "b": False, "w_lp": False}}
     parts.append(optax.adamw(schedule, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps),
                              weight_decay=float(opt.weight_decay), mask=decay))
     trainable = models.trainable_mask(models.abstract_params(cfg))
     labels = {"decoder": jax.tree.map(lambda t: "train" if t else "frozen", trainable),
-              "head": {"w_d": "train", "b": "train"}}
+              "head": {"w_d": "train", "b": "train", "w_lp": "train"}}
     return optax.multi_transform({"train": optax.chain(*parts), "frozen": optax.set_to_zero()}, labels)
 
 
 def rm_state_shardings(cfg, tx, mesh, rules) -> TrainState:
     replicated = NamedSharding(mesh, P())
-    params = {"decoder": models.param_shardings(cfg, mesh, rules), "head": {"w_d": replicated, "b": replicated}}
+    params = {"decoder": models.param_shardings(cfg, mesh, rules),
+              "head": jax.tree.map(lambda _: replicated, rm_lib.init_head(cfg))}
     abstract_opt = jax.eval_shape(tx.init, rm_lib.abstract_rm_params(cfg))
     return TrainState(step=replicated, params=params,
                       opt_state=state_lib._like_params(abstract_opt, params, replicated),  # noqa: SLF001
                       rng=replicated)
 
 
-def _fresh(cfg, tx, rng, decoder=None) -> TrainState:
+def _fresh(cfg, tx, rng, likelihood_init: float = 0.0, decoder=None) -> TrainState:
     init_rng, state_rng = jax.random.split(rng)
-    params = {"decoder": models.init(cfg, init_rng) if decoder is None else decoder, "head": rm_lib.init_head(cfg)}
+    params = {"decoder": models.init(cfg, init_rng) if decoder is None else decoder,
+              "head": rm_lib.init_head(cfg, likelihood_init)}
     return TrainState(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=state_rng)
 
 
-def init_rm_state(cfg, tx, seed: int, shardings: TrainState, decoder=None) -> TrainState:
+def init_rm_state(cfg, tx, seed: int, shardings: TrainState, likelihood_init: float = 0.0,
+                  decoder=None) -> TrainState:
     """A fresh state (decoder from `decoder` when given, e.g. the base model), laid out by `shardings`."""
     rng = jax.random.PRNGKey(seed)
     if decoder is None:
-        return jax.jit(lambda r: _fresh(cfg, tx, r), out_shardings=shardings)(rng)
-    return jax.jit(lambda d, r: _fresh(cfg, tx, r, d), out_shardings=shardings, donate_argnums=0)(decoder, rng)
+        return jax.jit(lambda r: _fresh(cfg, tx, r, likelihood_init), out_shardings=shardings)(rng)
+    return jax.jit(lambda d, r: _fresh(cfg, tx, r, likelihood_init, d), out_shardings=shardings,
+                   donate_argnums=0)(decoder, rng)
 
 
 def abstract_rm_state(cfg, tx, shardings: TrainState) -> TrainState:
@@ -245,34 +253,35 @@ def abstract_rm_state(cfg, tx, shardings: TrainState) -> TrainState:
 
 
 def make_steps(cfg: models.ModelConfig, tx, mesh, rules, shardings: TrainState):
-    """(jitted update(state, tokens [2B, T], lengths [2B]) -> (state, metrics), jitted scores(params, ...))."""
+    """(jitted update(state, tokens [2B, T], lengths [2B], starts [2B]) -> (state, metrics), jitted
+    scores(params, tokens, lengths, starts))."""
 
-    def loss_fn(params, tokens, lengths):
-        s, aux = rm_lib.scores(params, tokens, lengths, cfg)
+    def loss_fn(params, tokens, lengths, starts):
+        s, aux = rm_lib.scores(params, tokens, lengths, starts, cfg)
         half = tokens.shape[0] // 2
         loss, metrics = rm_lib.bradley_terry(s[:half], s[half:])
         return loss + aux["aux_loss"], {**metrics, "aux_loss": aux["aux_loss"]}
 
-    def update(state: TrainState, tokens, lengths):
-        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tokens, lengths)
+    def update(state: TrainState, tokens, lengths, starts):
+        (loss, metrics), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, tokens, lengths, starts)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         return (TrainState(step=state.step + 1, params=params, opt_state=opt_state, rng=state.rng),
-                {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads)})
+                {**metrics, "loss": loss, "grad_norm": optax.tree.norm(grads), "w_lp": params["head"]["w_lp"]})
 
     replicated = NamedSharding(mesh, P())
-    jit_update = jax.jit(update, in_shardings=(shardings, replicated, replicated),
+    jit_update = jax.jit(update, in_shardings=(shardings, replicated, replicated, replicated),
                          out_shardings=(shardings, replicated), donate_argnums=0)
-    jit_scores = jax.jit(lambda p, t, n: rm_lib.scores(p, t, n, cfg)[0], in_shardings=(shardings.params, replicated,
-                                                                                      replicated))
+    jit_scores = jax.jit(lambda p, t, n, s: rm_lib.scores(p, t, n, s, cfg)[0],
+                         in_shardings=(shardings.params, replicated, replicated, replicated))
 
-    def run_update(state, tokens, lengths):
+    def run_update(state, tokens, lengths, starts):
         with use_rules(mesh, rules):
-            return jit_update(state, tokens, lengths)
+            return jit_update(state, tokens, lengths, starts)
 
-    def run_scores(params, tokens, lengths):
+    def run_scores(params, tokens, lengths, starts):
         with use_rules(mesh, rules):
-            return jit_scores(params, tokens, lengths)
+            return jit_scores(params, tokens, lengths, starts)
 
     return run_update, run_scores
 
@@ -288,6 +297,6 @@ def smoke_step(config) -> dict:
     rng = np.random.default_rng(config.seed)
     b, t = int(config.data.batch_size), min(int(config.data.seq_len), 64)
     tokens = rng.integers(0, cfg.vocab_size, (2 * b, t), dtype=np.int32)
-    lengths = rng.integers(1, t + 1, (2 * b,)).astype(np.int32)
-    _, metrics = step_fn(state, tokens, lengths)
+    lengths = rng.integers(2, t + 1, (2 * b,)).astype(np.int32)
+    _, metrics = step_fn(state, tokens, lengths, lengths // 2)
     return {k: float(v) for k, v in jax.device_get(metrics).items()}
