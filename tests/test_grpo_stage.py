@@ -188,6 +188,16 @@ def test_readable_format_stage_measures_its_own_accuracy():
                                 reward_specs=routed, **kw)
     assert "accuracy" not in groups[0].per_reward
     assert list(groups[0].per_reward["answer_accuracy"]) == [1.0, 0.0]
+    # a general prompt (no answer, another route) in the same batch is left out of the accuracy, not scored 0
+    general = {"tokens": [1, 2, 3], "prompt_text": "Say hi .", "answer": None, "task": "chat", "reward_source": "other"}
+    twice = Completions(**{k: np.concatenate([v, v]) for k, v in vars(done).items()})
+    groups = grpo.sample_groups(lambda *a: twice, None,
+                                [dict(prompt, reward_source="rule"), general], None, reward_specs=routed, **kw)
+    assert list(groups[0].per_reward["answer_accuracy"]) == [1.0, 0.0]
+    assert np.isnan(groups[1].per_reward["answer_accuracy"]).all()
+    metrics = grpo.behaviour_metrics(groups)
+    assert metrics["reward/answer_accuracy"] == 0.5 and metrics["reward_errors/by_source"] == 0
+    assert grpo.behaviour_metrics(groups[1:]).keys().isdisjoint({"reward/answer_accuracy"})
     # R1-Zero-rewarded stages still measure format and accuracy when only one of them is rewarded
     groups = grpo.sample_groups(lambda *a: done, None, [prompt], None, reward_specs=(("format", 1.0),), **kw)
     assert {"accuracy", "format"} <= set(groups[0].per_reward)

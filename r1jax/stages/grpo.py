@@ -368,10 +368,18 @@ def sample_groups(sample_fn, params, prompts: list[dict], rng, *, group_size: in
     # Accuracy and format are measured even when not rewarded (or rewarded inside by_source's routes). Accuracy is
     # read in the stage's answer format: answer_accuracy for a stage trained on it anywhere (the readable format,
     # where the R1-Zero-format `accuracy` reads 0), else the R1-Zero `accuracy`.
+    # Measured accuracy is NaN on samples without an `answer` (all-scenario RL's general prompts): it is averaged
+    # over the samples that have one.
     correct = "answer_accuracy" if "answer_accuracy" in rewards_lib.reward_names(reward_specs) else "accuracy"
-    for name in (correct, "format"):
-        if name not in per_reward and (name == "format" or "answer" in fields):
-            per_reward[name] = rewards_lib.score(((name, 1.0),), prompt_texts, texts, fields)[1][name]
+    if "format" not in per_reward:
+        per_reward["format"] = rewards_lib.score((("format", 1.0),), prompt_texts, texts, fields)[1]["format"]
+    if correct not in per_reward and "answer" in fields:
+        rows = [i for i, answer in enumerate(fields["answer"]) if answer is not None]
+        per_reward[correct] = np.full(n, np.nan)
+        if rows:
+            per_reward[correct][rows] = rewards_lib.score(
+                ((correct, 1.0),), [prompt_texts[i] for i in rows], [texts[i] for i in rows],
+                {k: [v[i] for i in rows] for k, v in fields.items()})[1][correct]
     groups = []
     for b, record in enumerate(prompts):
         rows = slice(b * group_size, (b + 1) * group_size)
@@ -388,7 +396,10 @@ def behaviour_metrics(groups: list[Group], prefix: str = "") -> dict[str, float]
     lengths = np.concatenate([g.lengths for g in groups])
     out = {"reward_mean": float(np.mean(np.concatenate([g.rewards for g in groups])))}
     for name in groups[0].per_reward:
-        value = float(np.mean(np.concatenate([g.per_reward[name] for g in groups])))
+        values = np.concatenate([g.per_reward[name] for g in groups])
+        if np.isnan(values).all():  # measured accuracy on general prompts only
+            continue
+        value = float(np.nanmean(values))
         out["accuracy" if name == "accuracy" else f"reward/{name}"] = value
         if name == "format":
             out["format_rate"] = value
