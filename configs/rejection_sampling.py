@@ -40,7 +40,10 @@ def data_block(*, prompt_files: tuple = (), non_reasoning_files: tuple = (), pro
 def judge_block(*, kind: str = "", checkpoint: str | None = None, aspect: str = "", min_score: float = 0.0,
                 prompt_template: str = DEFAULT_PROMPT, yes: str = " yes", no: str = " no") -> mlc.ConfigDict:
     """config.judge for prompts without `answer` / `tests`: kind "" (none), reward_model (a reward_model run;
-    aspect "" = its own) or generative (any LM: log p(yes) - log p(no) after prompt_template)."""
+    aspect "" = its own) or generative (any LM: log p(yes) - log p(no) after prompt_template). A response is kept
+    when its score >= min_score: 0 is the generative judge's even odds, while a reward model's score has no fixed
+    zero (Bradley-Terry fixes only differences, and it includes the RM's likelihood term), so set min_score from
+    its scores on responses known to be good."""
     return mlc.ConfigDict(dict(kind=kind, checkpoint=checkpoint if checkpoint is not None else placeholder(str),
                                aspect=aspect, min_score=min_score, prompt_template=prompt_template, yes=yes, no=no))
 
