@@ -1,4 +1,4 @@
-"""Reward model (REFERENCE.md §4.5): the decoder with a scalar head on the last token plus a weight on the decoder's own
+"""Reward model (REFERENCE.md §4.5): the decoder with a scalar head on the last token plus a weight on its own
 mean log-likelihood of what it scores, Bradley-Terry on preference pairs; one run per aspect: helpful (scores the
 final summary only) or harmless (scores the whole response).
 
@@ -42,7 +42,8 @@ def rm_config(*, model_block, data, aspect: str, optimizer_block, train_block, m
         stage="reward_model", seed=seed, model=model_block,
         mesh=mesh_block if mesh_block is not None else common.mesh(),
         init_from=init_from if init_from is not None else placeholder(str),
-        rm=dict(aspect=aspect, kinds=tuple(kinds), likelihood_init=float(likelihood_init)), data=data, optimizer=optimizer_block, train=train_block))
+        rm=dict(aspect=aspect, kinds=tuple(kinds), likelihood_init=float(likelihood_init)), data=data,
+        optimizer=optimizer_block, train=train_block))
 
 
 def get_config(arg=None):

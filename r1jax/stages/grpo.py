@@ -268,8 +268,8 @@ def run(config, workdir: str) -> StageResult:
                 if crossed(int(config.train.checkpoint_every)) or final:
                     saved_step = checkpointer.save(state, meta())
                     references.prune(checkpointer)
-                logger.progress(per_rollout, reward=record["reward_mean"], acc=record.get("accuracy", record.get("reward/answer_accuracy", 0.0)),
-                                len=record["response_length_mean"])
+                acc = record.get("accuracy", record.get("reward/answer_accuracy", 0.0))
+                logger.progress(per_rollout, reward=record["reward_mean"], acc=acc, len=record["response_length_mean"])
                 if preempted.set and step < steps:
                     status = "preempted"
                     log.warning("SIGTERM: saved the checkpoint of step %d; rerun the same command to resume", step)

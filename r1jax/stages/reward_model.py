@@ -137,7 +137,8 @@ def run(config, workdir: str) -> StageResult:
 
 @dataclasses.dataclass
 class Pairs:
-    """Encoded preference pairs: token lists of the chosen and the rejected side, and where their scored parts start."""
+    """Encoded preference pairs: token lists of the chosen and the rejected side, and where their scored parts
+    start."""
 
     chosen: list[list[int]]
     rejected: list[list[int]]
@@ -160,11 +161,10 @@ class Pairs:
         """tokens [2B, seq_len] (chosen rows, then rejected rows), lengths and starts [2B]; short batches are
         padded. One shape for every batch: one compile."""
         rows = list(rows)
-        fill = [rows[-1]] * (batch_size - len(rows))
-        tokens, lengths = rm_lib.pad_rows([self.chosen[i] for i in rows + fill] + [self.rejected[i] for i in rows + fill],
-                                          pad_id, bucket=seq_len)
-        starts = np.asarray([self.chosen_starts[i] for i in rows + fill] + [self.rejected_starts[i] for i in rows + fill],
-                            np.int32)
+        both = rows + [rows[-1]] * (batch_size - len(rows))
+        tokens, lengths = rm_lib.pad_rows([self.chosen[i] for i in both] + [self.rejected[i] for i in both], pad_id,
+                                          bucket=seq_len)
+        starts = np.asarray([self.chosen_starts[i] for i in both] + [self.rejected_starts[i] for i in both], np.int32)
         return {"tokens": tokens, "lengths": lengths, "starts": starts, "n": len(rows)}
 
 
@@ -211,19 +211,20 @@ def make_optimizer(opt, cfg: models.ModelConfig, total_steps: int) -> optax.Grad
     decoder, plus the head (trained, not decayed)."""
     schedule = opt_lib.make_schedule(opt, total_steps)
     parts = [optax.clip_by_global_norm(float(opt.clip_norm))] if float(opt.clip_norm) > 0 else []
-    decay = {"decoder": opt_lib.weight_decay_mask(cfg), "head": {"w_d": False, "b": False, "w_lp": False}}
+    head = rm_lib.abstract_rm_params(cfg)["head"]
+    decay = {"decoder": opt_lib.weight_decay_mask(cfg), "head": jax.tree.map(lambda _: False, head)}
     parts.append(optax.adamw(schedule, b1=float(opt.b1), b2=float(opt.b2), eps=float(opt.eps),
                              weight_decay=float(opt.weight_decay), mask=decay))
     trainable = models.trainable_mask(models.abstract_params(cfg))
     labels = {"decoder": jax.tree.map(lambda t: "train" if t else "frozen", trainable),
-              "head": {"w_d": "train", "b": "train", "w_lp": "train"}}
+              "head": jax.tree.map(lambda _: "train", head)}
     return optax.multi_transform({"train": optax.chain(*parts), "frozen": optax.set_to_zero()}, labels)
 
 
 def rm_state_shardings(cfg, tx, mesh, rules) -> TrainState:
     replicated = NamedSharding(mesh, P())
     params = {"decoder": models.param_shardings(cfg, mesh, rules),
-              "head": jax.tree.map(lambda _: replicated, rm_lib.init_head(cfg))}
+              "head": jax.tree.map(lambda _: replicated, rm_lib.abstract_rm_params(cfg)["head"])}
     abstract_opt = jax.eval_shape(tx.init, rm_lib.abstract_rm_params(cfg))
     return TrainState(step=replicated, params=params,
                       opt_state=state_lib._like_params(abstract_opt, params, replicated),  # noqa: SLF001
