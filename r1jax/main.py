@@ -9,35 +9,17 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import platform
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+from r1jax.host import ensure_malloc_tunables
+
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file[:preset]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for this run's checkpoints, metrics and outputs")
 flags.mark_flags_as_required(["config", "workdir"])
-
-
-# glibc (>= 2.35) backs malloc's large blocks with transparent huge pages. XLA:CPU allocates a step's temporary
-# buffer afresh from a worker thread at every execution; glibc maps such a block (~270 MB for the tiny pretraining
-# step) with mmap, and without huge pages touching it costs ~70k page faults per step: the step took ~520 ms
-# instead of ~400 (docs/performance.md). glibc reads tunables only at process start, hence the re-exec.
-MALLOC_TUNABLE = "glibc.malloc.hugetlb=1"
-
-
-def ensure_malloc_tunables() -> None:
-    """Re-exec this command once with MALLOC_TUNABLE added to GLIBC_TUNABLES (Linux + glibc only; a tunable of
-    that name already set, or R1JAX_MALLOC_TUNABLES=0, leaves the process as it is)."""
-    tunables = os.environ.get("GLIBC_TUNABLES", "")
-    if (sys.platform != "linux" or platform.libc_ver()[0] != "glibc" or "glibc.malloc.hugetlb" in tunables
-            or os.environ.get("R1JAX_MALLOC_TUNABLES", "1") == "0"):
-        return
-    env = dict(os.environ, GLIBC_TUNABLES=":".join(t for t in (tunables, MALLOC_TUNABLE) if t))
-    os.execve(sys.executable, sys.orig_argv, env)
 
 
 def main(argv) -> int:

@@ -311,22 +311,3 @@ def test_config_typo_is_an_error(tmp_path):
                          timeout=120)
     assert out.returncode != 0 and "stepz" in out.stderr
     assert not (tmp_path / "config.json").exists()
-
-
-@pytest.mark.skipif(sys.platform != "linux" or __import__("platform").libc_ver()[0] != "glibc", reason="glibc only")
-def test_command_reexecs_once_with_the_malloc_tunable(tmp_path):
-    code = ("import os; from r1jax import main; print('run', flush=True); main.ensure_malloc_tunables(); "
-            "print(os.environ.get('GLIBC_TUNABLES'))")
-    env = {k: v for k, v in subprocess_env(tmp_path / "cache").items() if k != "GLIBC_TUNABLES"}
-
-    def run(**extra):
-        out = subprocess.run([sys.executable, "-c", code], env={**env, **extra}, cwd=REPO, capture_output=True,
-                             text=True, timeout=120)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return out.stdout.split()
-
-    assert run() == ["run", "run", "glibc.malloc.hugetlb=1"]  # the same command again, once, with the tunable
-    assert run(GLIBC_TUNABLES="glibc.malloc.arena_max=2") == ["run", "run",
-                                                              "glibc.malloc.arena_max=2:glibc.malloc.hugetlb=1"]
-    assert run(GLIBC_TUNABLES="glibc.malloc.hugetlb=0") == ["run", "glibc.malloc.hugetlb=0"]  # the user's wins
-    assert run(R1JAX_MALLOC_TUNABLES="0") == ["run", "None"]

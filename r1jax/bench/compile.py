@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from r1jax import models as M
 from r1jax.bench.common import append_result, print_table
+from r1jax.host import ensure_malloc_tunables
 
 
 def _train_step(cfg):
@@ -69,4 +70,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    ensure_malloc_tunables()  # the same process settings as `python -m r1jax.main`
     main()

@@ -31,6 +31,7 @@ from r1jax import models
 from r1jax.bench.common import append_result, print_table, spread, torch_device, tune_cpu_runtime
 from r1jax.bench.train_step import OPTIMIZER
 from r1jax.hf import save_hf_checkpoint
+from r1jax.host import ensure_malloc_tunables
 from r1jax.models import ModelConfig
 from r1jax.rl import grpo
 from r1jax.rl import sampler as sampler_lib
@@ -230,4 +231,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    ensure_malloc_tunables()  # the same process settings as `python -m r1jax.main`
     main()

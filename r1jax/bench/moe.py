@@ -34,6 +34,7 @@ import numpy as np
 from r1jax import models
 from r1jax.bench import peak as peak_lib
 from r1jax.bench.common import append_result, median_time, print_table, tune_cpu_runtime
+from r1jax.host import ensure_malloc_tunables
 from r1jax.models import ModelConfig
 from r1jax.models.moe import moe_layer
 
@@ -201,4 +202,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    ensure_malloc_tunables()  # the same process settings as `python -m r1jax.main`
     main()

@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from r1jax.bench.common import append_result, median_time, print_table, torch_device, torch_sync
+from r1jax.host import ensure_malloc_tunables
 
 
 def jax_peak(n: int = 2048, dtype: str = "float32", runs: int = 10) -> float:
@@ -61,4 +62,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    ensure_malloc_tunables()  # the same process settings as `python -m r1jax.main`
     main()

@@ -34,6 +34,7 @@ from r1jax.bench.common import (TorchImplementations, append_result, print_table
                                 torch_sync, tune_cpu_runtime)
 from r1jax.bench.train_step import SIZES, default_dtype
 from r1jax.hf import save_hf_checkpoint
+from r1jax.host import ensure_malloc_tunables
 from r1jax.models import ModelConfig
 from r1jax.rl import sampler as sampler_lib
 
@@ -173,4 +174,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    ensure_malloc_tunables()  # the same process settings as `python -m r1jax.main`
     main()

@@ -23,7 +23,7 @@ median step time (and min..max over the runs) and tokens/s, r1jax's speed-up, th
 per step (`cpu_speedup`: robust to other processes on shared cores), and the achieved model FLOP/s
 (analytic: 6 x activated matmul parameters x tokens + attention) against a 2048² matmul peak measured in the
 same run by each framework. Both sides get `common.tune_cpu_runtime()` (malloc keeps freed memory; torch's
-OpenMP threads sleep instead of spinning).
+OpenMP threads sleep instead of spinning) and, as a command, the huge-page malloc tunable of `r1jax.host`.
 """
 
 from __future__ import annotations
@@ -44,6 +44,7 @@ from r1jax.bench import peak as peak_lib
 from r1jax.bench.common import (TorchImplementations, append_result, print_table, spread, torch_device,
                                 torch_sync, tune_cpu_runtime, cpu_seconds)
 from r1jax.hf import save_hf_checkpoint
+from r1jax.host import ensure_malloc_tunables
 from r1jax.models import ModelConfig
 from r1jax.sharding import DEFAULT_RULES, make_mesh
 from r1jax.train import optimizer as opt_lib
@@ -318,4 +319,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    ensure_malloc_tunables()  # the same process settings as `python -m r1jax.main`
     main()
