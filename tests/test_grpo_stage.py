@@ -50,7 +50,8 @@ def runs(tmp_path_factory):
     config = root / "grpo_test_config.py"
     config.write_text(CONFIG.format(stops=STOPS))
     env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+               XLA_FLAGS="--xla_backend_optimization_level=0")  # compile-bound: XLA's fastest compile
 
     def command(workdir):
         return [sys.executable, "-m", "r1jax.main", f"--config={config}", f"--workdir={workdir}"]

@@ -99,7 +99,8 @@ def test_references_resolve_anywhere_in_a_stage_config(tmp_path):
 
 def _env(cache):
     return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1")
+                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
+                XLA_FLAGS="--xla_backend_optimization_level=0")  # compile-bound: XLA's fastest compile
 
 
 def _command(workdir):
