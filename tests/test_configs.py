@@ -14,7 +14,7 @@ import pytest
 from r1jax import models, stages
 from r1jax.stages.common import model_config
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, subprocess_env
 CONFIGS = sorted(os.path.splitext(os.path.basename(p))[0] for p in glob.glob(os.path.join(REPO, "configs", "*.py")))
 
 
@@ -74,10 +74,7 @@ for name in sys.argv[1:]:
 def smoke_results(tmp_path_factory):
     """All tiny presets in one subprocess (shared compilation cache with the other tests' runs)."""
     cache = tmp_path_factory.getbasetemp() / "jax_cache"
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(cache),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-               XLA_FLAGS="--xla_backend_optimization_level=0")  # compile-bound: XLA's fastest compile
-    out = subprocess.run([sys.executable, "-c", SMOKE_WORKER, *STAGE_CONFIGS], env=env, cwd=REPO,
+    out = subprocess.run([sys.executable, "-c", SMOKE_WORKER, *STAGE_CONFIGS], env=subprocess_env(cache), cwd=REPO,
                          capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-4000:]
     return {r["name"]: r for r in map(json.loads, (l for l in out.stdout.splitlines() if l.startswith("{")))}

@@ -18,7 +18,7 @@ import time
 import numpy as np
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, subprocess_env
 
 CONFIG = '''
 from configs import common, r1_zero
@@ -49,9 +49,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("grpo")
     config = root / "grpo_test_config.py"
     config.write_text(CONFIG.format(stops=STOPS))
-    env = dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(root / "jax_cache"),
-               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-               XLA_FLAGS="--xla_backend_optimization_level=0")  # compile-bound: XLA's fastest compile
+    env = subprocess_env(root / "jax_cache")
 
     def command(workdir):
         return [sys.executable, "-m", "r1jax.main", f"--config={config}", f"--workdir={workdir}"]

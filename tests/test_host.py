@@ -1,18 +1,18 @@
 """r1jax.host: the malloc tunable that `python -m r1jax.main` and the benchmarks re-execute themselves with."""
 
-import os
 import subprocess
 import sys
 
 import pytest
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, subprocess_env
+
 GLIBC = sys.platform == "linux" and __import__("platform").libc_ver()[0] == "glibc"
 
 
 def _run(code, check=True, **extra):
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", "R1JAX_MALLOC_TUNABLES")}
-    env.update(PYTHONPATH=REPO, JAX_PLATFORMS="cpu", **extra)
+    env = {k: v for k, v in subprocess_env().items() if k not in ("GLIBC_TUNABLES", "R1JAX_MALLOC_TUNABLES")}
+    env.update(extra)
     out = subprocess.run([sys.executable, "-c", code], env=env, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 or not check, out.stderr[-2000:]
     return out.stdout.split()

@@ -12,6 +12,8 @@ import sys
 
 import pytest
 
+from helpers import subprocess_env
+
 # (mesh, impl, buffer budget or None, routing): "skewed" sends every token to the experts of one device,
 # the worst case the receive buffer is sized for; budgets force several chunks per device.
 CASES = [
@@ -27,8 +29,7 @@ MODEL_MESHES = [{"expert": 4, "fsdp": 2}, {"expert": 2, "fsdp": 2, "tensor": 2}]
 
 @pytest.fixture(scope="module")
 def worker_rows():
-    env = dict(os.environ, JAX_PLATFORMS="cpu",  # compile-bound: XLA's fastest compile
-               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+    env = subprocess_env(xla_flags="--xla_force_host_platform_device_count=8")
     out = subprocess.run([sys.executable, os.path.abspath(__file__)], env=env, capture_output=True, text=True,
                          timeout=1200)  # ~3 min on an idle 2-core machine
     assert out.returncode == 0, out.stderr[-4000:]

@@ -16,7 +16,7 @@ import pytest
 from configs import r1
 from r1jax.stages import pipeline
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, subprocess_env
 TIMING_KEYS = ("seconds", "cpu_seconds", "tokens_per_s", "sample_s", "update_s", "rollout_s", "sample_tokens_per_s",
                "heldout_eval_s", "eval_s")
 
@@ -97,12 +97,6 @@ def test_references_resolve_anywhere_in_a_stage_config(tmp_path):
 # ------------------------------------------------------------------------------------------ end to end
 
 
-def _env(cache):
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(cache),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-                XLA_FLAGS="--xla_backend_optimization_level=0")  # compile-bound: XLA's fastest compile
-
-
 def _command(workdir):
     return [sys.executable, "-m", "r1jax.main", "--config", "configs/r1.py:smoke", "--workdir", str(workdir)]
 
@@ -128,7 +122,7 @@ def _kill_when(workdir, env, predicate):
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
-    env = _env(root / "jax_cache")
+    env = subprocess_env(root / "jax_cache")
     _finish(root / "full", env)
     killed = root / "killed"
     order = list(r1.ORDER)

@@ -21,16 +21,9 @@ from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import state as state_lib
 from r1jax.train.metrics import read_metrics
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, subprocess_env
 STEPS = 30  # the settings of test_train's CLI run: one compiled step serves both (persistent cache)
 EXACT_KEYS = ("loss", "ce_loss", "mtp_loss", "grad_norm", "lr", "trained_tokens", "data/epoch", "data/fill")
-
-
-def subprocess_env(cache_dir):
-    """As in test_train.py: CPU, the session's persistent compilation cache, fast XLA compiles."""
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-                XLA_FLAGS="--xla_backend_optimization_level=0")
 
 
 @pytest.fixture(scope="module")

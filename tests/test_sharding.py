@@ -9,6 +9,7 @@ import pytest
 
 from r1jax import models as M
 from r1jax import sharding as S
+from helpers import subprocess_env
 
 # The MoE model goes through every mesh kind; the dense student through the tensor-parallel ones.
 MESHES = {
@@ -18,8 +19,7 @@ MESHES = {
 
 
 def _run(preset):
-    env = dict(os.environ, JAX_PLATFORMS="cpu",  # compile-bound: XLA's fastest compile
-               XLA_FLAGS="--xla_force_host_platform_device_count=8 --xla_backend_optimization_level=0")
+    env = subprocess_env(xla_flags="--xla_force_host_platform_device_count=8")
     worker = os.path.join(os.path.dirname(__file__), "sharding_worker.py")
     out = subprocess.run([sys.executable, worker, preset] + [json.dumps(m) for m in MESHES[preset]], env=env,
                          capture_output=True, text=True, timeout=900)

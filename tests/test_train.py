@@ -21,21 +21,13 @@ from r1jax.train import state as state_lib
 from r1jax.train import step as step_lib
 from r1jax.train.metrics import MetricsLogger, read_metrics
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from helpers import REPO, subprocess_env
 CFG = models.get_preset("tiny_moe")  # MTP on, MoE with the tiled CPU dispatch, aux loss off
 
 
 # The CLI runs of this file and of test_resume.py share these settings, so one compiled step serves all
 # of them through the persistent compilation cache.
 CLI_ARGS = ["--config", "configs/sft.py:tiny", "--config.train.steps=30", "--config.data.seq_len=128"]
-
-
-def subprocess_env(cache_dir, xla_flags=""):
-    """Environment of a run in a test: CPU, a persistent compilation cache shared by the test session, the
-    repo importable, and XLA's cheapest backend optimisation (these tests are bound by compile time)."""
-    return dict(os.environ, JAX_PLATFORMS="cpu", PYTHONPATH=REPO, JAX_COMPILATION_CACHE_DIR=str(cache_dir),
-                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="-1",
-                XLA_FLAGS=f"--xla_backend_optimization_level=0 {xla_flags}".strip())
 
 
 # ------------------------------------------------------------------------------- background subprocesses
