@@ -223,9 +223,10 @@ def make_optimizer(opt, cfg: models.ModelConfig, total_steps: int) -> optax.Grad
 
 def rm_state_shardings(cfg, tx, mesh, rules) -> TrainState:
     replicated = NamedSharding(mesh, P())
+    abstract = rm_lib.abstract_rm_params(cfg)
     params = {"decoder": models.param_shardings(cfg, mesh, rules),
-              "head": jax.tree.map(lambda _: replicated, rm_lib.abstract_rm_params(cfg)["head"])}
-    abstract_opt = jax.eval_shape(tx.init, rm_lib.abstract_rm_params(cfg))
+              "head": jax.tree.map(lambda _: replicated, abstract["head"])}
+    abstract_opt = jax.eval_shape(tx.init, abstract)
     return TrainState(step=replicated, params=params,
                       opt_state=state_lib._like_params(abstract_opt, params, replicated),  # noqa: SLF001
                       rng=replicated)
