@@ -18,11 +18,13 @@ Stages (docs/stages.md maps them to the paper):
   distill             SFT of the dense student on the rejection-sampling dataset
   distill_baseline    (tiny) the same student on the data without the teacher's samples (cold start + non-reasoning)
   r1_zero             GRPO from the base, rule rewards, R1-Zero template: its own branch, as in the paper (it feeds
-                      no other stage, so it runs after the main line)
+                      no other stage; listed after the main line, which goes first when stages compete for a slot)
   eval                pass@1 (k samples, temperature 0.6, top-p 0.95) and cons@k of every model above
   report              plots per stage and the held-out accuracy table: DIR/report.md
 
 Every field of every stage can be overridden: --config.stages.reasoning_rl.train.steps=30.
+tiny and smoke run two stages at once (config.parallel=2): a stage starts as soon as the stages it reads from have
+finished, in a child process of its own (DIR/<nn>_<stage>/stage.log); --config.parallel=1 runs them one after another.
 """
 
 import ml_collections as mlc
@@ -37,9 +39,12 @@ R1_ZERO_MODELS = ("pretrain", "r1_zero", "student_base")  # answer in the R1-Zer
 
 
 def pipeline_config(order: tuple, stages: dict, *, world: bool, mixes: dict | None = None,
-                    vocab_size: int = common.TINY_VOCAB, world_seed: int = 0) -> mlc.ConfigDict:
+                    vocab_size: int = common.TINY_VOCAB, world_seed: int = 0, parallel: int = 1) -> mlc.ConfigDict:
+    """parallel: stages run at once when their inputs are ready, each in a child process (CPU only; 1 = one after
+    another in this process; r1jax/stages/pipeline.py)."""
     return mlc.ConfigDict(dict(
         stage="pipeline", order=tuple(order), stages=mlc.ConfigDict({n: stages[n] for n in order}), jax_cache=True,
+        parallel=parallel,
         world=dict(enabled=world, seed=world_seed, vocab_size=vocab_size), mixes=mlc.ConfigDict(mixes or {})))
 
 
@@ -169,7 +174,10 @@ def smoke(stages: dict) -> dict:
 def get_config(arg=None):
     if arg in ("tiny", "smoke"):
         stages = tiny_stages()
-        return pipeline_config(ORDER, smoke(stages) if arg == "smoke" else stages, world=True, mixes=TINY_MIXES)
+        # two stages at once on the 2-core machine: one stage keeps ~1.6 cores busy, and the branches off the main
+        # line (student pre-training, reward models, R1-Zero) need not wait for it (docs/results.md)
+        return pipeline_config(ORDER, smoke(stages) if arg == "smoke" else stages, world=True, mixes=TINY_MIXES,
+                               parallel=2)
     if arg not in (None, ""):
         raise ValueError(f"configs/r1.py: unknown preset {arg!r}; expected '', 'tiny' or 'smoke'")
     return pipeline_config(REAL_ORDER, real_stages(), world=False, mixes=REAL_MIXES)

@@ -87,6 +87,19 @@ def test_correct_and_partial_programs_get_their_share():
     assert run_many(items, limits=FAST, max_workers=2) == [1.0, 2 / 3, 1 / 3, 0.0]
 
 
+def test_run_many_runs_each_distinct_program_and_test_once(monkeypatch):
+    from r1jax.rl import sandbox
+
+    calls = []
+    real = sandbox.run_test
+    monkeypatch.setattr(sandbox, "run_test", lambda *a, **kw: calls.append(a) or real(*a, **kw))
+    tests = ["assert add(1, 2) == 3", "assert add(2, 2) == 4", "assert add(0, 0) == 0"]
+    right, wrong = "def add(a, b):\n    return a + b\n", "def add(a, b):\n    return a * b\n"
+    items = [(right, tests), (wrong, tests), (right, tests), (right, tests[:1])]
+    assert run_many(items, limits=FAST, max_workers=2) == [1.0, 2 / 3, 1.0, 1.0]
+    assert sorted(calls) == sorted({(p, t) for p in (right, wrong) for t in tests})
+
+
 def test_run_program_reads_stdin_and_reports_output_and_isolation():
     result = run_program("import sys\nprint(sum(map(int, sys.stdin.read().split())))\n",
                          stdin="1 2 3\n40\n", limits=FAST)

@@ -149,8 +149,9 @@ def run_many(items: Sequence[tuple[str, Sequence[str]]], *, limits: SandboxLimit
              max_workers: int | None = None) -> list[float]:
     """Share of tests passed for each `(program, tests)` item.
 
-    Every (program, test) pair is its own run; at most `max_workers` (default: CPU count) run at
-    once, so a batch with one slow item still keeps every worker busy.
+    Every distinct (program, test) pair is its own run, once (sampled groups repeat programs: a pair
+    that recurs shares the one run's outcome); at most `max_workers` (default: CPU count) run at once,
+    so a batch with one slow item still keeps every worker busy.
     """
     jobs = []
     for i, item in enumerate(items):
@@ -167,11 +168,12 @@ def run_many(items: Sequence[tuple[str, Sequence[str]]], *, limits: SandboxLimit
     if max_workers is not None and max_workers < 1:
         raise ValueError(f"max_workers: expected >= 1, got {max_workers}")
     workers = max_workers or os.cpu_count() or 1
-    passed = [0] * len(items)
+    distinct = list(dict.fromkeys((program, test) for _, program, test in jobs))
     with ThreadPoolExecutor(workers) as pool:
-        results = pool.map(lambda job: run_test(job[1], job[2], limits=limits).ok, jobs)
-        for (i, _, _), ok in zip(jobs, results):
-            passed[i] += ok
+        ok = dict(zip(distinct, pool.map(lambda pair: run_test(*pair, limits=limits).ok, distinct)))
+    passed = [0] * len(items)
+    for i, program, test in jobs:
+        passed[i] += ok[(program, test)]
     return [passed[i] / len(item[1]) for i, item in enumerate(items)]
 
 

@@ -17,6 +17,11 @@ DIR/<ii>_<name>/ through r1jax.stages.run (config.json, result.json). A stage wh
 is not run again; an unfinished one is rerun and resumes from its own checkpoints. After every stage,
 DIR/summary.json is rewritten: per stage its status, workdir, outputs, final metrics, wall time of the run that
 finished it, and its eval scores (the results of eval stages whose model names equal stage names).
+
+config.parallel > 1 runs up to that many stages at once: a stage starts, in a child process of its own
+(r1jax/stages/child.py, output in DIR/<ii>_<name>/stage.log), as soon as every stage it reads from has finished
+(`dependencies`: the stages its references name), the first such stage in config.order first. Stage directories,
+results, resuming and summary.json are the same as one after another; the pipeline process only schedules.
 """
 
 from __future__ import annotations
@@ -31,6 +36,8 @@ from typing import Any
 
 import ml_collections as mlc
 
+from r1jax import stages
+from r1jax.stages import child
 from r1jax.stages.common import StageResult, is_primary
 
 log = logging.getLogger(__name__)
@@ -38,39 +45,85 @@ REFERENCE = re.compile(r"^@([A-Za-z_][\w-]*):([\w.@-]+)(/.*)?$")
 FINISHED = ("done", "data_exhausted")
 
 
-def run(config, workdir: str) -> StageResult:
-    import r1jax.rl.filters  # noqa: F401 - register the rewards stage configs may name
+def register_rewards() -> None:
+    """Registers the rewards that stage configs may name: the config files import their modules, but a pipeline's
+    stages (and its child processes) get their configs without importing those files."""
+    import r1jax.rl.filters  # noqa: F401
     import r1jax.rl.reward_model  # noqa: F401
-    from r1jax import stages
 
+
+def run(config, workdir: str) -> StageResult:
+    register_rewards()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     order = list(config.order)
     check_wiring(config)
+    parallel = check_parallel(config)
     use_compilation_cache(config, workdir)
     summary_path = os.path.join(workdir, "summary.json")
     summary = read_json(summary_path) or {}
     results: dict[str, dict] = {}
-    status = "done"
-    for i, name in enumerate(order):
-        stage_dir = os.path.join(workdir, f"{i:02d}_{name}")
-        result = finished_result(stage_dir)
-        if result is None:
-            resolved = resolve(config.stages[name], lambda ref: resolve_reference(ref, config, workdir, results))
-            log.info("pipeline: stage %d/%d %s -> %s", i + 1, len(order), name, stage_dir)
-            summary[name] = {**summary.get(name, {}), "status": "running", "workdir": stage_dir}
-            write_summary(summary_path, summary, order)
-            t0, cpu0 = time.time(), _cpu_seconds()
-            result = stages.run(resolved, stage_dir).to_dict()
-            summary[name] = {"seconds": round(time.time() - t0, 1), "cpu_seconds": round(_cpu_seconds() - cpu0, 1)}
+    status, failed = "done", []
+
+    def stage_dir(name: str) -> str:
+        return os.path.join(workdir, f"{order.index(name):02d}_{name}")
+
+    def record(name: str, result: dict, timing: dict | None = None) -> None:
+        nonlocal status
         results[name] = result
-        summary[name] = stage_summary(result, summary.get(name, {}))
+        summary[name] = stage_summary(result, timing or summary.get(name, {}))
         add_eval_scores(summary, results)
         write_summary(summary_path, summary, order)
-        if result["status"] not in FINISHED:
+        if result["status"] not in FINISHED and status == "done":
             status = result["status"]
             log.warning("pipeline: stage %s ended with status %r; rerun the same command to resume", name, status)
-            break
+
+    for name in order:  # finished before: not run again
+        if (result := finished_result(stage_dir(name))) is not None:
+            record(name, result)
+    deps = dependencies(config)
+    pending = [name for name in order if name not in results]
+    running: dict[str, child.Child] = {}
+    try:
+        while status == "done" and not failed:
+            ready = [name for name in pending if deps[name] <= results.keys()]
+            if not ready or len(running) >= parallel:
+                if not running:
+                    break
+                done, code, seconds, cpu = child.wait_any(running)
+                del running[done.name]
+                result = read_json(os.path.join(done.stage_dir, "result.json")) if code == 0 else None
+                if result is None:
+                    failed.append(f"stage {done.name} exited with code {code} (log: {done.log_path})")
+                    summary[done.name] = {**summary.get(done.name, {}), "status": f"failed (exit code {code})"}
+                    write_summary(summary_path, summary, order)
+                else:
+                    record(done.name, result, {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)})
+                continue
+            name = ready[0]
+            pending.remove(name)
+            resolved = resolve(config.stages[name], lambda ref: resolve_reference(ref, config, workdir, results))
+            log.info("pipeline: stage %d/%d %s -> %s", order.index(name) + 1, len(order), name, stage_dir(name))
+            summary[name] = {**summary.get(name, {}), "status": "running", "workdir": stage_dir(name)}
+            write_summary(summary_path, summary, order)
+            if parallel == 1:
+                t0, cpu0 = time.time(), _cpu_seconds()
+                result = stages.run(resolved, stage_dir(name)).to_dict()
+                record(name, result, {"seconds": round(time.time() - t0, 1),
+                                      "cpu_seconds": round(_cpu_seconds() - cpu0, 1)})
+            else:
+                running[name] = child.start(name, resolved.to_dict(), stage_dir(name), child_env())
+                log.info("pipeline: %s runs beside %s (log: %s)", name, sorted(set(running) - {name}) or "nothing",
+                         running[name].log_path)
+        while running:  # a stage stopped the pipeline: let those already running finish (or checkpoint)
+            done, code, seconds, cpu = child.wait_any(running)
+            del running[done.name]
+            if code == 0 and (result := read_json(os.path.join(done.stage_dir, "result.json"))):
+                record(done.name, result, {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)})
+    finally:
+        child.terminate(running)  # an exception or a signal here: the children checkpoint and stop
+    if failed:
+        raise RuntimeError("pipeline: " + "; ".join(failed))
     metrics = {f"{name}/{k}": v for name, s in summary.items() if isinstance(s, dict)
                for k, v in (s.get("eval") or {}).items()}
     return StageResult(stage="pipeline", workdir=workdir, status=status,
@@ -78,6 +131,55 @@ def run(config, workdir: str) -> StageResult:
                                                             if os.path.isfile(os.path.join(workdir, "report.md"))
                                                             else {})},
                        metrics=metrics)
+
+
+def check_parallel(config) -> int:
+    """config.parallel: how many stages may run at once (1 = one after another, in this process). More runs each
+    stage in a child process of its own (r1jax/stages/child.py), which only works where those processes can share
+    the devices: the CPU of one host."""
+    parallel = int(config.get("parallel", 1))
+    if parallel < 1:
+        raise ValueError(f"config.parallel={parallel}: expected >= 1")
+    if parallel > 1:
+        import jax
+
+        if jax.default_backend() != "cpu" or jax.process_count() > 1:
+            raise ValueError(f"config.parallel={parallel}: stages run side by side only on the CPU of one host "
+                             f"(here: {jax.default_backend()}, {jax.process_count()} processes); set it to 1")
+    return parallel
+
+
+def child_env() -> dict[str, str]:
+    """What a child stage inherits beyond os.environ: the pipeline's compilation cache."""
+    import jax
+
+    cache = jax.config.jax_compilation_cache_dir
+    return {"JAX_COMPILATION_CACHE_DIR": cache} if cache else {}
+
+
+def dependencies(config) -> dict[str, set[str]]:
+    """Per stage, the stages whose outputs it reads: those its references name (through a mix's files too);
+    `@pipeline:dir` reads every stage before it."""
+    order = list(config.order)
+    deps: dict[str, set[str]] = {}
+    for i, name in enumerate(order):
+        found: set[str] = set()
+
+        def note(ref: str, found=found, i=i) -> str:
+            source, item = REFERENCE.match(ref).group(1, 2)
+            if source == "pipeline":
+                found.update(order[:i])
+            elif source == "mix":
+                for f in config.mixes[item].files:
+                    if f.startswith("@"):
+                        note(f)
+            elif source != "world":
+                found.add(source)
+            return ref
+
+        resolve(config.stages[name], note)
+        deps[name] = found
+    return deps
 
 
 def _cpu_seconds() -> float:
@@ -102,8 +204,6 @@ def use_compilation_cache(config, workdir: str) -> None:
 
 def check_wiring(config) -> None:
     """Every stage config has a known stage; every @reference names an earlier stage or a known source."""
-    from r1jax import stages
-
     order = list(config.order)
     missing = [n for n in order if n not in config.stages]
     if missing or len(set(order)) != len(order):
@@ -245,8 +345,6 @@ def write_summary(path: str, summary: dict, order: list[str]) -> None:
 def smoke_step(config) -> dict:
     """The wiring resolves (every reference names an earlier stage or a known source) and the first stage's
     config steps (its own smoke_step)."""
-    from r1jax import stages
-
     check_wiring(config)
     first = config.stages[config.order[0]]
     placeholder = resolve(first, lambda ref: "/nonexistent" + ref[1:].replace(":", "/"))
