@@ -1,7 +1,8 @@
 """The pipeline: wiring checks, reference resolution, and the smoke preset of configs/r1.py end to end (the CI smoke
-test: every stage with a few steps, summary.json and report.md written); then the same command killed (SIGKILL) in
+test: every stage with a few steps, summary.json and report.md written); then the same command killed in
 the middle of three stages (GRPO, reward model, rejection sampling) and rerun each time finishes with the same
-summary as the uninterrupted run, without rerunning the stages finished before each kill."""
+summary as the uninterrupted run, without rerunning the stages finished before each kill. The second stop is a
+SIGTERM, which the pipeline forwards to the stages running beside each other (config.parallel)."""
 
 import json
 import os
@@ -69,6 +70,21 @@ def test_dependencies_are_the_stages_a_stage_reads():
         pipeline.check_parallel(config)
 
 
+@pytest.mark.parametrize("parallel", [1, 2])
+def test_finished_stages_are_skipped_in_process_and_in_children(tmp_path, parallel):
+    report = mlc.ConfigDict(dict(stage="report", pipeline_dir="@pipeline:dir", table_benchmark="x"))
+    config = _toy(("a", "b"), {"a": report, "b": report.copy_and_resolve_references()}, world=False)
+    config.parallel = parallel
+    assert pipeline.run(config, str(tmp_path)).status == "done"
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert [s["status"] for s in summary.values()] == ["done", "done"] and "cpu_seconds" in summary["b"]
+    assert (tmp_path / "01_b" / "stage.log").is_file() == (parallel > 1)
+    stamp = os.path.getmtime(tmp_path / "00_a" / "result.json")
+    (tmp_path / "01_b" / "result.json").unlink()
+    assert pipeline.run(config, str(tmp_path)).status == "done"
+    assert os.path.getmtime(tmp_path / "00_a" / "result.json") == stamp and (tmp_path / "01_b" / "result.json").is_file()
+
+
 def test_a_stage_that_fails_in_its_child_process_is_named_with_its_log(tmp_path):
     ok = mlc.ConfigDict(dict(stage="report", pipeline_dir="@pipeline:dir", table_benchmark="x"))
     broken = mlc.ConfigDict(dict(stage="report", pipeline_dir="@pipeline:dir"))  # no table_benchmark
@@ -107,6 +123,23 @@ def test_a_child_stage_dies_with_the_pipeline_process(tmp_path):
     while _alive(pid):
         assert time.time() < deadline, "the stage outlived the pipeline process"
         time.sleep(0.05)
+
+
+def test_stopping_child_stages_lets_them_checkpoint_then_kills_the_stubborn(tmp_path):
+    from r1jax.stages import child
+
+    graceful = ("import pathlib, signal, sys, time; signal.signal(signal.SIGTERM, lambda *a: "
+                "(pathlib.Path(sys.argv[1]).write_text('saved'), sys.exit(0))); print('ready', flush=True); time.sleep(60)")
+    stubborn = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+    procs = {name: subprocess.Popen([sys.executable, "-c", code, str(tmp_path / name)], stdout=subprocess.PIPE, text=True)
+             for name, code in (("graceful", graceful), ("stubborn", stubborn))}
+    for proc in procs.values():
+        assert proc.stdout.readline().strip() == "ready"
+        proc.stdout.close()
+    t0 = time.time()
+    child.stop_all({name: child.Child(name, str(tmp_path), proc, t0) for name, proc in procs.items()}, timeout_s=2)
+    assert (tmp_path / "graceful").read_text() == "saved" and procs["graceful"].returncode == 0
+    assert procs["stubborn"].returncode == -signal.SIGKILL and time.time() - t0 < 20
 
 
 def test_report_trends_show_what_the_stage_logs(tmp_path):
@@ -159,7 +192,7 @@ def _finish(workdir, env):
     assert out.returncode == 0, out.stderr[-4000:]
 
 
-def _kill_when(workdir, env, predicate):
+def _kill_when(workdir, env, predicate, sig):
     proc = subprocess.Popen(_command(workdir), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)
     deadline = time.time() + 1800
@@ -167,9 +200,12 @@ def _kill_when(workdir, env, predicate):
         assert proc.poll() is None, f"the pipeline ended before the kill point:\n{proc.stderr.read()[-4000:]}"
         assert time.time() < deadline, "no kill point after 30 minutes"
         time.sleep(0.05)
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    proc.stderr.close()
+    proc.send_signal(sig)
+    err = proc.communicate(timeout=600)[1]
+    if sig == signal.SIGTERM:  # forwarded to the running stages, which checkpoint (or finish) and end
+        assert proc.returncode == 0 and '"status": "preempted"' in err, err[-4000:]
+        statuses = {s["status"] for s in json.loads((workdir / "summary.json").read_text()).values()}
+        assert "running" not in statuses, statuses
 
 
 @pytest.fixture(scope="module")
@@ -181,11 +217,13 @@ def runs(tmp_path_factory):
     order = list(r1.ORDER)
     d = {name: killed / f"{i:02d}_{name}" for i, name in enumerate(order)}  # DIR/<nn>_<stage>
     stamps = []
-    for predicate in (lambda: (d["reasoning_rl"] / "checkpoints" / "2" / "meta").is_dir(),
-                      lambda: (d["rm_harmless"] / "checkpoints" / "2" / "meta").is_dir(),
-                      lambda: (d["rejection_sampling"] / "shards" / "00000.stats.json").is_file()):
-        _kill_when(killed, env, predicate)
-        stamps.append({n: os.path.getmtime(p / "result.json") for n, p in d.items() if (p / "result.json").exists()})
+    for predicate, sig in ((lambda: (d["reasoning_rl"] / "checkpoints" / "2" / "meta").is_dir(), signal.SIGKILL),
+                           (lambda: (d["rm_harmless"] / "checkpoints" / "2" / "meta").is_dir(), signal.SIGTERM),
+                           (lambda: (d["rejection_sampling"] / "shards" / "00000.stats.json").is_file(),
+                            signal.SIGKILL)):
+        _kill_when(killed, env, predicate, sig)
+        stamps.append({n: os.path.getmtime(p / "result.json") for n, p in d.items()
+                       if pipeline.finished_result(str(p)) is not None})  # a preempted stage has a result.json too
     _finish(killed, env)
     full = {name: root / "full" / p.name for name, p in d.items()}
     return {"full": root / "full", "killed": killed, "stamps": stamps, "dirs": d, "full_dirs": full}
@@ -231,4 +269,4 @@ def test_finished_stages_are_not_rerun(runs):
             assert final[name] == mtime, f"stage {name} was rerun after it had finished"
     # killed inside reasoning_rl; stages off the main line may have finished beside it (config.parallel)
     assert {"pretrain", "cold_start"} <= set(runs["stamps"][0]) and "reasoning_rl" not in runs["stamps"][0]
-    assert "rm_helpful" in runs["stamps"][1] and "rm_harmless" not in runs["stamps"][1]
+    assert "rm_helpful" in runs["stamps"][1]  # the SIGTERM inside rm_harmless lets it finish its last step or not

@@ -71,10 +71,22 @@ def wait_any(children: dict[str, Child], poll_s: float = 0.2) -> tuple[Child, in
 
 
 def terminate(children: dict[str, Child]) -> None:
-    """SIGTERM to every running child: each stage saves a checkpoint and ends as preempted."""
+    """SIGTERM to every running child: its stage saves a checkpoint after the current step and ends as preempted."""
     for child in children.values():
         if child.proc.returncode is None:
             child.proc.send_signal(signal.SIGTERM)
+
+
+def stop_all(children: dict[str, Child], timeout_s: float = 300.0) -> None:
+    """`terminate`, then wait for every child (SIGKILL after `timeout_s`): no stage outlives a pipeline that stops."""
+    terminate(children)
+    deadline = time.time() + timeout_s
+    for child in children.values():
+        try:
+            child.proc.wait(max(deadline - time.time(), 0.1))
+        except subprocess.TimeoutExpired:
+            child.proc.kill()
+            child.proc.wait()
 
 
 def main(stage_dir: str, parent: int) -> None:

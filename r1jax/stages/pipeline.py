@@ -21,7 +21,9 @@ finished it, and its eval scores (the results of eval stages whose model names e
 config.parallel > 1 runs up to that many stages at once: a stage starts, in a child process of its own
 (r1jax/stages/child.py, output in DIR/<ii>_<name>/stage.log), as soon as every stage it reads from has finished
 (`dependencies`: the stages its references name), the first such stage in config.order first. Stage directories,
-results, resuming and summary.json are the same as one after another; the pipeline process only schedules.
+results, resuming and summary.json are the same as one after another; the pipeline process only schedules, and
+passes a SIGTERM on to every running stage (each checkpoints, the pipeline ends as preempted). A child dies with the
+pipeline process, so a killed pipeline leaves nothing running.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ import json
 import logging
 import os
 import re
+import signal
+import threading
 import time
 from typing import Any
 
@@ -84,21 +88,35 @@ def run(config, workdir: str) -> StageResult:
     deps = dependencies(config)
     pending = [name for name in order if name not in results]
     running: dict[str, child.Child] = {}
+    stopped: list[int] = []
+
+    def on_sigterm(signum, frame):  # with parallel > 1: preemption reaches the stages, which checkpoint and end
+        stopped.append(signum)
+        child.terminate(running)
+
+    def reap() -> None:  # waits for one child stage and records how it ended
+        done, code, seconds, cpu = child.wait_any(running)
+        del running[done.name]
+        result = read_json(os.path.join(done.stage_dir, "result.json")) if code == 0 else None
+        if result is None and stopped and code == -signal.SIGTERM:  # stopped before its stage set its handler
+            summary[done.name] = {**summary.get(done.name, {}), "status": "preempted"}
+            write_summary(summary_path, summary, order)
+        elif result is None:
+            failed.append(f"stage {done.name} exited with code {code} (log: {done.log_path})")
+            summary[done.name] = {**summary.get(done.name, {}), "status": f"failed (exit code {code})"}
+            write_summary(summary_path, summary, order)
+        else:
+            record(done.name, result, {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)})
+
+    previous = (signal.signal(signal.SIGTERM, on_sigterm)
+                if parallel > 1 and threading.current_thread() is threading.main_thread() else None)
     try:
-        while status == "done" and not failed:
+        while status == "done" and not failed and not stopped:
             ready = [name for name in pending if deps[name] <= results.keys()]
             if not ready or len(running) >= parallel:
                 if not running:
                     break
-                done, code, seconds, cpu = child.wait_any(running)
-                del running[done.name]
-                result = read_json(os.path.join(done.stage_dir, "result.json")) if code == 0 else None
-                if result is None:
-                    failed.append(f"stage {done.name} exited with code {code} (log: {done.log_path})")
-                    summary[done.name] = {**summary.get(done.name, {}), "status": f"failed (exit code {code})"}
-                    write_summary(summary_path, summary, order)
-                else:
-                    record(done.name, result, {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)})
+                reap()
                 continue
             name = ready[0]
             pending.remove(name)
@@ -115,13 +133,15 @@ def run(config, workdir: str) -> StageResult:
                 running[name] = child.start(name, resolved.to_dict(), stage_dir(name), child_env())
                 log.info("pipeline: %s runs beside %s (log: %s)", name, sorted(set(running) - {name}) or "nothing",
                          running[name].log_path)
-        while running:  # a stage stopped the pipeline: let those already running finish (or checkpoint)
-            done, code, seconds, cpu = child.wait_any(running)
-            del running[done.name]
-            if code == 0 and (result := read_json(os.path.join(done.stage_dir, "result.json"))):
-                record(done.name, result, {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)})
+        while running:  # a stage or a SIGTERM stopped the pipeline: those running finish or checkpoint
+            reap()
+        if stopped and status == "done" and pending:
+            status = "preempted"
+            log.warning("pipeline: SIGTERM; rerun the same command to resume")
     finally:
-        child.terminate(running)  # an exception or a signal here: the children checkpoint and stop
+        child.stop_all(running)  # after an exception: the children checkpoint and stop before the pipeline does
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     if failed:
         raise RuntimeError("pipeline: " + "; ".join(failed))
     metrics = {f"{name}/{k}": v for name, s in summary.items() if isinstance(s, dict)
