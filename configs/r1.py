@@ -23,8 +23,8 @@ Stages (docs/stages.md maps them to the paper):
   report              plots per stage and the held-out accuracy table: DIR/report.md
 
 Every field of every stage can be overridden: --config.stages.reasoning_rl.train.steps=30.
---config.parallel=2 runs two stages at once (smoke does): a stage starts as soon as the stages it reads from have
-finished, in a child process of its own (DIR/<nn>_<stage>/stage.log). CPU hosts only; on 2 cores it gains little.
+--config.parallel=2 runs two stages at once: a stage starts as soon as the stages it reads from have finished, in a
+child process of its own (DIR/<nn>_<stage>/stage.log). CPU hosts only; on 2 cores it gains little.
 """
 
 import ml_collections as mlc
@@ -174,10 +174,9 @@ def smoke(stages: dict) -> dict:
 def get_config(arg=None):
     if arg in ("tiny", "smoke"):
         stages = tiny_stages()
-        # smoke runs two stages at once, so CI covers the child processes; tiny runs one after another, with its
-        # progress bars on the console: on 2 cores two stages side by side gain ~5-15% (docs/results.md)
-        return pipeline_config(ORDER, smoke(stages) if arg == "smoke" else stages, world=True, mixes=TINY_MIXES,
-                               parallel=2 if arg == "smoke" else 1)
+        # one stage after another, progress bars on the console: on 2 cores two stages side by side gain ~0-15%
+        # (docs/results.md)
+        return pipeline_config(ORDER, smoke(stages) if arg == "smoke" else stages, world=True, mixes=TINY_MIXES)
     if arg not in (None, ""):
         raise ValueError(f"configs/r1.py: unknown preset {arg!r}; expected '', 'tiny' or 'smoke'")
     return pipeline_config(REAL_ORDER, real_stages(), world=False, mixes=REAL_MIXES)

@@ -1,8 +1,9 @@
 """The pipeline: wiring checks, reference resolution, and the smoke preset of configs/r1.py end to end (the CI smoke
 test: every stage with a few steps, summary.json and report.md written); then the same command killed in
 the middle of three stages (GRPO, reward model, rejection sampling) and rerun each time finishes with the same
-summary as the uninterrupted run, without rerunning the stages finished before each kill. The second stop is a
-SIGTERM, which the pipeline forwards to the stages running beside each other (config.parallel)."""
+summary as the uninterrupted run, without rerunning the stages finished before each kill. The uninterrupted run goes
+one stage after another in one process, the interrupted ones two stages at a time in child processes
+(config.parallel=2); the second stop is a SIGTERM, which the pipeline forwards to the running stages."""
 
 import json
 import os
@@ -183,18 +184,19 @@ def test_references_resolve_anywhere_in_a_stage_config(tmp_path):
 # ------------------------------------------------------------------------------------------ end to end
 
 
-def _command(workdir):
-    return [sys.executable, "-m", "r1jax.main", "--config", "configs/r1.py:smoke", "--workdir", str(workdir)]
+def _command(workdir, parallel):
+    return [sys.executable, "-m", "r1jax.main", "--config", "configs/r1.py:smoke", "--workdir", str(workdir),
+            f"--config.parallel={parallel}"]
 
 
-def _finish(workdir, env):
-    out = subprocess.run(_command(workdir), env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
+def _finish(workdir, env, parallel):
+    out = subprocess.run(_command(workdir, parallel), env=env, cwd=REPO, capture_output=True, text=True, timeout=1800)
     assert out.returncode == 0, out.stderr[-4000:]
 
 
 def _kill_when(workdir, env, predicate, sig):
-    proc = subprocess.Popen(_command(workdir), env=env, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(_command(workdir, 2), env=env, cwd=REPO, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 1800
     while not predicate():
         assert proc.poll() is None, f"the pipeline ended before the kill point:\n{proc.stderr.read()[-4000:]}"
@@ -212,7 +214,7 @@ def _kill_when(workdir, env, predicate, sig):
 def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp("pipeline")
     env = subprocess_env(root / "jax_cache")
-    _finish(root / "full", env)
+    _finish(root / "full", env, parallel=1)  # one stage after another, in the pipeline's process
     killed = root / "killed"
     order = list(r1.ORDER)
     d = {name: killed / f"{i:02d}_{name}" for i, name in enumerate(order)}  # DIR/<nn>_<stage>
@@ -224,7 +226,7 @@ def runs(tmp_path_factory):
         _kill_when(killed, env, predicate, sig)
         stamps.append({n: os.path.getmtime(p / "result.json") for n, p in d.items()
                        if pipeline.finished_result(str(p)) is not None})  # a preempted stage has a result.json too
-    _finish(killed, env)
+    _finish(killed, env, parallel=2)
     full = {name: root / "full" / p.name for name, p in d.items()}
     return {"full": root / "full", "killed": killed, "stamps": stamps, "dirs": d, "full_dirs": full}
 
