@@ -54,13 +54,17 @@ def test_wiring_errors_name_the_stage_and_the_reference():
     with pytest.raises(ValueError, match="world.enabled"):
         pipeline.check_wiring(_toy(("a",), {"a": mlc.ConfigDict(dict(stage="report", pipeline_dir="@world:x",
                                                                     table_benchmark="x"))}, world=False))
+    nested = _toy(("a",), {"a": mlc.ConfigDict(dict(stage="report", pipeline_dir="@mix:m", table_benchmark="x"))},
+                  mixes={"m": dict(files=("@mix:m",), max_per_file=())})
+    with pytest.raises(ValueError, match=r"config.mixes.m: file '@mix:m' names a mix"):
+        pipeline.check_wiring(nested)
     with pytest.raises(KeyError, match="not a known stage"):
         pipeline.check_wiring(_toy(("a",), {"a": mlc.ConfigDict(dict(stage="nope"))}))
 
 
 def test_dependencies_are_the_stages_a_stage_reads():
     config = r1.get_config("tiny")
-    deps = pipeline.dependencies(config)
+    deps = pipeline.check_wiring(config)
     assert deps["pretrain"] == deps["student_base"] == set()  # the world only: both start at once
     assert deps["r1_zero"] == deps["cold_start"] == deps["rm_helpful"] == {"pretrain"}
     assert deps["all_scenario_rl"] == {"sft", "rm_helpful", "rm_harmless"}  # its mix reads only world files

@@ -20,7 +20,7 @@ finished it, and its eval scores (the results of eval stages whose model names e
 
 config.parallel > 1 runs up to that many stages at once: a stage starts, in a child process of its own
 (r1jax/stages/child.py, output in DIR/<ii>_<name>/stage.log), as soon as every stage it reads from has finished
-(`dependencies`: the stages its references name), the first such stage in config.order first. Stage directories,
+(`check_wiring`: the stages its references name), the first such stage in config.order first. Stage directories,
 results, resuming and summary.json are the same as one after another; the pipeline process only schedules, and
 passes a SIGTERM on to every running stage (each checkpoints, the pipeline ends as preempted). A child dies with the
 pipeline process, so a killed pipeline leaves nothing running.
@@ -61,7 +61,7 @@ def run(config, workdir: str) -> StageResult:
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     order = list(config.order)
-    check_wiring(config)
+    deps = check_wiring(config)
     parallel = check_parallel(config)
     use_compilation_cache(config, workdir)
     summary_path = os.path.join(workdir, "summary.json")
@@ -71,6 +71,10 @@ def run(config, workdir: str) -> StageResult:
 
     def stage_dir(name: str) -> str:
         return os.path.join(workdir, f"{order.index(name):02d}_{name}")
+
+    def mark(name: str, **fields) -> None:  # the summary entry of a stage without a result.json (yet)
+        summary[name] = {**summary.get(name, {}), **fields}
+        write_summary(summary_path, summary, order)
 
     def record(name: str, result: dict, timing: dict | None = None) -> None:
         nonlocal status
@@ -85,7 +89,6 @@ def run(config, workdir: str) -> StageResult:
     for name in order:  # finished before: not run again
         if (result := finished_result(stage_dir(name))) is not None:
             record(name, result)
-    deps = dependencies(config)
     pending = [name for name in order if name not in results]
     running: dict[str, child.Child] = {}
     stopped: list[int] = []
@@ -99,12 +102,10 @@ def run(config, workdir: str) -> StageResult:
         del running[done.name]
         result = read_json(os.path.join(done.stage_dir, "result.json")) if code == 0 else None
         if result is None and stopped and code == -signal.SIGTERM:  # stopped before its stage set its handler
-            summary[done.name] = {**summary.get(done.name, {}), "status": "preempted"}
-            write_summary(summary_path, summary, order)
+            mark(done.name, status="preempted")
         elif result is None:
             failed.append(f"stage {done.name} exited with code {code} (log: {done.log_path})")
-            summary[done.name] = {**summary.get(done.name, {}), "status": f"failed (exit code {code})"}
-            write_summary(summary_path, summary, order)
+            mark(done.name, status=f"failed (exit code {code})")
         else:
             record(done.name, result, {"seconds": round(seconds, 1), "cpu_seconds": round(cpu, 1)})
 
@@ -122,8 +123,7 @@ def run(config, workdir: str) -> StageResult:
             pending.remove(name)
             resolved = resolve(config.stages[name], lambda ref: resolve_reference(ref, config, workdir, results))
             log.info("pipeline: stage %d/%d %s -> %s", order.index(name) + 1, len(order), name, stage_dir(name))
-            summary[name] = {**summary.get(name, {}), "status": "running", "workdir": stage_dir(name)}
-            write_summary(summary_path, summary, order)
+            mark(name, status="running", workdir=stage_dir(name))
             if parallel == 1:
                 t0, cpu0 = time.time(), _cpu_seconds()
                 result = stages.run(resolved, stage_dir(name)).to_dict()
@@ -177,31 +177,6 @@ def child_env() -> dict[str, str]:
     return {"JAX_COMPILATION_CACHE_DIR": cache} if cache else {}
 
 
-def dependencies(config) -> dict[str, set[str]]:
-    """Per stage, the stages whose outputs it reads: those its references name (through a mix's files too);
-    `@pipeline:dir` reads every stage before it."""
-    order = list(config.order)
-    deps: dict[str, set[str]] = {}
-    for i, name in enumerate(order):
-        found: set[str] = set()
-
-        def note(ref: str, found=found, i=i) -> str:
-            source, item = REFERENCE.match(ref).group(1, 2)
-            if source == "pipeline":
-                found.update(order[:i])
-            elif source == "mix":
-                for f in config.mixes[item].files:
-                    if f.startswith("@"):
-                        note(f)
-            elif source != "world":
-                found.add(source)
-            return ref
-
-        resolve(config.stages[name], note)
-        deps[name] = found
-    return deps
-
-
 def _cpu_seconds() -> float:
     """CPU time of this process and its finished children (user + system): with `seconds`, how many cores a stage
     kept busy."""
@@ -222,17 +197,21 @@ def use_compilation_cache(config, workdir: str) -> None:
 # ------------------------------------------------------------------------------------------ references
 
 
-def check_wiring(config) -> None:
-    """Every stage config has a known stage; every @reference names an earlier stage or a known source."""
+def check_wiring(config) -> dict[str, set[str]]:
+    """Every stage config has a known stage; every @reference names an earlier stage or a known source. Returns
+    each stage's dependencies: the stages whose outputs it reads (those its references name, through a mix's files
+    too; `@pipeline:dir` reads every stage before it)."""
     order = list(config.order)
     missing = [n for n in order if n not in config.stages]
     if missing or len(set(order)) != len(order):
         raise ValueError(f"config.order={order}: every name once, each in config.stages (missing: {missing})")
+    deps: dict[str, set[str]] = {}
     for i, name in enumerate(order):
         stage_config = config.stages[name]
         stages.get_stage(stage_config.stage)
+        found: set[str] = set()
 
-        def check(ref: str, name=name, i=i):
+        def check(ref: str, name=name, i=i, found=found):
             match = REFERENCE.match(ref)
             if match is None:
                 raise ValueError(f"stage {name!r}: malformed reference {ref!r} (expected @source:name[/path])")
@@ -246,9 +225,22 @@ def check_wiring(config) -> None:
             if source not in ("world", "mix", "pipeline") and source not in order[:i]:
                 raise ValueError(f"stage {name!r}: {ref!r} names {source!r}, which is not a stage before it "
                                  f"(stages before it: {order[:i]})")
+            if source == "pipeline":
+                found.update(order[:i])
+            elif source == "mix":
+                for f in config.mixes[item].files:
+                    if f.startswith("@mix:"):
+                        raise ValueError(f"config.mixes.{item}: file {f!r} names a mix (expected files, @world: "
+                                         "or earlier stages' outputs)")
+                    if f.startswith("@"):
+                        check(f)
+            elif source != "world":
+                found.add(source)
             return ref
 
         resolve(stage_config, check)
+        deps[name] = found
+    return deps
 
 
 def resolve(stage_config, fn) -> mlc.ConfigDict:
