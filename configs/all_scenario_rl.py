@@ -38,7 +38,6 @@ def get_config(arg=None):
         paths[key] = value
     if preset == "tiny":
         config = r1_zero.get_config("tiny")
-        config.base = ""
         config.data = r1_zero.data_block(train_files=("/path/to/mixed_prompts.jsonl",), prompt_field="question",
                                          template="raw", tiny_world=True)
         config.rl = r1_zero.rl_block(group_size=8, prompts_per_rollout=16, max_new_tokens=96, prompt_buckets=(64,),

@@ -38,14 +38,16 @@ def benchmark(kind: str, files: tuple = (), *, question_field: str = "question",
                                answer_field=answer_field, limit=limit))
 
 
-def eval_config(*, models: dict, benchmarks: dict, sampling, order: tuple = (), smoke_model=None, mesh_block=None,
-                tiny_world: bool = False, world_seed: int = 0, seed: int = 0) -> mlc.ConfigDict:
-    """A complete config for the `eval` stage; `order` lists the models in evaluation order (default: all).
+def eval_config(*, models: dict, benchmarks: dict, sampling, order: tuple = (), run_benchmarks: tuple = (),
+                smoke_model=None, mesh_block=None, tiny_world: bool = False, world_seed: int = 0,
+                seed: int = 0) -> mlc.ConfigDict:
+    """A complete config for the `eval` stage; `order` lists the models in evaluation order (default: all),
+    `run_benchmarks` the benchmarks to run (default: all of `benchmarks`; --config.run_benchmarks=math500 runs one).
     tiny_world: benchmark files given as bare names are the tiny world's (written into WORKDIR/world)."""
     return mlc.ConfigDict(dict(
         stage="eval", seed=seed, mesh=mesh_block if mesh_block is not None else common.mesh(),
         tiny_world=tiny_world, world_seed=world_seed,
-        models=mlc.ConfigDict(models), order=tuple(order), benchmarks=mlc.ConfigDict(benchmarks), sampling=sampling,
+        models=mlc.ConfigDict(models), order=tuple(order), run_benchmarks=tuple(run_benchmarks), benchmarks=mlc.ConfigDict(benchmarks), sampling=sampling,
         smoke_model=smoke_model if smoke_model is not None else common.tiny_model("tiny_moe")))
 
 

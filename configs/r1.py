@@ -63,7 +63,7 @@ def tiny_stages() -> dict:
     s["pretrain"].data.tokenizer = tokenizer
 
     s["r1_zero"] = r1_zero.get_config("tiny")
-    s["r1_zero"].init_from, s["r1_zero"].base = "@pretrain:checkpoint", ""
+    s["r1_zero"].init_from = "@pretrain:checkpoint"
     s["r1_zero"].data.update(rl_files)
     s["r1_zero"].train.update(steps=40, eval_every=20)  # +24 points by update 30 in the 90-update preset's runs
 
@@ -72,7 +72,7 @@ def tiny_stages() -> dict:
     s["cold_start"].data.train_files = ("@world:cold_start.jsonl",)
 
     s["reasoning_rl"] = reasoning_rl.get_config("tiny")
-    s["reasoning_rl"].init_from, s["reasoning_rl"].base = "@cold_start:checkpoint", ""
+    s["reasoning_rl"].init_from = "@cold_start:checkpoint"
     s["reasoning_rl"].data.update(rl_files)
 
     for aspect in ("helpful", "harmless"):

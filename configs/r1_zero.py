@@ -1,14 +1,13 @@
 """R1-Zero (REFERENCE.md §4.1): GRPO straight from the base model, rule rewards only (accuracy + format), the
 R1-Zero template.
 
-    python -m r1jax.main --config configs/r1_zero.py:tiny --workdir /tmp/r1_zero
+    python -m r1jax.main --config configs/r1_zero.py:tiny --workdir /tmp/r1_zero --config.init_from=/tmp/base
     python -m r1jax.main --config configs/r1_zero.py --workdir gs://BUCKET/r1_zero \
         --config.init_from=/path/to/DeepSeek-V3-Base --config.data.train_files=/path/to/rl_prompts.jsonl
 
 tiny: the tiny world's rl_train / rl_heldout arithmetic and countdown questions (`prompt` already holds the
-R1-Zero prompt). The base model is `configs/pretrain.py:tiny`: with --config.init_from unset it is trained first
-in WORKDIR/base (skipped once finished); pass --config.init_from=DIR to start from an existing pretrain run
-(configs/r1.py chains the stages that way).
+R1-Zero prompt). The base model is a `configs/pretrain.py:tiny` run, given by --config.init_from (unset: a fresh
+init); configs/r1.py chains the two stages (the pipeline is the one way to chain stages).
 Default: DeepSeek-V3 671B from its HF base checkpoint with the R1 settings of REFERENCE.md §3.
 
 The same stage runs reasoning-oriented RL and all-scenario RL with other values, e.g. reasoning RL:
@@ -78,12 +77,11 @@ def data_block(*, train_files: tuple = (), eval_files: tuple = (), tokenizer: st
 
 
 def grpo_config(*, model_block, data, rl, eval_, optimizer_block, train_block, mesh_block=None,
-                init_from: str | None = None, base: str | None = None, seed: int = 0) -> mlc.ConfigDict:
+                init_from: str | None = None, seed: int = 0) -> mlc.ConfigDict:
     """A complete config for the `grpo` stage (R1-Zero, reasoning RL and all-scenario RL use it)."""
     return mlc.ConfigDict(dict(
         stage="grpo", seed=seed, model=model_block, mesh=mesh_block if mesh_block is not None else common.mesh(),
         init_from=init_from if init_from is not None else placeholder(str),
-        base=base if base is not None else placeholder(str),
         data=data, rl=rl, eval=eval_, optimizer=optimizer_block, train=train_block))
 
 
@@ -94,7 +92,6 @@ def get_config(arg=None):
     if arg == "tiny":
         return grpo_config(
             model_block=common.tiny_model("tiny_moe", bias_update_rate=0.0),
-            base="configs/pretrain.py:tiny",
             data=data_block(tiny_world=True),
             # Tiny-scale choices (docs/results.md): the accuracy reward weighs 8x the format one and DAPO's dynamic
             # sampling keeps only groups with a signal -- with equal weights every group learned the format in ~10

@@ -10,8 +10,7 @@ The cold-start model answers in the readable format `<|reasoning|>...<|summary|>
 accuracy reward is `answer_accuracy` (r1jax/rl/filters.py: the \\boxed{} answer, else math-verify's extraction
 from the summary); weights are config data (rl.rewards). Prompts are the question in the cold-start template,
 and a completion ends at EOS. tiny: the tiny world's rl_train / rl_heldout questions through the `raw` template
-(as the tiny cold start was trained); init_from = a tiny cold-start run (configs/r1.py wires it; without one the
-base stage `configs/cold_start.py:tiny` runs first in WORKDIR/base, from a fresh init).
+(as the tiny cold start was trained); init_from = a tiny cold-start run (configs/r1.py wires it).
 Default: the V3-sized cold-start checkpoint with R1-Zero's settings (configs/r1_zero.py).
 """
 
@@ -28,7 +27,6 @@ TINY_REWARDS = (("answer_accuracy", 2.0), ("language_consistency", 0.5))
 def get_config(arg=None):
     if arg == "tiny":
         config = r1_zero.get_config("tiny")
-        config.base = "configs/cold_start.py:tiny"
         config.data = r1_zero.data_block(prompt_field="question", template="raw", tiny_world=True)
         config.rl = r1_zero.rl_block(group_size=8, prompts_per_rollout=16, max_new_tokens=96, prompt_buckets=(64,),
                                      completion_buckets=(48, 96), rewards=TINY_REWARDS, temperature=1.0, beta=0.0,

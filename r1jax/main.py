@@ -1,25 +1,89 @@
 """Run one stage: `python -m r1jax.main --config configs/<stage>.py[:preset] --workdir DIR [--config.a.b=v]`.
 
 The config file's `get_config(arg)` builds the config (arg = the text after ':'); overrides are applied to
-the locked config, so a misspelt field is an error. `config.stage` picks the stage (r1jax.stages.STAGES).
-Every host of a multi-host job runs the same command.
+the locked config, so a misspelt field is an error: one line that names the full field and its close matches,
+before anything is loaded. `config.stage` picks the stage (r1jax.stages.STAGES). A config file may live
+anywhere (a researcher's fork outside the repository): the repository's `configs` package is importable from any
+working directory. Every host of a multi-host job runs the same command.
 """
 
 from __future__ import annotations
 
+import difflib
+import importlib.util
 import json
 import logging
+import os
 import sys
 
 from absl import app, flags
 from absl import logging as absl_logging
 from ml_collections import config_flags
 
+import r1jax
 from r1jax.host import ensure_malloc_tunables
 
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.realpath(r1jax.__file__)))
+
+
+def add_configs_to_path() -> None:
+    """Makes the repository's `configs` package importable from any working directory (after what is already on
+    sys.path, so a `configs` package of the user's own still wins)."""
+    if os.path.isfile(os.path.join(REPO_ROOT, "configs", "__init__.py")) and REPO_ROOT not in sys.path:
+        sys.path.append(REPO_ROOT)
+
+
+add_configs_to_path()
 _CONFIG = config_flags.DEFINE_config_file("config", None, "stage config file[:preset]", lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "directory for this run's checkpoints, metrics and outputs")
 flags.mark_flags_as_required(["config", "workdir"])
+
+
+def load_config_file(spec: str):
+    """get_config(preset) of "path/to/file.py[:preset]", as config_flags loads it."""
+    path, _, arg = spec.partition(":")
+    if not os.path.isfile(path):
+        raise SystemExit(f"--config={spec}: no such config file {path!r} (from {os.getcwd()})")
+    module_spec = importlib.util.spec_from_file_location("_r1jax_config_check", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return module.get_config(arg) if arg else module.get_config()
+
+
+def override_error(config, flag_path: str) -> str | None:
+    """Why `--config.<flag_path>` names no field of `config` (one line, with the close matches), or None."""
+    node, walked = config, []
+    for key in flag_path.split("."):
+        if not hasattr(node, "keys"):
+            return (f"--config.{flag_path}: config.{'.'.join(walked)} is a value ({type(node).__name__}), not a "
+                    "block with fields")
+        if key not in node.keys():
+            names = sorted(node.keys())
+            close = difflib.get_close_matches(key, names, n=3)
+            where = f"config.{'.'.join(walked)}" if walked else "config"
+            hint = (f"did you mean {', '.join('config.' + '.'.join(walked + [c]) for c in close)}?" if close
+                    else f"its fields: {', '.join(names)}")
+            return f"--config.{flag_path}: {where} has no field {key!r}; {hint}"
+        node, walked = node[key], walked + [key]
+    return None
+
+
+def check_overrides(argv: list[str]) -> None:
+    """Exits with one line when an override names a field the config does not have (instead of a traceback)."""
+    spec, paths = None, []
+    for i, arg in enumerate(argv[1:], 1):
+        if arg.startswith("--config="):
+            spec = arg.split("=", 1)[1]
+        elif arg == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+        elif arg.startswith("--config."):
+            paths.append(arg[len("--config."):].split("=", 1)[0])
+    if spec is None or not paths:
+        return
+    config = load_config_file(spec)
+    for path in paths:
+        if (error := override_error(config, path)) is not None:
+            raise SystemExit(error)
 
 
 def main(argv) -> int:
@@ -38,4 +102,5 @@ def main(argv) -> int:
 
 if __name__ == "__main__":
     ensure_malloc_tunables()
+    check_overrides(sys.argv)
     app.run(main)

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from r1jax.eval import benchmarks
+from r1jax.eval.generate import render
 from r1jax.stages import eval as eval_stage
 
 R, S = "<|reasoning|>", "<|summary|>"
@@ -77,7 +78,7 @@ def test_eval_stage_end_to_end_is_deterministic_and_resumes(tmp_path):
 
     from configs import eval as eval_config
     from r1jax import models, stages
-    from r1jax.stages.sft import ensure_world, train_world_tokenizer
+    from r1jax.world import ensure_world, train_world_tokenizer
     from r1jax.train import checkpoint as ckpt_lib
     from r1jax.train import optimizer as opt_lib
     from r1jax.train import state as state_lib
@@ -99,6 +100,7 @@ def test_eval_stage_end_to_end_is_deterministic_and_resumes(tmp_path):
     config.benchmarks.code_heldout.files = (os.path.join(world, "code_heldout.jsonl"),)
     config.benchmarks.code_heldout.limit = 2
     config.sampling.update(samples=2, max_new_tokens=12, batch_prompts=4)
+    config.lock()  # as `python -m r1jax.main` holds it: run_benchmarks is a field of the locked config
     first = stages.run(config, str(tmp_path / "eval"))
     samples = (tmp_path / "eval" / "samples" / "model.rl_heldout.jsonl").read_text()
     assert len(samples.splitlines()) == 6 and all(len(json.loads(l)["completions"]) == 2 for l in samples.splitlines())
@@ -110,9 +112,20 @@ def test_eval_stage_end_to_end_is_deterministic_and_resumes(tmp_path):
     second = stages.run(config, str(tmp_path / "eval"))  # nothing to recompute
     assert os.path.getmtime(tmp_path / "eval" / "results" / "model.rl_heldout.json") == mtime
     assert second.metrics == first.metrics
+    readable = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
+    assert [(r["benchmark"], r["id"]) for r in readable] == (
+        [("rl_heldout", json.loads(line)["id"]) for line in samples.splitlines()[:4]]
+        + [("code_heldout", r["id"]) for r in readable[4:]]) and len(readable) == 6
+    for r in readable:
+        assert set(r) >= {"prompt", "completion", "rewards", "length", "truncated"}
+        assert 1 <= r["length"] <= 12 and r["rewards"]["correct"] in (0.0, 1.0)
+    assert readable[0]["completion"] == json.loads(samples.splitlines()[0])["completions"][0]
+    assert readable[0]["prompt"] == render(config.models.model.template, json.loads(samples.splitlines()[0])["question"])
     (tmp_path / "eval" / "results" / "model.rl_heldout.json").unlink()  # recomputed: the same samples again
+    config.run_benchmarks = ("rl_heldout",)  # the user names the benchmarks to run; the others are left out
     stages.run(config, str(tmp_path / "eval"))
     assert (tmp_path / "eval" / "samples" / "model.rl_heldout.jsonl").read_text() == samples
+    assert set(json.loads((tmp_path / "eval" / "results.json").read_text())["model"]) == {"rl_heldout"}
     assert np.isfinite(first.metrics["model/rl_heldout/pass@1"])
 
 
@@ -120,3 +133,29 @@ def config_optimizer():
     from configs import common
 
     return common.optimizer(1e-3, 0)
+
+
+def test_run_benchmarks_names_the_benchmarks_to_run():
+    from configs import eval as eval_config
+
+    config = eval_config.get_config("")
+    config.lock()
+    assert sorted(eval_stage.selected_benchmarks(config)) == ["aime2024", "humaneval", "math500"]
+    config.run_benchmarks = ("math500",)
+    assert list(eval_stage.selected_benchmarks(config)) == ["math500"]
+    config.run_benchmarks = ("math-500",)
+    with pytest.raises(ValueError, match=r"run_benchmarks names \['math-500'\].*'math500'"):
+        eval_stage.selected_benchmarks(config)
+
+
+def test_prompts_longer_than_the_largest_bucket_are_left_out_and_counted():
+    from r1jax.eval.generate import encode_prompts
+
+    class Chars:
+        bos_id = 1
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    kept, tokens = encode_prompts(Chars(), ["short", "x" * 40, "mid" * 3], max_tokens=10)
+    assert kept == [0, 2] and tokens[0] == [1] + [ord(c) for c in "short"] and len(tokens[1]) == 10

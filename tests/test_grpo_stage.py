@@ -27,7 +27,6 @@ from configs import common, r1_zero
 def get_config(arg=None):
     config = r1_zero.get_config("tiny")
     config.model = common.tiny_model("tiny_moe", n_layers=2, n_dense_layers=1, mtp_depth=0)
-    config.base = ""  # fresh init: no pretrain stage
     config.rl = r1_zero.rl_block(
         group_size=4, prompts_per_rollout=4, max_new_tokens=12, prompt_buckets=(128,), completion_buckets=(6, 12),
         rewards=(("length_penalty", 1.0, {{"max_len": 12, "cache_len": 10}}), ("format", 0.5)),
@@ -40,7 +39,7 @@ def get_config(arg=None):
     return config
 '''
 STOPS = tuple(string.ascii_letters + string.digits + string.punctuation)
-TIMING = ("sample_s", "update_s", "rollout_s", "sample_tokens_per_s", "heldout_eval_s")
+TIMING = ("sample_s", "update_s", "rollout_s", "sample_tokens_per_s", "heldout_eval_s", "tokens_per_s")
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +95,14 @@ def test_metrics_fields_and_checkpoints(runs):
     result = json.loads((runs["full"] / "result.json").read_text())
     assert result["status"] == "done" and result["checkpoint"].endswith("/6")
     assert (runs["full"] / "tb").is_dir()
+    assert records[-1]["prompts_dropped/too_long"] == 0
+    samples = [json.loads(line) for line in (runs["full"] / "samples.jsonl").read_text().splitlines()]
+    assert [s["step"] for s in samples] == [2] * 4 + [4] * 4 + [6] * 4  # 4 rollouts of every logged step
+    for s in samples:
+        assert s["prompt"] and isinstance(s["completion"], str) and 1 <= s["length"] <= 12
+        assert set(s["rewards"]) >= {"length_penalty", "format"} and isinstance(s["truncated"], bool)
+        assert s["reward"] == pytest.approx(s["rewards"]["length_penalty"] + 0.5 * s["rewards"]["format"])
+    assert result["outputs"]["samples"] == str(runs["full"] / "samples.jsonl")
 
 
 def test_resume_after_kill_is_exact(runs):
@@ -104,6 +111,7 @@ def test_resume_after_kill_is_exact(runs):
     assert [r["step"] for r in resumed] == [r["step"] for r in full]
     for a, b in zip(full, resumed):
         assert {k: v for k, v in a.items() if k not in TIMING} == {k: v for k, v in b.items() if k not in TIMING}
+    assert (runs["killed"] / "samples.jsonl").read_text() == (runs["full"] / "samples.jsonl").read_text()
     import orbax.checkpoint as ocp
 
     params = []
@@ -200,3 +208,23 @@ def test_readable_format_stage_measures_its_own_accuracy():
     # R1-Zero-rewarded stages still measure format and accuracy when only one of them is rewarded
     groups = grpo.sample_groups(lambda *a: done, None, [prompt], None, reward_specs=(("format", 1.0),), **kw)
     assert {"accuracy", "format"} <= set(groups[0].per_reward)
+
+
+def test_prompts_longer_than_the_largest_bucket_are_dropped_and_counted(tmp_path):
+    import ml_collections as mlc
+
+    from r1jax.stages import grpo
+
+    class Chars:
+        bos_id = 1
+
+        def encode(self, text):
+            return [ord(c) for c in text]
+
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("".join(json.dumps({"question": q}) + "\n" for q in ("short", "x" * 40, "mid" * 3)))
+    data = mlc.ConfigDict(dict(prompt_field="question", template=""))
+    records, dropped = grpo.load_prompts(data, [str(path)], Chars(), max_tokens=10)
+    assert [r["question"] for r in records] == ["short", "mid" * 3] and dropped == {"prompts_dropped/too_long": 1}
+    with pytest.raises(ValueError, match="3 longer than the largest prompt bucket"):
+        grpo.load_prompts(data, [str(path)], Chars(), max_tokens=3)

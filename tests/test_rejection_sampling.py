@@ -120,7 +120,7 @@ def test_non_reasoning_mix_ratio(tmp_path):
 @pytest.fixture(scope="module")
 def tokenizer(tmp_path_factory):
     from r1jax.data.tokenizer import load_tokenizer
-    from r1jax.stages.sft import ensure_world, train_world_tokenizer
+    from r1jax.world import ensure_world, train_world_tokenizer
 
     world = ensure_world(str(tmp_path_factory.mktemp("rs_world")), 0)
     return load_tokenizer(train_world_tokenizer(world, os.path.join(world, "tokenizer"), 1024))

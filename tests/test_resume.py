@@ -15,8 +15,10 @@ import pytest
 
 from configs import sft as sft_config
 from configs.common import TINY_VOCAB
+from r1jax import world as world_lib
+from r1jax.data.files import holdout_split
 from r1jax.stages import sft as stage
-from r1jax.stages.common import mesh_and_rules, model_config
+from r1jax.train.run import mesh_and_rules, model_config
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import state as state_lib
 from r1jax.train.metrics import read_metrics
@@ -30,10 +32,10 @@ EXACT_KEYS = ("loss", "ce_loss", "mtp_loss", "grad_norm", "lr", "trained_tokens"
 def launch(tmp_path_factory):
     """Starts `python -m r1jax.main` on the tiny SFT config with shared, pre-built data files."""
     data_dir = tmp_path_factory.mktemp("resume_data")
-    world = stage.ensure_world(str(data_dir), seed=0)
-    tokenizer = stage.train_world_tokenizer(world, os.path.join(world, "tokenizer"), TINY_VOCAB)
-    train, evals = stage.holdout_split([os.path.join(world, f) for f in ("cold_start.jsonl", "non_reasoning.jsonl")],
-                                       str(data_dir / "split"), 48, seed=0)
+    world = world_lib.ensure_world(str(data_dir), seed=0)
+    tokenizer = world_lib.train_world_tokenizer(world, os.path.join(world, "tokenizer"), TINY_VOCAB)
+    train, evals = holdout_split([os.path.join(world, f) for f in ("cold_start.jsonl", "non_reasoning.jsonl")],
+                                 str(data_dir / "split"), 48, seed=0)
     env = subprocess_env(tmp_path_factory.getbasetemp() / "jax_cache")
 
     def start(workdir, *extra):

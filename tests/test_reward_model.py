@@ -81,7 +81,7 @@ def trained(tmp_path_factory):
     """A harmlessness RM trained briefly from scratch on the tiny world (a 2-layer dense decoder); harmlessness is
     the aspect a fresh model learns within a few dozen steps (the tiny pipeline trains both from the base model)."""
     from r1jax import stages
-    from r1jax.stages.sft import ensure_world, train_world_tokenizer
+    from r1jax.world import ensure_world, train_world_tokenizer
 
     root = tmp_path_factory.mktemp("rm")
     world = ensure_world(str(root), 0)

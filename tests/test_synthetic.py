@@ -10,11 +10,11 @@ import re
 
 import pytest
 
-from r1jax.data import synthetic
-from r1jax.data import synthetic_code as code
-from r1jax.data import synthetic_corpus as corpus
-from r1jax.data import synthetic_lexicon as lex
-from r1jax.data import synthetic_text as text
+from r1jax.world import build as world_build
+from r1jax.world import code
+from r1jax.world import corpus
+from r1jax.world import lexicon as lex
+from r1jax.world import text
 
 _RL = {"question", "prompt", "answer", "language", "task", "expression", "numbers", "targets", "reward_source"}
 SCHEMAS = {
@@ -40,7 +40,7 @@ _CLAIM = re.compile(r"<answer>(\d+)</answer>|(?:the answer is|答案 是) (\d+)"
 def world(tmp_path_factory):
     """The tiny world written once through the CLI entry point: {name: records}, manifest, out dir."""
     out = tmp_path_factory.mktemp("world")
-    synthetic.main(["--out", str(out), "--seed", "0", "--scale", "tiny"])
+    world_build.main(["--out", str(out), "--seed", "0", "--scale", "tiny"])
     records = {name: [json.loads(line) for line in open(out / f"{name}.jsonl", encoding="utf-8")] for name in SCHEMAS}
     manifest = json.load(open(out / "manifest.json", encoding="utf-8"))
     return records, manifest, out
@@ -92,7 +92,7 @@ def test_files_parse_with_documented_fields(world):
     # A ~512-1024 piece vocabulary spends one piece per distinct character: keep the CJK set small.
     assert 100 < len(manifest["cjk_characters"]) <= 170
     for r in records["rl_train"] + records["code_train"]:
-        assert r["prompt"] == synthetic.text.local_r1_zero_prompt(r["question"])
+        assert r["prompt"] == world_build.text.local_r1_zero_prompt(r["question"])
         assert r["prompt"].endswith(f"User: {r['question']}\nAssistant:") and "<think> </think>" in r["prompt"]
     for name in ("cold_start", "non_reasoning", "preferences_train", "general_prompts"):
         assert all(r["prompt"] == r["question"] for r in records[name]), name
@@ -101,22 +101,22 @@ def test_files_parse_with_documented_fields(world):
 def test_local_r1_zero_prompt_matches_templates():
     templates = pytest.importorskip("r1jax.data.templates")
     question = "What is 3 + 4 * 2 ?"
-    assert synthetic.text.local_r1_zero_prompt(question) == templates.r1_zero_prompt(question)
+    assert world_build.text.local_r1_zero_prompt(question) == templates.r1_zero_prompt(question)
 
 
 def test_same_seed_gives_byte_identical_files(world, tmp_path):
     _, _, out = world
-    paths = synthetic.write_world(str(tmp_path), seed=0, scale="tiny")
+    paths = world_build.write_world(str(tmp_path), seed=0, scale="tiny")
     for name, path in paths.items():
         original = out / f"{name}{'.json' if name == 'manifest' else '.jsonl'}"
         assert open(path, "rb").read() == original.read_bytes(), name
 
 
 def test_different_seed_gives_different_data():
-    scale = synthetic.SCALES["tiny"]
-    keys = [[p.key for p in synthetic.problem_splits(seed, scale)["rl_heldout"]] for seed in (0, 1)]
+    scale = world_build.SCALES["tiny"]
+    keys = [[p.key for p in world_build.problem_splits(seed, scale)["rl_heldout"]] for seed in (0, 1)]
     assert keys[0] != keys[1]
-    pools = synthetic.problem_splits(0, scale)["pretrain"]
+    pools = world_build.problem_splits(0, scale)["pretrain"]
     arith = {n: [p for p in pools if p.task == "arith" and p.expression.count(" ") == 2 * n] for n in (2, 3)}
     countdown = [p for p in pools if p.task == "countdown"]
     docs = [corpus.pretrain_documents(random.Random(seed), 50, arith, countdown, code.all_code_tasks())[0]
@@ -150,11 +150,11 @@ def test_rl_answers_recompute_and_check(world):
         assert key[0] == r["task"]
         truth = _truth(key)
         assert 0 <= truth <= 99 and str(truth) == r["answer"]
-        assert synthetic.check_answer(r, r["answer"]) and synthetic.check_answer(r, f" {truth} .")
-        assert not synthetic.check_answer(r, str(truth + 1)) and not synthetic.check_answer(r, "")
+        assert world_build.check_answer(r, r["answer"]) and world_build.check_answer(r, f" {truth} .")
+        assert not world_build.check_answer(r, str(truth + 1)) and not world_build.check_answer(r, "")
         assert lex.language_share(r["question"], r["language"]) == 1.0
     shares = collections.Counter(r["task"] for r in records["rl_train"])
-    assert abs(shares["countdown"] / 2000 - synthetic.COUNTDOWN_SHARE) < 0.01
+    assert abs(shares["countdown"] / 2000 - world_build.COUNTDOWN_SHARE) < 0.01
 
 
 def test_code_solutions_pass_their_own_tests(world):
@@ -164,8 +164,8 @@ def test_code_solutions_pass_their_own_tests(world):
         exec(r["solution"], namespace)  # noqa: S102 - our own reference code
         for test in r["tests"]:
             exec(test, namespace)  # noqa: S102
-        assert synthetic.check_answer(r, r["solution"])
-        assert not synthetic.check_answer(r, r["solution"].replace("return", "return 1 +", 1))
+        assert world_build.check_answer(r, r["solution"])
+        assert not world_build.check_answer(r, r["solution"].replace("return", "return 1 +", 1))
     for task in code.all_code_tasks():
         assert code.run_trusted_tests(task.solution, task.tests, task.entry_point)
         assert not code.run_trusted_tests(task.wrong_solution, task.tests, task.entry_point)
@@ -185,7 +185,7 @@ def test_cold_start_is_correct_readable_and_single_language(world):
         assert str(_truth(_question_key(r["question"]))) == r["answer"]
         assert summary == text.result_summary(r["answer"], r["language"])  # the result, not a recomputation
         assert int(_CLAIM.findall(summary)[-1][1]) == int(r["answer"])
-        assert synthetic.check_answer(r, summary.split()[-2])
+        assert world_build.check_answer(r, summary.split()[-2])
 
 
 def test_pretrain_has_the_advertised_mix(world):
@@ -205,7 +205,7 @@ def test_pretrain_has_the_advertised_mix(world):
         claim = int(claims[-1][0] or claims[-1][1])
         correct += claim == _truth(_question_key(text))
         r1zero += bool(re.fullmatch(r"<think> [^<]+ </think> <answer>\d+</answer>", completion))
-        template += text.startswith(synthetic.text.R1_ZERO_SYSTEM)
+        template += text.startswith(world_build.text.R1_ZERO_SYSTEM)
         if not completion.startswith("<answer>"):
             shown += 1
             mixed += lex.is_mixed(completion)
@@ -258,7 +258,7 @@ def test_language_share_counts_words_by_script():
 
 def test_check_answer_rules():
     record = {"task": "arith", "answer": "11"}
-    assert synthetic.check_answer(record, "11") and synthetic.check_answer(record, " 11. ")
-    assert not synthetic.check_answer(record, "12") and not synthetic.check_answer(record, "eleven")
+    assert world_build.check_answer(record, "11") and world_build.check_answer(record, " 11. ")
+    assert not world_build.check_answer(record, "12") and not world_build.check_answer(record, "eleven")
     with pytest.raises(ValueError, match="unknown task"):
-        synthetic.check_answer({"task": "poem", "answer": "1"}, "1")
+        world_build.check_answer({"task": "poem", "answer": "1"}, "1")

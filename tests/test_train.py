@@ -30,16 +30,29 @@ CFG = models.get_preset("tiny_moe")  # MTP on, MoE with the tiled CPU dispatch, 
 CLI_ARGS = ["--config", "configs/sft.py:tiny", "--config.train.steps=30", "--config.data.seq_len=128"]
 
 
+# A fork of configs/sft.py outside the repository (the CLI run below uses it): `configs` must be importable.
+FORKED_CONFIG = """
+from configs import sft
+
+
+def get_config(arg=None):
+    config = sft.get_config(arg)
+    config.train.log_every = 5
+    config.train.checkpoint_every = 15
+    return config
+"""
+
+
 # ------------------------------------------------------------------------------- background subprocesses
 
 class Background:
     """A subprocess started when the module starts, so it runs while the in-process tests compile. Its
     output goes to files (a full pipe would stall it while nobody reads)."""
 
-    def __init__(self, cmd, env, log_dir):
+    def __init__(self, cmd, env, log_dir, cwd=REPO):
         self.stdout_path, self.stderr_path = log_dir / "stdout", log_dir / "stderr"
         with open(self.stdout_path, "w") as out, open(self.stderr_path, "w") as err:
-            self.proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=out, stderr=err, text=True)
+            self.proc = subprocess.Popen(cmd, env=env, cwd=cwd, stdout=out, stderr=err, text=True)
 
     def result(self, timeout=900):
         self.proc.wait(timeout=timeout)
@@ -54,16 +67,21 @@ def background(tmp_path_factory):
     CLI run (compiles dominate these tests; in subprocesses they get XLA's fast-compile setting)."""
     cache = tmp_path_factory.getbasetemp() / "jax_cache"
     workdir = tmp_path_factory.mktemp("sft_tiny")
+    # The CLI run is a researcher's fork: a config file outside the repository that builds on configs/sft.py, run
+    # from another directory, with only r1jax importable (a link to the package, as an installed r1jax would be).
+    fork, elsewhere, path = (tmp_path_factory.mktemp(name) for name in ("fork", "elsewhere", "pythonpath"))
+    (fork / "my_sft.py").write_text(FORKED_CONFIG)
+    os.symlink(os.path.join(REPO, "r1jax"), path / "r1jax")
     runs = {
         "packing": Background([sys.executable, "-c", PACKING_WORKER], subprocess_env(cache),
                               tmp_path_factory.mktemp("packing_log")),
         "steps": Background([sys.executable, "-c", STEP_WORKER],
                             subprocess_env(cache, xla_flags="--xla_force_host_platform_device_count=8"),
                             tmp_path_factory.mktemp("steps_log")),
-        "cli": Background([sys.executable, "-m", "r1jax.main", "--workdir", str(workdir), *CLI_ARGS,
-                           "--config.train.log_every=5", "--config.train.eval_every=15",
-                           "--config.train.checkpoint_every=15"], subprocess_env(cache),
-                          tmp_path_factory.mktemp("cli_log")),
+        "cli": Background([sys.executable, "-m", "r1jax.main", "--workdir", str(workdir),
+                           "--config", f"{fork}/my_sft.py:tiny", *CLI_ARGS[2:], "--config.train.eval_every=15"],
+                          dict(subprocess_env(cache), PYTHONPATH=str(path)), tmp_path_factory.mktemp("cli_log"),
+                          cwd=elsewhere),
     }
     runs["cli"].workdir = workdir
     yield runs
@@ -171,19 +189,55 @@ def test_nan_stops_with_step_range_and_keeps_last_good_checkpoint(tmp_path):
     state = state_lib.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones(4)},
                                  opt_state={"m": jnp.zeros(4)}, rng=jnp.zeros(2, jnp.uint32))
 
-    def step_fn(state, batch):
+    def step_fn(state):
         step = state.step + 1
         loss = jnp.where(step == 5, jnp.nan, 1.0 / step)
-        return state.replace(step=step, params={"w": state.params["w"] * loss}), {"loss": loss, "grad_norm": 1.0}
+        return state.replace(step=step, params={"w": state.params["w"] * loss}), {"loss": loss, "grad_norm": 1.0}, 4
 
-    batches = iter([{"segment_ids": np.ones((1, 4), np.int32)}] * 10)
     ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"))
     logger = MetricsLogger(str(tmp_path), total_steps=10, progress=False)
     with pytest.raises(loop_lib.NonFiniteError, match=r"non-finite loss at step 5 \(steps 5\.\.6.*checkpoints/4"):
-        loop_lib.train_loop(state, step_fn, batches, lambda b: b, steps=10, checkpointer=ckpt, logger=logger,
-                            meta_fn=dict, log_every=2, checkpoint_every=2)
+        loop_lib.train_loop(state, step_fn, steps=10, checkpointer=ckpt, logger=logger, meta_fn=dict, log_every=2,
+                            checkpoint_every=2)
     assert ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), read_only=True).manager.all_steps() == [2, 4]
     assert [r["step"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))] == [2, 4]
+
+
+def _counter_state():
+    return state_lib.TrainState(step=jnp.zeros((), jnp.int32), params={"w": jnp.ones(4)},
+                                opt_state={"m": jnp.zeros(4)}, rng=jnp.zeros(2, jnp.uint32))
+
+
+def test_loop_saves_and_stops_on_sigterm_with_multi_update_iterations(tmp_path):
+    """The one loop as GRPO drives it (2 updates per iteration): cadence in steps, and a SIGTERM during the
+    iteration that ends at step 6 saves step 6 and ends as preempted (one process: the SIGTERM handler)."""
+    import signal
+
+    def step_fn(state):
+        if int(state.step) == 4:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return state.replace(step=state.step + 2), {"loss": 1.0, "grad_norm": 1.0, "x": float(state.step)}, 8
+
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"), async_save=False)
+    logger = MetricsLogger(str(tmp_path), total_steps=20, progress=False)
+    saved, before = [], signal.getsignal(signal.SIGTERM)
+    result = loop_lib.train_loop(_counter_state(), step_fn, steps=20, step_size=2, checkpointer=ckpt, logger=logger,
+                                 meta_fn=dict, log_every=2, checkpoint_every=3, after_save=lambda: saved.append(1))
+    assert result.status == "preempted" and result.step == 6 and result.checkpoint_step == 6
+    assert ckpt.manager.all_steps() == [4, 6] and len(saved) == 2  # 4 crossed a multiple of 3; 6: the SIGTERM
+    assert [r["step"] for r in read_metrics(str(tmp_path / "metrics.jsonl"))] == [4, 6]
+    assert signal.getsignal(signal.SIGTERM) == before  # the loop's handler is gone after it
+
+
+def test_loop_fails_when_the_data_gives_no_batch(tmp_path):
+    def step_fn(state):
+        raise StopIteration
+
+    ckpt = ckpt_lib.Checkpointer(str(tmp_path / "checkpoints"))
+    logger = MetricsLogger(str(tmp_path), total_steps=10, progress=False)
+    with pytest.raises(ValueError, match=r"no batch at all; records skipped, by reason: \{'data/skipped_total': 5"):
+        loop_lib.train_loop(_counter_state(), step_fn, steps=10, checkpointer=ckpt, logger=logger, meta_fn=dict,
+                            data_metrics=lambda: {"data/skipped_total": 5, "data/skipped_missing_field": 5})
 
 
 # ------------------------------------------------------------------------------- 8 fake devices, sharded
@@ -196,7 +250,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 from configs import sft
 from r1jax.sharding import make_mesh
 from r1jax.stages import sft as stage
-from r1jax.stages.common import mesh_and_rules, model_config
+from r1jax.train.run import mesh_and_rules, model_config
 from r1jax.train import state as state_lib, step as step_lib
 assert jax.device_count() == 8
 config = sft.get_config("tiny")
@@ -301,5 +355,7 @@ def test_config_typo_is_an_error(tmp_path):
            "--config.train.stepz=3"]
     out = subprocess.run(cmd, env=subprocess_env(tmp_path / "cache"), cwd=REPO, capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode != 0 and "stepz" in out.stderr
+    assert out.returncode != 0 and "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1] == ("--config.train.stepz: config.train has no field 'stepz'; did you "
+                                                   "mean config.train.steps?")
     assert not (tmp_path / "config.json").exists()

@@ -2,7 +2,9 @@
 
 `config.stage` names the stage; STAGES maps the name to its module (imported only when run, so a new
 stage is one line here and costs nothing to the others). `run` is what `python -m r1jax.main` and the
-pipeline call: it writes WORKDIR/config.json, runs the stage and writes WORKDIR/result.json.
+pipeline call: it writes WORKDIR/config.json, runs the stage and writes WORKDIR/result.json. The pipeline stage is
+the only way to chain stages (its @stage:output references); no stage module imports another (tests/test_layering.py).
+Below the stages: r1jax/train/run.py (the run lifecycle and the one loop), r1jax/world (the tiny world).
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import importlib
 import os
 
-from r1jax.stages.common import StageResult, write_json
+from r1jax.train.run import StageResult, write_json
 
 STAGES: dict[str, str] = {
     "sft": "r1jax.stages.sft",  # pretrain, cold start, 800k SFT, distillation
@@ -31,6 +33,13 @@ def get_stage(name: str):
     return importlib.import_module(STAGES[name])
 
 
+def register_rewards() -> None:
+    """Registers the rewards that stage configs may name: the config files import their modules, but a pipeline's
+    stages (and its child processes) get their configs without importing those files."""
+    import r1jax.rl.filters  # noqa: F401
+    import r1jax.rl.reward_model  # noqa: F401
+
+
 def run(config, workdir: str) -> StageResult:
     """Runs the stage `config.stage` in `workdir`: writes config.json first and result.json at the end."""
     import jax
@@ -45,4 +54,4 @@ def run(config, workdir: str) -> StageResult:
     return result
 
 
-__all__ = ["STAGES", "StageResult", "get_stage", "run"]
+__all__ = ["STAGES", "StageResult", "get_stage", "register_rewards", "run"]

@@ -100,9 +100,8 @@ def main(stage_dir: str, parent: int) -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname).1s%(asctime)s %(name)s] %(message)s")
     logging.getLogger("r1jax").setLevel(logging.INFO)
     from r1jax import stages
-    from r1jax.stages.pipeline import register_rewards
 
-    register_rewards()
+    stages.register_rewards()
     stages.run(config, stage_dir)
 
 

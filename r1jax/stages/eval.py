@@ -6,13 +6,18 @@ R1's protocol (REFERENCE.md §4): k samples per question at temperature 0.6, top
 correctness over the k samples, then over questions; cons@k = accuracy of the majority answer. pass@k (the
 unbiased estimator) is reported too. config.models names the models ({name: checkpoint, template, stop
 strings}: a base model and an R1-Zero model answer in the R1-Zero template, the cold-start family in the readable
-format), config.benchmarks the benchmark files (r1jax/eval/benchmarks.py). One straight flow per model:
+format), config.benchmarks the benchmarks ({kind, files, fields, limit}: r1jax/eval/benchmarks.py), and
+config.run_benchmarks the ones to run (empty: all; `--config.run_benchmarks=math500` runs that one alone). One
+straight flow per model:
 
   1. weights     the checkpoint (an r1jax run, its checkpoints/ or a step dir, or a Hugging Face directory)
-  2. sample      k completions per question (the group sampler: one prefill per question), seeded per
-                 (benchmark, batch), so a rerun samples the same completions
+  2. sample      k completions per question (r1jax/eval/generate.py: one prefill per question), seeded per
+                 (benchmark, batch), so a rerun samples the same completions; questions longer than the largest
+                 prompt bucket are left out and counted (`dropped_too_long`)
   3. score       rule checks (math-verify; code and HumanEval in the sandbox), majority vote
-  4. write       WORKDIR/results/<model>.<benchmark>.json, samples/<model>.<benchmark>.jsonl
+  4. write       WORKDIR/results/<model>.<benchmark>.json, samples/<model>.<benchmark>.jsonl (every completion),
+                 and a few readable rollouts per benchmark in WORKDIR/samples.jsonl (prompt, completion, reward,
+                 length, truncated)
 
 A (model, benchmark) whose result file exists is not recomputed: an interrupted evaluation resumes at the first
 missing pair. At the end: WORKDIR/results.json ({model: {benchmark: metrics}}) and results.md (a table).
@@ -25,14 +30,15 @@ import logging
 import os
 import time
 
-import jax
 import numpy as np
 
-from r1jax import models
-from r1jax.data import templates
+from r1jax import world
+from r1jax.data.files import expand
 from r1jax.eval import benchmarks, metrics as metrics_lib
+from r1jax.eval.generate import encode_prompts, generate, render, sampler_smoke_step
 from r1jax.rl import sampler as sampler_lib
-from r1jax.stages.common import StageResult, is_primary, mesh_and_rules, write_json
+from r1jax.train.metrics import append_jsonl
+from r1jax.train.run import StageResult, is_primary, load_policy, mesh_and_rules, write_json
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +49,10 @@ def run(config, workdir: str) -> StageResult:
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     mesh, rules = mesh_and_rules(config.mesh)
     sampling = config.sampling
-    suite = {name: benchmarks.load(b.kind, resolve_files(config, workdir, b.files), question_field=b.question_field,
+    suite = {name: benchmarks.load(b.kind, benchmark_files(config, workdir, name), question_field=b.question_field,
                                    answer_field=b.answer_field, limit=int(b.limit))
-             for name, b in config.benchmarks.items()}
+             for name, b in selected_benchmarks(config).items()}
+    samples_path = os.path.join(workdir, "samples.jsonl")
     results: dict[str, dict[str, dict]] = {}
     for model_name in config.order or list(config.models.keys()):
         spec = config.models[model_name]
@@ -54,29 +61,41 @@ def run(config, workdir: str) -> StageResult:
         results[model_name] = {}
         todo = [b for b in suite if not os.path.isfile(_result_path(workdir, model_name, b))]
         if todo:
-            cfg, params, tokenizer = load_policy(spec.checkpoint, mesh, rules)
+            policy = load_policy(spec.checkpoint, mesh, rules)
+            tokenizer = policy.tokenizer
         for bench_name, problems in suite.items():
             path = _result_path(workdir, model_name, bench_name)
             if bench_name in todo:
                 t0 = time.perf_counter()
-                texts, truncated = generate(
-                    cfg, params, tokenizer, [render(spec.template, p.question) for p in problems], mesh=mesh,
-                    rules=rules, samples=int(sampling.samples), max_new_tokens=int(sampling.max_new_tokens),
+                kept, prompts = encode_prompts(tokenizer, [render(spec.template, p.question) for p in problems],
+                                               max(sampling.prompt_buckets))
+                if not kept:
+                    raise ValueError(f"benchmark {bench_name}: all {len(problems)} questions are longer than the "
+                                     f"largest prompt bucket ({max(sampling.prompt_buckets)} tokens; raise "
+                                     "config.sampling.prompt_buckets)")
+                problems = [problems[i] for i in kept]
+                out = generate(
+                    policy.cfg, policy.params, tokenizer, prompts, mesh=mesh, rules=rules,
+                    samples=int(sampling.samples), max_new_tokens=int(sampling.max_new_tokens),
                     method=sampler_lib.method_from_config(sampling.method, float(sampling.temperature),
                                                           int(sampling.top_k), float(sampling.top_p)),
                     stop_strings=tuple(spec.stop_strings), batch_prompts=int(sampling.batch_prompts),
                     prompt_buckets=tuple(sampling.prompt_buckets), seed=_seed(config.seed, bench_name))
-                scores = score_samples(problems, texts, truncated)
+                scores = score_samples(problems, out.texts, out.truncated)
+                scores["dropped_too_long"] = len(suite[bench_name]) - len(kept)
                 scores["eval_s"] = time.perf_counter() - t0
                 if is_primary():
                     _write_samples(os.path.join(workdir, "samples", f"{model_name}.{bench_name}.jsonl"),
-                                   problems, texts)
+                                   problems, out.texts)
+                    append_jsonl(samples_path, readable_samples(model_name, bench_name, spec.template, problems, out,
+                                                                int(config.get("samples_per_benchmark", 4))))
                     write_json(path, scores)
                 log.info("%s on %s: %s", model_name, bench_name,
                          {k: round(v, 4) for k, v in scores.items() if isinstance(v, float)})
             with open(path) as f:
                 results[model_name][bench_name] = json.load(f)
-    outputs = {"results": os.path.join(workdir, "results.json"), "table": os.path.join(workdir, "results.md")}
+    outputs = {"results": os.path.join(workdir, "results.json"), "table": os.path.join(workdir, "results.md"),
+               "samples": samples_path}
     if is_primary():
         write_json(outputs["results"], results)
         with open(outputs["table"], "w") as f:
@@ -86,69 +105,37 @@ def run(config, workdir: str) -> StageResult:
     return StageResult(stage="eval", workdir=workdir, status="done", outputs=outputs, metrics=flat)
 
 
-# ------------------------------------------------------------------------------------------ files, models, sampling
+# ------------------------------------------------------------------------------------------ benchmarks and samples
 
 
-def resolve_files(config, workdir: str, files) -> list[str]:
-    """Benchmark files; with config.tiny_world, a bare name (no '/') is the tiny world's file of that name, the
-    world written into WORKDIR/world on demand."""
-    out = []
-    for name in files:
-        if config.tiny_world and "/" not in name:
-            from r1jax.stages.sft import ensure_world
-
-            name = os.path.join(ensure_world(workdir, config.world_seed), f"{name}.jsonl")
-        out.append(name)
-    return out
+def selected_benchmarks(config) -> dict:
+    """config.benchmarks restricted to config.run_benchmarks, in its order (empty: all of them), so a user names
+    the benchmarks to run on the command line (--config.run_benchmarks=math500) and leaves the others out."""
+    names = list(config.get("run_benchmarks") or config.benchmarks.keys())
+    unknown = [n for n in names if n not in config.benchmarks]
+    if unknown:
+        raise ValueError(f"config.run_benchmarks names {unknown}, which config.benchmarks does not define; it "
+                         f"defines {sorted(config.benchmarks.keys())}")
+    return {n: config.benchmarks[n] for n in names}
 
 
-
-def load_policy(path: str, mesh, rules):
-    """(cfg, params, tokenizer) of an r1jax run / checkpoint (its own saved model config and tokenizer) or a
-    Hugging Face directory (config.json, *.safetensors, tokenizer.json)."""
-    from r1jax.data.tokenizer import load_tokenizer
-    from r1jax.train import checkpoint as ckpt_lib
-
-    found = ckpt_lib.find_checkpoint(path)
-    if found is not None:
-        reader = ckpt_lib.Checkpointer(found[0], read_only=True)
-        meta = reader.restore_meta(found[1])
-        reader.close()
-        cfg = models.ModelConfig(**meta["model"])
-        params, meta = ckpt_lib.load_params(path, cfg, models.param_shardings(cfg, mesh, rules))
-        return cfg, params, load_tokenizer(meta["tokenizer"])
-    from r1jax import hf
-
-    cfg, params = hf.load_hf_checkpoint(path, mesh=mesh, rules=rules)
-    return cfg, params, load_tokenizer(path)
+def benchmark_files(config, workdir: str, name: str) -> list[str]:
+    """Benchmark `name`'s files (paths, globs, directories); with config.tiny_world, a bare name (no '/') is the
+    tiny world's file of that name, the world written into WORKDIR/world on demand."""
+    entries = list(config.benchmarks[name].files)
+    if config.tiny_world and entries and all("/" not in e for e in entries):
+        return world.world_files(workdir, int(config.world_seed), entries)
+    return expand(entries, field=f"config.benchmarks.{name}.files") if entries else []
 
 
-def render(template: str, question: str) -> str:
-    """The prompt text: the question through a template of r1jax.data.templates ("" = verbatim)."""
-    return templates.render_prompt(template, question) if template else question
-
-
-def generate(cfg, params, tokenizer, prompts: list[str], *, mesh, rules, samples: int, max_new_tokens: int,
-             method, stop_strings: tuple = (), batch_prompts: int, prompt_buckets: tuple, seed: int
-             ) -> tuple[list[list[str]], list[list[bool]]]:
-    """`samples` completions of every prompt text ([P][k] texts, [P][k] truncated flags) with the group sampler,
-    `batch_prompts` prompts per call (the last batch padded, so one compile per prompt bucket). Batch i uses the
-    key fold_in(PRNGKey(seed), i): the same call gives the same completions."""
-    spec = sampler_lib.SamplerSpec(method=method, group_size=samples, max_new_tokens=max_new_tokens,
-                                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                   stop_sequences=sampler_lib.stop_token_sequences(tokenizer, stop_strings))
-    sample_fn = sampler_lib.make_sampler(cfg, spec, mesh=mesh, rules=rules)
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    texts, truncated = [], []
-    for i, start in enumerate(range(0, len(prompts), batch_prompts)):
-        chunk = [bos + tokenizer.encode(p) for p in prompts[start:start + batch_prompts]]
-        prompts_bp, lengths_b = sampler_lib.pad_prompts(chunk, prompt_buckets, tokenizer.pad_id, batch_prompts)
-        out = jax.device_get(sample_fn(params, prompts_bp, lengths_b, jax.random.fold_in(jax.random.PRNGKey(seed), i)))
-        for b in range(len(chunk)):
-            rows = range(b * samples, (b + 1) * samples)
-            texts.append([tokenizer.decode(out.tokens[r, :out.lengths[r]]) for r in rows])
-            truncated.append([bool(out.truncated[r]) for r in rows])
-    return texts, truncated
+def readable_samples(model: str, bench: str, template: str, problems, out, n: int) -> list[dict]:
+    """`n` rollouts for WORKDIR/samples.jsonl: the first completion of each of the first n questions, with the
+    rendered prompt, completion, correctness (the benchmark's reward), length in tokens and truncation."""
+    rows = list(range(min(n, len(problems))))
+    correct = benchmarks.score([problems[i] for i in rows], [out.texts[i][0] for i in rows])
+    return [{"model": model, "benchmark": bench, "id": problems[i].id, "prompt": render(template, problems[i].question),
+             "completion": out.texts[i][0], "rewards": {"correct": float(c)}, "length": out.lengths[i][0],
+             "truncated": out.truncated[i][0]} for i, c in zip(rows, correct)]
 
 
 def _seed(seed: int, name: str) -> int:
@@ -204,18 +191,5 @@ def _write_samples(path: str, problems, texts) -> None:
 
 
 def smoke_step(config) -> dict:
-    """Samples the eval protocol's completions from a fresh tiny model of config.smoke_model for two prompts (no
-    files, no checkpoint); "loss" is the mean negative log-likelihood per sampled token."""
-    mesh, rules = mesh_and_rules(config.mesh)
-    from r1jax.stages.common import model_config
-
-    cfg = model_config(config.smoke_model)
-    params = models.init(cfg, jax.random.PRNGKey(config.seed))
-    s = config.sampling
-    spec = sampler_lib.SamplerSpec(
-        method=sampler_lib.method_from_config(s.method, float(s.temperature), int(s.top_k), float(s.top_p)),
-        group_size=int(s.samples), max_new_tokens=8, eos_id=2, pad_id=0)
-    prompts_bp, lengths_b = sampler_lib.pad_prompts([[1, 5, 6], [1, 7]], tuple(s.prompt_buckets), 0)
-    out = jax.device_get(sampler_lib.make_sampler(cfg, spec, mesh=mesh, rules=rules)(
-        params, prompts_bp, lengths_b, jax.random.PRNGKey(0)))
-    return {"loss": float(-out.logprobs.sum() / max(out.lengths.sum(), 1)), "tokens": float(out.lengths.sum())}
+    """The eval protocol's sampler on a fresh model of config.smoke_model (no files, no checkpoint)."""
+    return sampler_smoke_step(config)

@@ -29,10 +29,13 @@ Everything random comes from the TrainState's rng (split per rollout: sampling k
 and the prompt stream's position is saved in the checkpoint's meta, so a resumed run continues exactly as an
 uninterrupted one would (same prompts, same samples, same updates).
 
-Weights: resume WORKDIR/checkpoints, else config.init_from (an r1jax run or a Hugging Face directory), else
-the stage config named by config.base (e.g. `configs/pretrain.py:tiny`) run first in WORKDIR/base (skipped
-when finished), else a fresh init. The architecture comes with the initial weights (an r1jax checkpoint's
-saved ModelConfig, an HF config.json); config.model then only sets the training numerics (dtype, remat, ...).
+Weights: resume WORKDIR/checkpoints, else config.init_from (an r1jax run or a Hugging Face directory), else a
+fresh init (to start from an earlier stage's result, chain the two in a pipeline: configs/r1.py). The architecture
+comes with the initial weights (an r1jax checkpoint's saved ModelConfig, an HF config.json); config.model then only
+sets the training numerics (dtype, remat, ...). The loop (steps, logging, checkpoints, preemption, NaN guard) is
+r1jax/train/loop.py's, one rollout per iteration; a few rollouts of every logged step go to WORKDIR/samples.jsonl
+(prompt, completion, rewards, length, truncated). Prompts longer than the largest rl.prompt_buckets are dropped and
+counted (`prompts_dropped/too_long`).
 
 Departures from the papers, stated: old log-probs come from the trainer's forward before the first update,
 not from the sampler (the two are logged against each other as `logprob_diff_max`); the reference is a full
@@ -42,9 +45,7 @@ frozen params copy (no LoRA-style sharing); rewards are computed on every host (
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import logging
-import math
 import os
 import re
 import time
@@ -62,12 +63,10 @@ from r1jax.rl import answers, grpo, rewards as rewards_lib
 from r1jax.rl import sampler as sampler_lib
 from r1jax.rl import trainer as trainer_lib
 from r1jax.sharding import logical_to_spec
-from r1jax.stages.common import StageResult, is_primary, mesh_and_rules, model_config
-from r1jax.stages.sft import TRAINING_FIELDS, ensure_world, finish_run, load_init, stage_tokenizer, start_run
 from r1jax.train import checkpoint as ckpt_lib
 from r1jax.train import state as state_lib
-from r1jax.train.loop import NonFiniteError, PreemptionFlag
-from r1jax.train.metrics import MetricsLogger
+from r1jax.train.metrics import append_jsonl, forget_after
+from r1jax.train.run import StageResult, data_files, is_primary, load_policy, mesh_and_rules, model_config, open_run
 
 log = logging.getLogger(__name__)
 
@@ -77,28 +76,25 @@ REFLECTION = re.compile(r"re-check|\bwait\b|\bverify\b|\bcheck\b|等等|检查",
 def run(config, workdir: str) -> StageResult:
     rl = config.rl
 
-    # ---------------------------------------------------------------- 1. mesh, model, checkpoints
-    workdir, mesh, rules, cfg, checkpointer, resume_step, resume_meta = start_run(config, workdir)
-
-    # ---------------------------------------------------------------- 2. weights
-    init_from = config.init_from or (run_base(config.base, workdir) if config.base else None)
-    init_params, init_meta = None, {}
-    if resume_meta is not None:
-        cfg = models.ModelConfig(**resume_meta["model"])
-        log.info("resuming %s from step %d", workdir, resume_step)
-    if init_from and (resume_meta is None or (rl.beta and not resume_meta.get("reference_step"))):
-        cfg, init_params, init_meta = load_init(init_from, checkpoint_architecture(init_from, cfg), mesh, rules)
-        log.info("initial weights from %s", init_from)
+    # ---------------------------------------------------------------- 1-2. run, weights
+    run = open_run(config, workdir)
+    cfg, init = run.initial_policy()
+    if run.resumed and rl.beta and not run.resume_meta.get("reference_step") and config.init_from:
+        init = load_policy(config.init_from, run.mesh, run.rules, numerics=cfg)  # the reference = the initial policy
 
     # ---------------------------------------------------------------- 3. data
-    tokenizer_path, tokenizer = stage_tokenizer(config, workdir, resume_meta, init_meta, cfg)
-    train_files, eval_files = resolve_files(config, workdir)
-    stream = PromptStream(load_prompts(config.data, train_files, tokenizer), seed=config.seed)
-    if resume_meta is not None:
-        stream.set_state(resume_meta["prompts"])
-    heldout = load_prompts(config.data, eval_files, tokenizer)[:config.eval.num_prompts] if eval_files else []
+    tokenizer_path, tokenizer = run.tokenizer(cfg, init)
+    buckets = tuple(rl.prompt_buckets)
+    prompts, dropped = load_prompts(config.data, data_files(config.data, run.workdir, "train_files", "world_files"),
+                                    tokenizer, max(buckets))
+    stream = PromptStream(prompts, seed=config.seed)
+    if run.resumed:
+        stream.set_state(run.resume_meta["prompts"])
+    eval_files = data_files(config.data, run.workdir, "eval_files", "eval_world_files", required=False)
+    heldout = load_prompts(config.data, eval_files, tokenizer, max(buckets))[0][:config.eval.num_prompts] \
+        if eval_files else []
 
-    # ---------------------------------------------------------------- 4. optimizer, state, reference, steps
+    # ---------------------------------------------------------------- 4. optimizer, state, reference, sampler
     steps = int(config.train.steps)
     loss = loss_spec(config)
     if int(config.train.micro_batches) != 1:
@@ -107,33 +103,28 @@ def run(config, workdir: str) -> StageResult:
     if steps % loss.updates_per_rollout:
         raise ValueError(f"train.steps={steps} (optimizer updates) must be a multiple of rl.mu x rl.mini_batches "
                          f"= {loss.updates_per_rollout}")
+    mesh, rules = run.mesh, run.rules
     update = trainer_lib.make_update(cfg, trainer_lib.optimizer_key(config.optimizer), steps, loss,
                                      mesh=mesh, rules=rules)
     shardings = update.shardings
 
     def initial_state():
-        if init_params is not None:
-            return state_lib.state_from_params(trainer_lib.copy_params(init_params, shardings.params), update.tx,
+        if init is not None:
+            return state_lib.state_from_params(trainer_lib.copy_params(init.params, shardings.params), update.tx,
                                                config.seed, shardings)
         return state_lib.init_state(cfg, update.tx, config.seed, shardings)
 
-    references = ReferenceStore(os.path.join(workdir, "reference"))
+    references = ReferenceStore(os.path.join(run.workdir, "reference"))
     ref_dtype = rl.get("ref_dtype", None)  # the frozen reference's dtype (bfloat16 halves it at scale)
-    ref_step = 0
-    if resume_meta is not None:
-        state, _ = checkpointer.restore(resume_step, state_lib.abstract_state(cfg, update.tx, shardings))
-        ref_step = int(resume_meta.get("reference_step", 0))
-    else:
-        state = initial_state()
+    ref_step = int(run.resume_meta.get("reference_step", 0)) if run.resumed else 0
+    state = run.restore(state_lib.abstract_state(cfg, update.tx, shardings))[0] if run.resumed else initial_state()
     ref_params = None
     if loss.beta:
         if ref_step:
-            ref_params = trainer_lib.copy_params(references.restore(ref_step, cfg, shardings.params),
-                                                 shardings.params, ref_dtype)
-        elif resume_meta is not None:
-            ref_params = trainer_lib.copy_params(initial_state().params, shardings.params, ref_dtype)
-        else:
-            ref_params = trainer_lib.copy_params(state.params, shardings.params, ref_dtype)
+            ref_params = references.restore(ref_step, cfg, shardings.params)
+        ref_params = trainer_lib.copy_params(ref_params if ref_step else
+                                             (initial_state() if run.resumed else state).params,
+                                             shardings.params, ref_dtype)
     scorer = trainer_lib.make_scorer(cfg, loss.temperature, mesh=mesh, rules=rules,
                                      chunk_rows=int(rl.get("score_chunk_rows", 0)))
     train_spec = sampler_spec(rl, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
@@ -142,10 +133,9 @@ def run(config, workdir: str) -> StageResult:
         train_spec, group_size=int(config.eval.samples),
         method=sampler_lib.method_from_config(config.eval.sampling, float(config.eval.temperature),
                                               config.eval.top_k, config.eval.top_p))
-    reward_specs = tuple(tuple(s) for s in rl.rewards)
     sample_train = sampler_lib.make_sampler(cfg, train_spec, mesh=mesh, rules=rules)
     sample_eval = sampler_lib.make_sampler(cfg, eval_spec, mesh=mesh, rules=rules)
-    rollout_kw = dict(tokenizer=tokenizer, reward_specs=reward_specs, prompt_buckets=tuple(rl.prompt_buckets))
+    rollout_kw = dict(tokenizer=tokenizer, reward_specs=tuple(tuple(s) for s in rl.rewards), prompt_buckets=buckets)
 
     def evaluate(params) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -161,123 +151,93 @@ def run(config, workdir: str) -> StageResult:
         out["heldout_eval_s"] = time.perf_counter() - t0
         return out
 
-    # ---------------------------------------------------------------- 5. loop
-    start_step = int(jax.device_get(state.step))
-    metrics_path = os.path.join(workdir, "metrics.jsonl")
-    if resume_meta is None and is_primary() and os.path.exists(metrics_path):
-        os.remove(metrics_path)  # no checkpoint: whatever was logged (e.g. the step-0 eval) is redone
-    logger = MetricsLogger(workdir, total_steps=steps, start_step=start_step, enabled=is_primary(),
-                           progress=config.train.progress, desc=os.path.basename(workdir) or "grpo")
+    # ---------------------------------------------------------------- 5. one rollout: the loop's step
     per_rollout = loss.updates_per_rollout
-    step, rollout = start_step, start_step // per_rollout
-    saved_step, last_record, status = resume_step, {}, "done"
+    step = int(jax.device_get(state.step))
+    last_groups: list[Group] = []
 
-    def crossed(every: int) -> bool:
-        return every > 0 and (step // every > (step - per_rollout) // every or step == steps)
+    def step_fn(state):
+        nonlocal step, ref_params, ref_step, last_groups
+        t_start = time.perf_counter()
+        rng, sample_key, shuffle_key = jax.random.split(state.rng, 3)
+        state = state.replace(rng=rng)
+
+        # 1-4: prompts, samples, rewards, dynamic sampling
+        groups, drawn, sample_s, sampled_tokens = [], [], 0.0, 0
+        for attempt in range(max(int(rl.dynamic_max_batches), 1) if rl.dynamic_sampling else 1):
+            t0 = time.perf_counter()
+            new = sample_groups(sample_train, state.params, stream.take(int(rl.prompts_per_rollout)),
+                                jax.random.fold_in(sample_key, attempt), group_size=train_spec.group_size,
+                                **rollout_kw)
+            sample_s += time.perf_counter() - t0
+            sampled_tokens += sum(int(g.lengths.sum()) for g in new)
+            drawn += new
+            groups += [g for g in new if not rl.dynamic_sampling or g.informative]
+            if len(groups) >= rl.prompts_per_rollout:
+                break
+        if rl.dynamic_sampling:
+            fill = [g for g in drawn if not g.informative]
+            groups = (groups + fill)[:int(rl.prompts_per_rollout)]
+
+        # 5-6: advantages, trainer batch, π_old and π_ref log-probs
+        rewards_n = np.concatenate([g.rewards for g in groups])
+        adv_n, adv_metrics = grpo.group_advantages(jax.numpy.asarray(rewards_n, np.float32), train_spec.group_size,
+                                                   scale=rl.adv_scale, baseline=rl.adv_baseline)
+        truncated_n = np.concatenate([g.truncated for g in groups])
+        host_batch = trainer_lib.build_batch(
+            [g.prompt for g in groups for _ in range(train_spec.group_size)], np.concatenate([g.tokens for g in groups]),
+            np.concatenate([g.lengths for g in groups]), prompt_buckets=buckets,
+            completion_buckets=tuple(rl.completion_buckets), pad_id=tokenizer.pad_id,
+            train_mask_n=~truncated_n if rl.mask_truncated else None)
+        batch = put_rows(host_batch, mesh, rules)
+        old_logp, entropy = (None, None) if update.fused else scorer(state.params, batch)
+        ref_logp = scorer(ref_params, batch)[0] if loss.beta else None
+
+        # 7: μ x mini-batch updates (π_old inside the update when there is only one)
+        t0 = time.perf_counter()
+        state, update_metrics, logp_before = update(
+            state, batch, old_logp, ref_logp, put_rows({"a": np.asarray(adv_n)}, mesh, rules)["a"], shuffle_key)
+        update_metrics = {k: float(v) for k, v in jax.device_get(update_metrics).items()}
+        if entropy is not None:
+            update_metrics["entropy"] = float(entropy)
+        update_s = time.perf_counter() - t0
+        sampler_logp = trainer_lib.pad_columns(np.concatenate([g.logprobs for g in groups]),
+                                               host_batch["mask"].shape[1])
+        real = host_batch["segment_ids"][:, -host_batch["mask"].shape[1]:] > 0
+        step += per_rollout
+
+        # 8: reference reset (the loop checks the loss before this step's checkpoint)
+        if loss.beta and rl.ref_reset_every and step % int(rl.ref_reset_every) == 0:
+            ref_params = trainer_lib.copy_params(state.params, shardings.params, ref_dtype)
+            ref_step = step
+            references.save(ref_step, ref_params)
+
+        last_groups = drawn
+        record = {**behaviour_metrics(drawn), **update_metrics,
+                  **{f"batch_{k}": float(v) for k, v in adv_metrics.items()},
+                  "logprob_diff_max": float(np.max(np.abs(to_host(logp_before) - sampler_logp) * real, initial=0.0)),
+                  "train_tokens": float(host_batch["mask"].sum()),
+                  "dynamic_batches": len(drawn) // int(rl.prompts_per_rollout),
+                  "kept_group_frac": float(np.mean([g.informative for g in groups])),
+                  "epoch": stream.epoch, "rollout": step // per_rollout, "sample_s": sample_s, "update_s": update_s,
+                  "sample_tokens_per_s": sampled_tokens / max(sample_s, 1e-9),
+                  "rollout_s": time.perf_counter() - t_start, **dropped}
+        return state, record, int(host_batch["mask"].sum())
 
     def meta():
-        return {"stage": "grpo", "prompts": stream.get_state(), "model": dataclasses.asdict(cfg),
-                "tokenizer": tokenizer_path, "reference_step": ref_step}
+        return {"prompts": stream.get_state(), "model": dataclasses.asdict(cfg), "tokenizer": tokenizer_path,
+                "reference_step": ref_step}
 
-    if start_step == 0 and heldout and config.eval.at_start:
-        logger.write(0, evaluate(state.params))
-    with PreemptionFlag() as preempted:
-        try:
-            while step < steps:
-                t_start = time.perf_counter()
-                rng, sample_key, shuffle_key = jax.random.split(state.rng, 3)
-                state = state.replace(rng=rng)
-
-                # 1-4: prompts, samples, rewards, dynamic sampling
-                groups, drawn, sample_s, sampled_tokens = [], [], 0.0, 0
-                for attempt in range(max(int(rl.dynamic_max_batches), 1) if rl.dynamic_sampling else 1):
-                    t0 = time.perf_counter()
-                    new = sample_groups(sample_train, state.params, stream.take(int(rl.prompts_per_rollout)),
-                                        jax.random.fold_in(sample_key, attempt), group_size=train_spec.group_size,
-                                        **rollout_kw)
-                    sample_s += time.perf_counter() - t0
-                    sampled_tokens += sum(int(g.lengths.sum()) for g in new)
-                    drawn += new
-                    groups += [g for g in new if not rl.dynamic_sampling or g.informative]
-                    if len(groups) >= rl.prompts_per_rollout:
-                        break
-                if rl.dynamic_sampling:
-                    fill = [g for g in drawn if not g.informative]
-                    groups = (groups + fill)[:int(rl.prompts_per_rollout)]
-
-                # 5-6: advantages, trainer batch, π_old and π_ref log-probs
-                rewards_n = np.concatenate([g.rewards for g in groups])
-                adv_n, adv_metrics = grpo.group_advantages(jax.numpy.asarray(rewards_n, np.float32),
-                                                           train_spec.group_size, scale=rl.adv_scale,
-                                                           baseline=rl.adv_baseline)
-                truncated_n = np.concatenate([g.truncated for g in groups])
-                completions_nt = np.concatenate([g.tokens for g in groups])
-                lengths_n = np.concatenate([g.lengths for g in groups])
-                host_batch = trainer_lib.build_batch(
-                    [g.prompt for g in groups for _ in range(train_spec.group_size)], completions_nt, lengths_n,
-                    prompt_buckets=tuple(rl.prompt_buckets), completion_buckets=tuple(rl.completion_buckets),
-                    pad_id=tokenizer.pad_id, train_mask_n=~truncated_n if rl.mask_truncated else None)
-                batch = put_rows(host_batch, mesh, rules)
-                old_logp, entropy = (None, None) if update.fused else scorer(state.params, batch)
-                ref_logp = scorer(ref_params, batch)[0] if loss.beta else None
-
-                # 7: μ x mini-batch updates (π_old inside the update when there is only one)
-                t0 = time.perf_counter()
-                state, update_metrics, logp_before = update(
-                    state, batch, old_logp, ref_logp, put_rows({"a": np.asarray(adv_n)}, mesh, rules)["a"],
-                    shuffle_key)
-                update_metrics = {k: float(v) for k, v in jax.device_get(update_metrics).items()}
-                if entropy is not None:
-                    update_metrics["entropy"] = float(entropy)
-                update_s = time.perf_counter() - t0
-                sampler_logp = trainer_lib.pad_columns(np.concatenate([g.logprobs for g in groups]),
-                                                       host_batch["mask"].shape[1])
-                real = host_batch["segment_ids"][:, -host_batch["mask"].shape[1]:] > 0
-                logp_diff = float(np.max(np.abs(to_host(logp_before) - sampler_logp) * real, initial=0.0))
-                step += per_rollout
-                rollout += 1
-                bad = [k for k in ("loss", "grad_norm") if not math.isfinite(update_metrics[k])]
-                if bad:
-                    good = checkpointer.latest_step()
-                    raise NonFiniteError(
-                        f"non-finite {' and '.join(bad)} at step {step}; nothing after it was saved. Last good "
-                        f"checkpoint: {checkpointer.step_dir(good) if good is not None else 'none'}. Lower "
-                        "optimizer.lr or rl.beta, or set optimizer.clip_norm, then rerun to resume from it.")
-
-                # 8: reference reset
-                if loss.beta and rl.ref_reset_every and step % int(rl.ref_reset_every) == 0:
-                    ref_params = trainer_lib.copy_params(state.params, shardings.params, ref_dtype)
-                    ref_step = step
-                    references.save(ref_step, ref_params)
-
-                # metrics, eval, checkpoint
-                record = {**behaviour_metrics(drawn), **update_metrics,
-                          **{f"batch_{k}": float(v) for k, v in adv_metrics.items()},
-                          "logprob_diff_max": logp_diff, "train_tokens": float(host_batch["mask"].sum()),
-                          "dynamic_batches": len(drawn) // int(rl.prompts_per_rollout),
-                          "kept_group_frac": float(np.mean([g.informative for g in groups])),
-                          "epoch": stream.epoch, "rollout": rollout, "sample_s": sample_s, "update_s": update_s,
-                          "sample_tokens_per_s": sampled_tokens / max(sample_s, 1e-9)}
-                if heldout and crossed(int(config.train.eval_every)):
-                    record.update(evaluate(state.params))
-                record["rollout_s"] = time.perf_counter() - t_start
-                final = step >= steps or preempted.set
-                if rollout % max(int(config.train.log_every), 1) == 0 or final or "heldout_eval_s" in record:
-                    logger.write(step, record)
-                    last_record = {"step": step, **record}
-                if crossed(int(config.train.checkpoint_every)) or final:
-                    saved_step = checkpointer.save(state, meta())
-                    references.prune(checkpointer)
-                acc = record.get("accuracy", record.get("reward/answer_accuracy", 0.0))
-                logger.progress(per_rollout, reward=record["reward_mean"], acc=acc, len=record["response_length_mean"])
-                if preempted.set and step < steps:
-                    status = "preempted"
-                    log.warning("SIGTERM: saved the checkpoint of step %d; rerun the same command to resume", step)
-                    break
-        finally:
-            checkpointer.wait()
-            logger.close()
-    return finish_run("grpo", workdir, checkpointer, logger, saved_step, status, last_record, tokenizer_path)
+    samples_path = os.path.join(run.workdir, "samples.jsonl")
+    if is_primary():
+        forget_after(samples_path, run.resume_step)
+    result = run.loop(
+        state, step_fn, meta_fn=meta, step_size=per_rollout, eval_fn=evaluate if heldout else None,
+        start_fn=(lambda s: evaluate(s.params)) if heldout and config.eval.at_start else None,
+        after_save=lambda: references.prune(run.checkpointer),
+        after_log=lambda step: write_samples(samples_path, step, last_groups, int(rl.get("samples_per_log", 4))),
+        progress_keys=("reward_mean", "accuracy", "response_length_mean"))
+    return run.finish(result, tokenizer_path, samples=samples_path)
 
 
 def loss_spec(config) -> trainer_lib.LossSpec:
@@ -417,32 +377,41 @@ def behaviour_metrics(groups: list[Group], prefix: str = "") -> dict[str, float]
 # ----------------------------------------------------------------------------------------------- data
 
 
-def resolve_files(config, workdir: str) -> tuple[list[str], list[str]]:
-    """(train prompt files, held-out prompt files): the config's, or the tiny world's."""
-    data = config.data
-    train_files, eval_files = list(data.train_files), list(data.eval_files)
-    if (not train_files or not eval_files) and data.tiny_world:
-        world = ensure_world(workdir, data.world_seed)
-        train_files = train_files or [os.path.join(world, f"{n}.jsonl") for n in data.world_files]
-        eval_files = eval_files or [os.path.join(world, f"{n}.jsonl") for n in data.eval_world_files]
-    if not train_files:
-        raise ValueError("config.data.train_files is empty (set it, or data.tiny_world=True at tiny scale)")
-    return train_files, eval_files
-
-
-def load_prompts(data, files: list[str], tokenizer) -> list[dict]:
-    """Every record of `files` with `prompt_text` (data.template applied to data.prompt_field, or the field
-    verbatim when the template is empty) and `tokens` (BOS + its encoding)."""
-    records = []
+def load_prompts(data, files: list[str], tokenizer, max_tokens: int) -> tuple[list[dict], dict[str, int]]:
+    """(records, dropped counts): every record of `files` with `prompt_text` (data.template applied to
+    data.prompt_field, or the field verbatim when the template is empty) and `tokens` (BOS + its encoding). Prompts
+    longer than `max_tokens` (the largest prompt bucket) are dropped and counted, as TRL's max_prompt_length does;
+    a set in which nothing is left is an error that gives the counts."""
+    records, too_long = [], 0
     bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
     for record in iterate_records(files, schema={data.prompt_field: "str"}):
         text = record[data.prompt_field]
         if data.template:
             text = templates.render_prompt(data.template, text)
-        records.append({**record, "prompt_text": text, "tokens": bos + tokenizer.encode(text)})
+        tokens = bos + tokenizer.encode(text)
+        if len(tokens) > max_tokens:
+            too_long += 1
+            continue
+        records.append({**record, "prompt_text": text, "tokens": tokens})
     if not records:
-        raise ValueError(f"no prompt records in {files}")
-    return records
+        raise ValueError(f"no usable prompt records in {files}: {too_long} longer than the largest prompt bucket "
+                         f"({max_tokens} tokens; raise rl.prompt_buckets), none left")
+    if too_long:
+        log.warning("%d prompts of %s are longer than the largest prompt bucket (%d tokens): dropped", too_long,
+                    files, max_tokens)
+    return records, {"prompts_dropped/too_long": too_long}
+
+
+def write_samples(path: str, step: int, groups: list[Group], n: int) -> None:
+    """Appends `n` rollouts of `groups` to `path` (samples.jsonl, process 0): the first completion of each group,
+    then the second, ...: rendered prompt, completion, each reward, length in tokens, truncated."""
+    if not is_primary() or not groups or n <= 0:
+        return
+    rows = [(g, j) for j in range(len(groups[0].texts)) for g in groups][:n]
+    append_jsonl(path, [{"step": step, "prompt": g.record["prompt_text"], "completion": g.texts[j],
+                         "reward": float(g.rewards[j]),
+                         "rewards": {k: float(v[j]) for k, v in g.per_reward.items()},
+                         "length": int(g.lengths[j]), "truncated": bool(g.truncated[j])} for g, j in rows])
 
 
 class PromptStream:
@@ -472,55 +441,6 @@ class PromptStream:
     def set_state(self, state: dict[str, int]) -> None:
         self.epoch, self.index = int(state["epoch"]), int(state["index"])
         self._order = self._shuffle(self.epoch)
-
-
-def run_base(spec: str, workdir: str) -> str:
-    """Run the stage config `spec` ("path/to/config.py[:preset]") in WORKDIR/base unless it finished there;
-    returns that run directory (its final checkpoint is the initial policy)."""
-    from r1jax import stages
-
-    base_dir = os.path.join(workdir, "base")
-    result_path = os.path.join(base_dir, "result.json")
-    if os.path.isfile(result_path):
-        import json
-
-        with open(result_path) as f:
-            if json.load(f).get("status") in ("done", "data_exhausted"):
-                return base_dir
-    log.info("config.init_from is unset: running the base stage %s in %s first", spec, base_dir)
-    result = stages.run(load_config(spec), base_dir)
-    if not result.finished:
-        raise RuntimeError(f"the base stage {spec} in {base_dir} ended with status {result.status!r}; rerun to "
-                           "resume it")
-    return base_dir
-
-
-def checkpoint_architecture(path: str, cfg: models.ModelConfig) -> models.ModelConfig:
-    """The architecture of the r1jax checkpoint at `path` with cfg's training numerics (TRAINING_FIELDS: dtype,
-    remat, bias rate, ...), so an RL config need not repeat its base model's sizes; cfg itself otherwise
-    (a Hugging Face directory brings its own config.json)."""
-    found = ckpt_lib.find_checkpoint(path)
-    if found is None:
-        return cfg
-    reader = ckpt_lib.Checkpointer(found[0], read_only=True)
-    meta = reader.restore_meta(found[1])
-    reader.close()
-    if "model" not in meta:
-        return cfg
-    return models.ModelConfig(**meta["model"]).replace(**{name: getattr(cfg, name) for name in TRAINING_FIELDS})
-
-
-def load_config(spec: str):
-    """get_config(preset) of a config file given as "path.py[:preset]" (relative to the cwd or the repo root)."""
-    path, _, arg = spec.partition(":")
-    if not os.path.isfile(path):
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))), path)
-    module_spec = importlib.util.spec_from_file_location(f"_config_{abs(hash(path))}", path)
-    if module_spec is None or not os.path.isfile(path):
-        raise FileNotFoundError(f"config file {spec!r} not found")
-    module = importlib.util.module_from_spec(module_spec)
-    module_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
 
 
 # ------------------------------------------------------------------------------------- arrays and references

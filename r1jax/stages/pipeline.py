@@ -42,22 +42,15 @@ import ml_collections as mlc
 
 from r1jax import stages
 from r1jax.stages import child
-from r1jax.stages.common import StageResult, is_primary
+from r1jax.train.run import StageResult, is_primary
 
 log = logging.getLogger(__name__)
 REFERENCE = re.compile(r"^@([A-Za-z_][\w-]*):([\w.@-]+)(/.*)?$")
 FINISHED = ("done", "data_exhausted")
 
 
-def register_rewards() -> None:
-    """Registers the rewards that stage configs may name: the config files import their modules, but a pipeline's
-    stages (and its child processes) get their configs without importing those files."""
-    import r1jax.rl.filters  # noqa: F401
-    import r1jax.rl.reward_model  # noqa: F401
-
-
 def run(config, workdir: str) -> StageResult:
-    register_rewards()
+    stages.register_rewards()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     order = list(config.order)
@@ -275,15 +268,11 @@ def resolve_reference(ref: str, config, workdir: str, results: dict[str, dict]) 
     return base + (rest or "")
 
 
-def prepare_world(world, workdir: str) -> str:
-    """DIR/world: the tiny world and its SentencePiece tokenizer (tokenizer.model), written once."""
-    from r1jax.stages.sft import ensure_world, train_world_tokenizer
+def prepare_world(world_config, workdir: str) -> str:
+    """DIR/world: the tiny world (r1jax/world) and its SentencePiece tokenizer (tokenizer.model), written once."""
+    from r1jax import world
 
-    path = ensure_world(workdir, int(world.seed))
-    prefix = os.path.join(path, "tokenizer")
-    if not os.path.isfile(prefix + ".model"):
-        train_world_tokenizer(path, prefix, int(world.vocab_size))
-    return path
+    return os.path.dirname(world.world_tokenizer(workdir, int(world_config.seed), int(world_config.vocab_size)))
 
 
 def prepare_mix(name: str, config, workdir: str, results: dict[str, dict]) -> str:

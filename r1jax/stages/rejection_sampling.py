@@ -35,10 +35,11 @@ import os
 import random
 
 from r1jax.data.sources import iterate_records
+from r1jax.eval.generate import encode_prompts, generate, render, sampler_smoke_step
 from r1jax.rl import filters, rewards, sandbox
 from r1jax.rl import sampler as sampler_lib
-from r1jax.stages import eval as eval_stage
-from r1jax.stages.common import StageResult, is_primary, mesh_and_rules, write_json
+from r1jax.train.metrics import append_jsonl
+from r1jax.train.run import StageResult, data_files, is_primary, load_policy, mesh_and_rules, write_json
 
 log = logging.getLogger(__name__)
 CHECKS = ("math", "code", "judge")
@@ -47,13 +48,15 @@ CHECKS = ("math", "code", "judge")
 def run(config, workdir: str) -> StageResult:
     workdir = os.path.abspath(workdir)
     shard_dir = os.path.join(workdir, "shards")
+    samples_path = os.path.join(workdir, "samples.jsonl")
     os.makedirs(shard_dir, exist_ok=True)
     if not config.init_from:
         raise ValueError("config.init_from is empty: rejection sampling needs the RL checkpoint to sample from")
 
     # ---------------------------------------------------------------- 1-2. policy and prompts
     mesh, rules = mesh_and_rules(config.mesh)
-    prompt_files, other_files = resolve_files(config, workdir)
+    prompt_files = data_files(config.data, workdir, "prompt_files", "world_files")
+    other_files = data_files(config.data, workdir, "non_reasoning_files", "non_reasoning_world_files", required=False)
     records = load_prompt_records(prompt_files, config.data, config.seed)
     needs_judge = any(check_of(r) == "judge" for r in records)
     if needs_judge and not config.judge.kind:
@@ -74,22 +77,31 @@ def run(config, workdir: str) -> StageResult:
         if os.path.isfile(path + ".stats.json"):
             continue
         if policy is None:
-            policy = eval_stage.load_policy(config.init_from, mesh, rules)
+            policy = load_policy(config.init_from, mesh, rules)
+            tokenizer = policy.tokenizer
             if needs_judge:
                 judge_fn = make_judge(config.judge, mesh, rules)
-        cfg, params, tokenizer = policy
-        prompts = [eval_stage.render(config.data.template, r[config.data.prompt_field]) for r in chunk]
-        texts, truncated = eval_stage.generate(
-            cfg, params, tokenizer, prompts, mesh=mesh, rules=rules, samples=int(s.samples),
-            max_new_tokens=int(s.max_new_tokens), method=method, stop_strings=tuple(config.data.stop_strings),
-            batch_prompts=int(s.batch_prompts), prompt_buckets=tuple(s.prompt_buckets), seed=config.seed * 100_003 + c)
+        prompts_text = [render(config.data.template, r[config.data.prompt_field]) for r in chunk]
+        kept_rows, prompts = encode_prompts(tokenizer, prompts_text, max(s.prompt_buckets))
+        prompts_text = [prompts_text[i] for i in kept_rows]
+        too_long = len(chunk) - len(kept_rows)
+        chunk = [chunk[i] for i in kept_rows]
+        out = generate(policy.cfg, policy.params, tokenizer, prompts, mesh=mesh, rules=rules, samples=int(s.samples),
+                       max_new_tokens=int(s.max_new_tokens), method=method,
+                       stop_strings=tuple(config.data.stop_strings), batch_prompts=int(s.batch_prompts),
+                       prompt_buckets=tuple(s.prompt_buckets), seed=config.seed * 100_003 + c)
+        texts, truncated = out.texts, out.truncated
         kept, stats = select(chunk, texts, truncated, prompt_field=config.data.prompt_field, readability=readability,
                              judge=judge_fn, min_score=float(config.judge.min_score),
                              per_prompt=int(config.select.per_prompt), pick=config.select.pick,
                              seed=config.seed * 100_003 + c)
+        stats["prompts_dropped_too_long"] = too_long
         if is_primary():
             _write_jsonl(path + ".jsonl", kept)
             write_json(path + ".stats.json", stats)
+            append_jsonl(samples_path, [{"chunk": c, "prompt": prompts_text[i], "completion": texts[i][0],
+                                         "length": out.lengths[i][0], "truncated": truncated[i][0]}
+                                        for i in range(min(len(chunk), int(config.get("samples_per_chunk", 4))))])
         log.info("chunk %d/%d: kept %d of %d samples", c + 1, len(chunks), stats["kept"], stats["samples"])
 
     # ---------------------------------------------------------------- 6. merge and mix
@@ -226,28 +238,13 @@ def make_judge(judge, mesh, rules):
     if judge.kind == "reward_model":
         return judge_lib.RewardModelJudge(rm_lib.load(os.path.abspath(judge.checkpoint)), judge.aspect or None)
     if judge.kind == "generative":
-        cfg, params, tokenizer = eval_stage.load_policy(judge.checkpoint, mesh, rules)
-        return judge_lib.GenerativeJudge(cfg, params, tokenizer, prompt_template=judge.prompt_template,
+        policy = load_policy(judge.checkpoint, mesh, rules)
+        return judge_lib.GenerativeJudge(policy.cfg, policy.params, policy.tokenizer, prompt_template=judge.prompt_template,
                                          yes=judge.yes, no=judge.no)
     raise ValueError(f"config.judge.kind={judge.kind!r}: expected reward_model or generative")
 
 
 # ------------------------------------------------------------------------------------------ data
-
-
-def resolve_files(config, workdir: str) -> tuple[list[str], list[str]]:
-    """(prompt files, non-reasoning files): the config's, or the tiny world's."""
-    from r1jax.stages.sft import ensure_world
-
-    data = config.data
-    prompts, others = list(data.prompt_files), list(data.non_reasoning_files)
-    if (not prompts or not others) and data.tiny_world:
-        world = ensure_world(workdir, data.world_seed)
-        prompts = prompts or [os.path.join(world, f"{n}.jsonl") for n in data.world_files]
-        others = others or [os.path.join(world, f"{n}.jsonl") for n in data.non_reasoning_world_files]
-    if not prompts:
-        raise ValueError("config.data.prompt_files is empty (set it, or data.tiny_world=True at tiny scale)")
-    return prompts, others
 
 
 def load_prompt_records(files: list[str], data, seed: int) -> list[dict]:
@@ -315,5 +312,5 @@ def _nest(flat: dict) -> dict:
 
 
 def smoke_step(config) -> dict:
-    """The stage's sampler on a fresh model of config.smoke_model (no checkpoint): eval's smoke step."""
-    return eval_stage.smoke_step(config)
+    """The stage's sampler on a fresh model of config.smoke_model (no checkpoint)."""
+    return sampler_smoke_step(config)

@@ -7,13 +7,13 @@ summary only, harmlessness on the whole response. One run trains one aspect (con
 `kind` field equals it are used (config.rm.kinds widens that). r1jax/rl/reward_model.py holds the model, the loss
 and the rewards that load the result. One straight flow:
 
-  1. mesh + model     config.model; the resumed checkpoint's model wins on resume
+  1. run              WORKDIR, mesh, checkpoints, resume point (r1jax/train/run.py)
   2. weights          resume WORKDIR/checkpoints, else config.init_from (r1jax run or HF dir) + a zero head,
                       else a fresh init
   3. data             preference pairs -> (chosen, rejected) token rows: template(question) + scored part
   4. step             jitted Bradley-Terry update over [2B, T] rows (chosen then rejected); router bias frozen
-  5. loop             batches are a pure function of the step (seeded permutation per epoch), so a resume
-                      replays exactly; eval = pairwise accuracy on the held-out pairs, overall and per
+  5. loop             r1jax/train/loop.py; batches are a pure function of the step (seeded permutation per
+                      epoch), so a resume replays exactly; eval = pairwise accuracy on the held-out pairs, overall and per
                       `subkind` of the pairs that have one (heldout_pair_accuracy/<subkind>)
 
 Outputs: checkpoint (its meta names the aspect, template and max_len, so `reward_model.load` needs nothing
@@ -23,8 +23,8 @@ else), tokenizer, metrics. Final metrics include heldout_pair_accuracy.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import logging
-import os
 
 import jax
 import jax.numpy as jnp
@@ -36,12 +36,9 @@ from r1jax import models
 from r1jax.data.sources import iterate_records
 from r1jax.rl import reward_model as rm_lib
 from r1jax.sharding import use_rules
-from r1jax.stages.common import StageResult, is_primary, mesh_and_rules, model_config
-from r1jax.stages.sft import finish_run, initial_weights, stage_tokenizer, start_run
 from r1jax.train import optimizer as opt_lib
 from r1jax.train import state as state_lib
-from r1jax.train.loop import NonFiniteError, PreemptionFlag
-from r1jax.train.metrics import MetricsLogger
+from r1jax.train.run import StageResult, data_files, mesh_and_rules, model_config, open_run
 from r1jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
@@ -51,30 +48,37 @@ PAIR_SCHEMA = {"chosen": "str", "rejected": "str"}
 def run(config, workdir: str) -> StageResult:
     rm = config.rm
 
-    # ---------------------------------------------------------------- 1. mesh, model, checkpoints
-    workdir, mesh, rules, cfg, checkpointer, resume_step, resume_meta = start_run(config, workdir)
-
-    # ---------------------------------------------------------------- 2. weights (the decoder's)
-    cfg, init_params, init_meta = initial_weights(config, cfg, resume_meta, mesh, rules)
+    # ---------------------------------------------------------------- 1-2. run, weights (the decoder's)
+    run = open_run(config, workdir)
+    cfg, init = run.initial_policy()
 
     # ---------------------------------------------------------------- 3. data
-    tokenizer_path, tokenizer = stage_tokenizer(config, workdir, resume_meta, init_meta, cfg)
-    train_files, eval_files = resolve_files(config, workdir)
-    train = encode_pairs(load_pairs(config, train_files), tokenizer, config)
+    tokenizer_path, tokenizer = run.tokenizer(cfg, init)
+    train = encode_pairs(load_pairs(config, data_files(config.data, run.workdir, "train_files", "world_files")),
+                         tokenizer, config)
+    eval_files = data_files(config.data, run.workdir, "eval_files", "eval_world_files", required=False)
     heldout = encode_pairs(load_pairs(config, eval_files), tokenizer, config) if eval_files else None
     log.info("%d training pairs, %d held-out pairs (aspect %s)", len(train.chosen),
              0 if heldout is None else len(heldout.chosen), rm.aspect)
 
     # ---------------------------------------------------------------- 4. optimizer, state, step
-    steps = int(config.train.steps)
-    tx = make_optimizer(config.optimizer, cfg, steps)
-    shardings = rm_state_shardings(cfg, tx, mesh, rules)
-    if resume_meta is not None:
-        state, _ = checkpointer.restore(resume_step, abstract_rm_state(cfg, tx, shardings))
+    tx = make_optimizer(config.optimizer, cfg, int(config.train.steps))
+    shardings = rm_state_shardings(cfg, tx, run.mesh, run.rules)
+    if run.resumed:
+        state, _ = run.restore(abstract_rm_state(cfg, tx, shardings))
     else:
-        state = init_rm_state(cfg, tx, config.seed, shardings, float(rm.likelihood_init), init_params)
-    step_fn, score_fn = make_steps(cfg, tx, mesh, rules, shardings)
+        state = init_rm_state(cfg, tx, config.seed, shardings, float(rm.likelihood_init),
+                              init.params if init is not None else None)
+    update, score_fn = make_steps(cfg, tx, run.mesh, run.rules, shardings)
     batch_size, seq_len = int(config.data.batch_size), int(config.data.seq_len)
+
+    counter = itertools.count(int(jax.device_get(state.step)))  # the step on the host: no device sync per step
+
+    def step_fn(state):  # the batch is a pure function of the step: a resume replays exactly
+        step = next(counter)
+        batch = train.batch(train.rows_for_step(step, batch_size, config.seed), batch_size, tokenizer.pad_id, seq_len)
+        state, metrics = update(state, batch["tokens"], batch["lengths"], batch["starts"])
+        return state, {**metrics, "epoch": step * batch_size // len(train.chosen)}, int(batch["lengths"].sum())
 
     def evaluate(params) -> dict[str, float]:
         margins = []
@@ -92,44 +96,12 @@ def run(config, workdir: str) -> StageResult:
                 **per_subkind}
 
     def meta():
-        return {"stage": "reward_model", "model": dataclasses.asdict(cfg), "tokenizer": tokenizer_path,
-                "aspect": rm.aspect, "template": config.data.template, "max_len": int(config.data.seq_len)}
+        return {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer_path, "aspect": rm.aspect,
+                "template": config.data.template, "max_len": int(config.data.seq_len)}
 
     # ---------------------------------------------------------------- 5. loop
-    step = int(jax.device_get(state.step))
-    logger = MetricsLogger(workdir, total_steps=steps, start_step=step, enabled=is_primary(),
-                           progress=config.train.progress, desc=os.path.basename(workdir) or "reward_model")
-    saved_step, last, status = resume_step, {}, "done"
-    with PreemptionFlag() as preempted:
-        try:
-            while step < steps:
-                rows = train.rows_for_step(step, batch_size, config.seed)
-                batch = train.batch(rows, batch_size, tokenizer.pad_id, seq_len)
-                state, metrics = step_fn(state, batch["tokens"], batch["lengths"], batch["starts"])
-                step += 1
-                final = step == steps or preempted.set
-                eval_now = heldout is not None and (final or (config.train.eval_every
-                                                              and step % config.train.eval_every == 0))
-                if step % config.train.log_every == 0 or eval_now or final:
-                    record = {k: float(v) for k, v in jax.device_get(metrics).items()}
-                    if not all(np.isfinite(v) for v in record.values()):
-                        raise NonFiniteError(f"non-finite reward-model metrics at step {step}: {record}; lower "
-                                             "optimizer.lr and rerun to resume from the last checkpoint")
-                    record["epoch"] = (step - 1) * batch_size // len(train.chosen)
-                    if eval_now:
-                        record.update(evaluate(state.params))
-                    logger.write(step, record)
-                    last = {"step": step, **record}
-                if step % config.train.checkpoint_every == 0 or final:
-                    saved_step = checkpointer.save(state, meta())
-                logger.progress(1, **({"loss": last["loss"]} if last else {}))
-                if preempted.set and step < steps:
-                    status = "preempted"
-                    break
-        finally:
-            checkpointer.wait()
-            logger.close()
-    return finish_run("reward_model", workdir, checkpointer, logger, saved_step, status, last, tokenizer_path)
+    result = run.loop(state, step_fn, meta_fn=meta, eval_fn=evaluate if heldout is not None else None)
+    return run.finish(result, tokenizer_path)
 
 
 # ------------------------------------------------------------------------------------------ data
@@ -166,21 +138,6 @@ class Pairs:
                                           bucket=seq_len)
         starts = np.asarray([self.chosen_starts[i] for i in both] + [self.rejected_starts[i] for i in both], np.int32)
         return {"tokens": tokens, "lengths": lengths, "starts": starts, "n": len(rows)}
-
-
-def resolve_files(config, workdir: str) -> tuple[list[str], list[str]]:
-    """(train, held-out) preference files: the config's, or the tiny world's."""
-    from r1jax.stages.sft import ensure_world
-
-    data = config.data
-    train_files, eval_files = list(data.train_files), list(data.eval_files)
-    if (not train_files or not eval_files) and data.tiny_world:
-        world = ensure_world(workdir, data.world_seed)
-        train_files = train_files or [os.path.join(world, f"{n}.jsonl") for n in data.world_files]
-        eval_files = eval_files or [os.path.join(world, f"{n}.jsonl") for n in data.eval_world_files]
-    if not train_files:
-        raise ValueError("config.data.train_files is empty (set it, or data.tiny_world=True at tiny scale)")
-    return train_files, eval_files
 
 
 def load_pairs(config, files: list[str]) -> list[dict]:

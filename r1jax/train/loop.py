@@ -1,15 +1,28 @@
-"""The training loop shared by the stages: steps, logging, eval, checkpoints, NaN guard, preemption.
+"""The one training loop: SFT, GRPO and the reward model each hand it their step as a function.
 
-    result = train_loop(state, step_fn, batches, put_batch, steps=..., checkpointer=..., logger=..., ...)
+    result = train_loop(state, step_fn, steps=..., checkpointer=..., logger=..., meta_fn=..., ...)
 
-Per step: next host batch -> global arrays -> jitted step (state donated). Metrics stay on device and are
-fetched together at log / eval / checkpoint points, so the host never waits on the device between them.
-Every fetched step is checked for a non-finite loss or gradient norm *before* anything is saved: a NaN
-state is never checkpointed, and the error names the step range and the last good checkpoint.
+`step_fn(state) -> (state, metrics, tokens)` does one iteration of the stage (SFT and the reward model: one
+optimizer update on the next batch; GRPO: one rollout, `step_size` = rl.mu x rl.mini_batches updates) and raises
+StopIteration when its data has ended. `metrics` may stay on device: the loop fetches the pending steps' metrics
+together at log / eval / checkpoint points, so the host does not wait on the device between them. `tokens` (the
+tokens the iteration trained on) gives tokens_per_s, the first iteration (compilation) left out.
 
-SIGTERM (TPU preemption, `kill`) sets a flag; after the current step the loop saves a checkpoint of that
-step, waits for it to be written and returns with status "preempted". Rerunning the same command
-resumes from it. On multi-host jobs the hosts agree on the step through JAX's preemption sync manager.
+The loop owns, for every stage alike:
+  steps          state.step counts optimizer updates; the run ends at `steps` (total, a resumed state's included)
+  cadence        a record every `log_every` iterations, eval every `eval_every` steps and at the end, a checkpoint
+                 every `checkpoint_every` steps and at the end ("every N steps" = the iteration crossed a multiple
+                 of N, so GRPO's multi-update iterations keep the cadence in steps)
+  NaN guard      every fetched step is checked for a non-finite loss or gradient norm *before* anything is saved:
+                 a NaN state is never checkpointed, and the error names the steps and the last good checkpoint
+  preemption     `Preemption.check(step)` after every iteration. Several processes (or jax.distributed running):
+                 orbax's `reached_preemption(step)`, i.e. JAX's preemption sync manager, which receives the
+                 SIGTERM and makes every process answer True at the same step. One process: a SIGTERM handler
+                 sets a flag. When True: save the checkpoint of that step, wait for it, return "preempted".
+  exact resume   the stage restores its state (and data position, `data_state_fn` / meta) from the checkpoint;
+                 metrics.jsonl and TensorBoard forget what was logged after the restored step
+  data end       StopIteration from step_fn: save the last step, return "data_exhausted"; at step 0 (every
+                 record skipped) a ValueError with the skip counts per reason: the command exits non-zero
 """
 
 from __future__ import annotations
@@ -20,14 +33,12 @@ import math
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import jax
-import numpy as np
 
 from r1jax.train.checkpoint import Checkpointer
 from r1jax.train.metrics import MetricsLogger
-from r1jax.train.state import TrainState
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +55,31 @@ class LoopResult:
     checkpoint_step: int | None
 
 
-class PreemptionFlag:
-    """Context manager: `.set` becomes True once the job is being preempted.
+def distributed() -> bool:
+    """Whether JAX runs as several processes (jax.distributed initialised): JAX's preemption sync manager then
+    owns SIGTERM."""
+    if jax.process_count() > 1:
+        return True
+    try:
+        from jax._src import distributed as jax_distributed  # noqa: PLC0415
 
-    One process: SIGTERM sets it (the handler replaces the default one while the loop runs). Several
-    processes: every host must stop at the same step, so the flag asks JAX's preemption sync manager
-    (which owns SIGTERM after jax.distributed.initialize) through orbax's `reached_preemption(step)`."""
+        return jax_distributed.global_state.client is not None
+    except (ImportError, AttributeError):
+        return False
 
-    def __init__(self, checkpointer: Checkpointer | None = None):
+
+class Preemption:
+    """Context manager; `check(step)` says whether to save and stop after `step` (the same answer on every
+    process). See the module docstring."""
+
+    def __init__(self, checkpointer: Checkpointer):
         self._set = False
         self._previous = None
         self._checkpointer = checkpointer
-        self._multi = jax.process_count() > 1
+        self._distributed = distributed()
 
-    def __enter__(self) -> "PreemptionFlag":
-        if not self._multi and threading.current_thread() is threading.main_thread():
+    def __enter__(self) -> "Preemption":
+        if not self._distributed and threading.current_thread() is threading.main_thread():
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
 
@@ -66,13 +87,8 @@ class PreemptionFlag:
         self._set = True
 
     def check(self, step: int) -> bool:
-        """Whether to save and stop after `step` (the same answer on every host)."""
-        if self._multi and self._checkpointer is not None:
+        if self._distributed:
             return bool(self._checkpointer.manager.reached_preemption(step))
-        return self._set
-
-    @property
-    def set(self) -> bool:
         return self._set
 
     def __exit__(self, *exc):
@@ -80,7 +96,8 @@ class PreemptionFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-def _check_finite(fetched: list[tuple[int, dict]], checkpointer: Checkpointer) -> None:
+def check_finite(fetched: list[tuple[int, dict]], checkpointer: Checkpointer) -> None:
+    """NonFiniteError when a fetched step's loss or grad_norm is not finite, naming the last good checkpoint."""
     for step, metrics in fetched:
         bad = [k for k in ("loss", "grad_norm") if k in metrics and not math.isfinite(float(metrics[k]))]
         if bad:
@@ -90,63 +107,84 @@ def _check_finite(fetched: list[tuple[int, dict]], checkpointer: Checkpointer) -
                 f"non-finite {' and '.join(bad)} at step {step} (steps {first}..{last} were checked together); "
                 f"nothing after it was saved. Last good checkpoint: "
                 f"{checkpointer.step_dir(good) if good is not None else 'none'}. Lower optimizer.lr, raise "
-                f"warmup_steps or set optimizer.clip_norm, then rerun the same command to resume from it.")
+                f"warmup_steps or set optimizer.clip_norm (GRPO: or lower rl.beta), then rerun the same command to "
+                f"resume from it.")
 
 
 def train_loop(
-    state: TrainState,
-    step_fn: Callable[[TrainState, Any], tuple[TrainState, dict]],
-    batches: Iterator[dict[str, np.ndarray]],
-    put_batch: Callable[[dict[str, np.ndarray]], Any],
+    state,
+    step_fn: Callable[[Any], tuple[Any, dict, int]],
     *,
     steps: int,
     checkpointer: Checkpointer,
     logger: MetricsLogger,
     meta_fn: Callable[[], dict[str, Any]],
     data_state_fn: Callable[[], Any] | None = None,
+    step_size: int = 1,
     log_every: int = 10,
     checkpoint_every: int = 1000,
     eval_every: int = 0,
     eval_fn: Callable[[Any], dict[str, float]] | None = None,
+    start_fn: Callable[[Any], dict[str, float]] | None = None,
     data_metrics: Callable[[], dict[str, Any]] = dict,
+    after_save: Callable[[], None] | None = None,
+    after_log: Callable[[int], None] | None = None,
+    progress_keys: tuple[str, ...] = ("loss",),
 ) -> LoopResult:
-    """Runs `step_fn` until `steps` (total, counting the restored state's steps). See the module docstring.
-    `meta_fn()` (JSON for the checkpoint's meta) and `data_state_fn()` (this process's data iterator state)
-    are called right after the step whose checkpoint they go into."""
+    """Runs `step_fn` until `steps`; see the module docstring. `meta_fn()` (JSON for the checkpoint's meta) and
+    `data_state_fn()` (this process's data iterator state) are called right after the step whose checkpoint they
+    go into; `start_fn(state)`, on a run that starts at step 0, gives a record logged at step 0 (e.g. an eval);
+    `after_save()` runs after each checkpoint save, `after_log(step)` after each record."""
     step = int(jax.device_get(state.step))
+    saved_step = checkpointer.latest_step()
     pending: list[tuple[int, dict]] = []
     last_record: dict[str, Any] = {}
-    saved_step = checkpointer.latest_step()
     window_tokens, window_start, timing_started = 0, time.perf_counter(), False
-    status = "done"
-    with PreemptionFlag(checkpointer) as preempted:
+    status, iteration = "done", step // step_size
+
+    def crossed(every: int) -> bool:  # this iteration reached a multiple of `every` steps
+        return every > 0 and step // every > (step - step_size) // every
+
+    def save() -> None:
+        nonlocal saved_step
+        saved_step = checkpointer.save(state, meta_fn(), data_state_fn() if data_state_fn else None)
+        if after_save is not None:
+            after_save()
+
+    if step == 0 and start_fn is not None and (record := start_fn(state)):
+        logger.write(0, record)
+        last_record = {"step": 0, **record}
+    with Preemption(checkpointer) as preemption:
         try:
             while step < steps:
                 try:
-                    host_batch = next(batches)
+                    state, metrics, tokens = step_fn(state)
                 except StopIteration:
+                    if step == 0:  # not one batch: every record was skipped (or there were none)
+                        raise ValueError(f"the training data gave no batch at all; records skipped, by reason: "
+                                         f"{data_metrics() or 'none counted'}") from None
                     status = "data_exhausted"
                     log.warning("the data ended at step %d before train.steps=%d", step, steps)
                     break
-                state, metrics = step_fn(state, put_batch(host_batch))
-                step += 1
+                step += step_size
+                iteration += 1
                 pending.append((step, metrics))
-                window_tokens += int(np.count_nonzero(host_batch["segment_ids"]))
-                if not timing_started:  # leave the first step's compilation out of tokens/s
+                window_tokens += tokens
+                if not timing_started:  # leave the first iteration's compilation out of tokens/s
                     jax.block_until_ready(metrics)
                     window_tokens, window_start, timing_started = 0, time.perf_counter(), True
 
-                stop = preempted.check(step)  # read once: a SIGTERM arriving later is handled after the next step
-                final = step == steps or stop
-                log_now = step % log_every == 0 or final
-                eval_now = eval_fn is not None and eval_every > 0 and (step % eval_every == 0 or step == steps)
-                save_now = step % checkpoint_every == 0 or final
-                if log_now or eval_now or save_now:
+                stop = preemption.check(step)  # once per iteration, at the same step on every process
+                final = step >= steps or stop
+                eval_now = eval_fn is not None and (crossed(eval_every) or step >= steps)
+                log_now = iteration % max(log_every, 1) == 0 or final or eval_now
+                save_now = crossed(checkpoint_every) or final
+                if log_now or save_now:
                     fetched = [(s, jax.device_get(m)) for s, m in pending]
                     pending.clear()
-                    _check_finite(fetched, checkpointer)
+                    check_finite(fetched, checkpointer)
                     last = fetched[-1][1]
-                if log_now or eval_now:
+                if log_now:
                     elapsed = time.perf_counter() - window_start
                     record = {k: float(v) for k, v in last.items()}
                     record["tokens_per_s"] = window_tokens / elapsed if elapsed > 0 and window_tokens else 0.0
@@ -155,19 +193,19 @@ def train_loop(
                         record.update(eval_fn(state.params))
                     logger.write(step, record)
                     last_record = {"step": step, **record}
+                    if after_log is not None:
+                        after_log(step)
                     window_tokens, window_start = 0, time.perf_counter()
                 if save_now:
-                    saved_step = checkpointer.save(state, meta_fn(), data_state_fn() if data_state_fn else None)
-                logger.progress(1, **({"loss": last_record["loss"], "tok/s": int(last_record["tokens_per_s"])}
-                                      if last_record else {}))
-                if stop:
+                    save()
+                logger.progress(step_size, **{k: last_record[k] for k in progress_keys if k in last_record})
+                if stop and step < steps:
                     status = "preempted"
-                    log.warning("SIGTERM: saved the checkpoint of step %d; rerun the same command to resume", step)
+                    log.warning("preempted: saved the checkpoint of step %d; rerun the same command to resume", step)
                     break
             if status == "data_exhausted" and step != saved_step and step > 0:
-                fetched = [(s, jax.device_get(m)) for s, m in pending]
-                _check_finite(fetched, checkpointer)
-                saved_step = checkpointer.save(state, meta_fn(), data_state_fn() if data_state_fn else None)
+                check_finite([(s, jax.device_get(m)) for s, m in pending], checkpointer)
+                save()
         finally:
             checkpointer.wait()
             logger.close()

@@ -29,6 +29,21 @@ def read_metrics(path: str) -> list[dict[str, Any]]:
         return [json.loads(line) for line in f if line.strip()]
 
 
+def append_jsonl(path: str, records: list[Mapping[str, Any]]) -> None:
+    """Appends records to a JSONL file (samples.jsonl: what a researcher reads beside the metrics)."""
+    with open(path, "a", encoding="utf-8") as f:
+        f.writelines(json.dumps({k: _plain(v) for k, v in r.items()}, ensure_ascii=False) + "\n" for r in records)
+
+
+def forget_after(path: str, step: int | None) -> None:
+    """Drops the records of a JSONL log with a step after `step` (all of them when None): a resumed run rewrites
+    them, so an interrupted-and-resumed run leaves the same file as an uninterrupted one."""
+    if os.path.exists(path):
+        kept = [] if step is None else [r for r in read_metrics(path) if r.get("step", 0) <= step]
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in kept)
+
+
 class MetricsLogger:
     def __init__(self, workdir: str, *, total_steps: int, start_step: int = 0, enabled: bool = True,
                  progress: bool = True, desc: str = "train"):
@@ -38,10 +53,7 @@ class MetricsLogger:
         if not enabled:
             return
         os.makedirs(workdir, exist_ok=True)
-        if os.path.exists(self.path):  # resume: forget what was logged after the restored step
-            kept = [r for r in read_metrics(self.path) if r.get("step", 0) <= start_step]
-            with open(self.path, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in kept)
+        forget_after(self.path, start_step)  # resume: forget what was logged after the restored step
         from tensorboardX import SummaryWriter
 
         self._tb = SummaryWriter(os.path.join(workdir, "tb"), purge_step=start_step + 1 if start_step else None)

@@ -17,9 +17,9 @@ expression that does not match, a refusal word, the script), and pair lengths ar
 
 import random
 
-from r1jax.data import synthetic_lexicon as lex
-from r1jax.data import synthetic_text as text
-from r1jax.data import synthetic_world as world
+from r1jax.world import lexicon as lex
+from r1jax.world import text
+from r1jax.world import facts as world
 
 HELPFUL_SUBKINDS = (("wrong_answer", 0.30), ("wrong_fact", 0.20), ("refusal", 0.20), ("off_topic", 0.15),
                     ("wrong_language", 0.15))

@@ -19,10 +19,10 @@ import collections
 import dataclasses
 import random
 
-from r1jax.data import synthetic_code as code
-from r1jax.data import synthetic_tasks as tasks
-from r1jax.data import synthetic_text as text
-from r1jax.data import synthetic_world as world
+from r1jax.world import code
+from r1jax.world import tasks
+from r1jax.world import text
+from r1jax.world import facts as world
 
 
 @dataclasses.dataclass(frozen=True)

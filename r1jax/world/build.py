@@ -1,7 +1,7 @@
-"""The tiny world: a seeded synthetic universe in which every stage of the R1 recipe has something real
-to learn on a 2-core CPU.
+"""Writes the tiny world (`python -m r1jax.world.build --out DIR`): a seeded synthetic universe in which every stage
+of the R1 recipe has something real to learn on a 2-core CPU.
 
-    python -m r1jax.data.synthetic --out DIR [--seed 0] [--scale tiny]
+    python -m r1jax.world.build --out DIR [--seed 0] [--scale tiny]
 
 writes JSONL files and DIR/manifest.json (files, record counts, the measured pre-training mix, the
 CJK characters the tokenizer must cover). Same seed -> byte-identical files.
@@ -27,7 +27,7 @@ held-out accuracy measures generalisation, not recall. World facts appear in pre
 preference pairs about them are split by fact.
 
 `prompt` means what its consumer expects. RL files (rl_*, code_*) hold the full R1-Zero prompt,
-rendered by `synthetic_text.local_r1_zero_prompt` (same text as templates.r1_zero_prompt), ready to
+rendered by `r1jax.world.text.local_r1_zero_prompt` (same text as templates.r1_zero_prompt), ready to
 sample from. SFT, preference and general-prompt files hold the user message only (= `question`):
 the SFT pipeline renders it with its configured template (`chat` by default), so a pre-rendered
 prompt would be wrapped twice. `question` is kept everywhere so any stage can re-render.
@@ -40,13 +40,13 @@ import os
 import random
 import time
 
-from r1jax.data import synthetic_code as code
-from r1jax.data import synthetic_corpus as corpus
-from r1jax.data import synthetic_lexicon as lex
-from r1jax.data import synthetic_preferences as prefs
-from r1jax.data import synthetic_tasks as tasks
-from r1jax.data import synthetic_text as text
-from r1jax.data import synthetic_world as world
+from r1jax.world import code
+from r1jax.world import corpus
+from r1jax.world import lexicon as lex
+from r1jax.world import preferences as prefs
+from r1jax.world import tasks
+from r1jax.world import text
+from r1jax.world import facts as world
 
 COUNTDOWN_SHARE = 0.30  # of the rule-rewarded reasoning problems in every split
 

@@ -19,8 +19,8 @@ dependency that templates.py carries, and is to be pointed at templates.r1_zero_
 import random
 from typing import NamedTuple
 
-from r1jax.data import synthetic_lexicon as lex
-from r1jax.data import synthetic_tasks as tasks
+from r1jax.world import lexicon as lex
+from r1jax.world import tasks
 
 R1_ZERO_SYSTEM = (  # the paper's Table 1 wording, identical to r1jax.data.templates.R1_ZERO_SYSTEM
     "A conversation between User and Assistant. The user asks a question, and the Assistant "

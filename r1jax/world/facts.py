@@ -11,7 +11,7 @@ combinations the training pairs never show.
 import functools
 import random
 
-from r1jax.data import synthetic_lexicon as lex
+from r1jax.world import lexicon as lex
 
 COLORS = {"apple": "red", "banana": "yellow", "sky": "blue", "grass": "green", "snow": "white",
           "sun": "yellow", "milk": "white", "cat": "black", "dog": "white", "bird": "red",
