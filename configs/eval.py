@@ -47,7 +47,8 @@ def eval_config(*, models: dict, benchmarks: dict, sampling, order: tuple = (), 
     return mlc.ConfigDict(dict(
         stage="eval", seed=seed, mesh=mesh_block if mesh_block is not None else common.mesh(),
         tiny_world=tiny_world, world_seed=world_seed,
-        models=mlc.ConfigDict(models), order=tuple(order), run_benchmarks=tuple(run_benchmarks), benchmarks=mlc.ConfigDict(benchmarks), sampling=sampling,
+        models=mlc.ConfigDict(models), order=tuple(order), run_benchmarks=tuple(run_benchmarks),
+        benchmarks=mlc.ConfigDict(benchmarks), sampling=sampling,
         smoke_model=smoke_model if smoke_model is not None else common.tiny_model("tiny_moe")))
 
 

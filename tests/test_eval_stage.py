@@ -113,14 +113,15 @@ def test_eval_stage_end_to_end_is_deterministic_and_resumes(tmp_path):
     assert os.path.getmtime(tmp_path / "eval" / "results" / "model.rl_heldout.json") == mtime
     assert second.metrics == first.metrics
     readable = [json.loads(line) for line in (tmp_path / "eval" / "samples.jsonl").read_text().splitlines()]
-    assert [(r["benchmark"], r["id"]) for r in readable] == (
-        [("rl_heldout", json.loads(line)["id"]) for line in samples.splitlines()[:4]]
-        + [("code_heldout", r["id"]) for r in readable[4:]]) and len(readable) == 6
+    rl_rows = [r for r in readable if r["benchmark"] == "rl_heldout"]  # a few rollouts per benchmark
+    assert [r["id"] for r in rl_rows] == [json.loads(line)["id"] for line in samples.splitlines()[:4]]
+    assert len(readable) == 6 and [r["benchmark"] for r in readable].count("code_heldout") == 2
     for r in readable:
         assert set(r) >= {"prompt", "completion", "rewards", "length", "truncated"}
         assert 1 <= r["length"] <= 12 and r["rewards"]["correct"] in (0.0, 1.0)
-    assert readable[0]["completion"] == json.loads(samples.splitlines()[0])["completions"][0]
-    assert readable[0]["prompt"] == render(config.models.model.template, json.loads(samples.splitlines()[0])["question"])
+    assert rl_rows[0]["completion"] == json.loads(samples.splitlines()[0])["completions"][0]
+    first_question = json.loads(samples.splitlines()[0])["question"]
+    assert rl_rows[0]["prompt"] == render(config.models.model.template, first_question)
     (tmp_path / "eval" / "results" / "model.rl_heldout.json").unlink()  # recomputed: the same samples again
     config.run_benchmarks = ("rl_heldout",)  # the user names the benchmarks to run; the others are left out
     stages.run(config, str(tmp_path / "eval"))

@@ -173,7 +173,7 @@ def test_readable_format_stage_measures_its_own_accuracy():
     reward, not the R1-Zero-format `accuracy` as well (on the tiny world's readable answers it reads 0)."""
     from r1jax.rl import filters, reward_model  # noqa: F401 - register answer_accuracy and by_source
     from r1jax.rl.sampler import Completions
-    from r1jax.stages import grpo
+    from r1jax.rl import rollouts as grpo
 
     texts = ["<|reasoning|>2 plus 2 equals 4<|summary|>the answer is \\boxed{4}",
              "<|reasoning|>2 plus 2 equals 5<|summary|>the answer is \\boxed{5}"]
@@ -213,7 +213,7 @@ def test_readable_format_stage_measures_its_own_accuracy():
 def test_prompts_longer_than_the_largest_bucket_are_dropped_and_counted(tmp_path):
     import ml_collections as mlc
 
-    from r1jax.stages import grpo
+    from r1jax.rl import rollouts as grpo
 
     class Chars:
         bos_id = 1

@@ -93,4 +93,4 @@ def test_training_stages_share_the_one_loop(stage):
     assert not any(isinstance(n, ast.While) for n in nodes), f"{path}: run() has a while loop of its own"
     saves = [n for n in nodes if isinstance(n, ast.Attribute) and n.attr == "save"
              and "checkpointer" in ast.unparse(n.value)]
-    assert not saves and not names & {"signal", "Preemption", "reached_preemption"}, f"{path}: run() does the loop's job"
+    assert not saves and not names & {"signal", "Preemption", "reached_preemption"}, f"{path}: does the loop's job"

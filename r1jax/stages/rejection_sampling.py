@@ -239,7 +239,8 @@ def make_judge(judge, mesh, rules):
         return judge_lib.RewardModelJudge(rm_lib.load(os.path.abspath(judge.checkpoint)), judge.aspect or None)
     if judge.kind == "generative":
         policy = load_policy(judge.checkpoint, mesh, rules)
-        return judge_lib.GenerativeJudge(policy.cfg, policy.params, policy.tokenizer, prompt_template=judge.prompt_template,
+        return judge_lib.GenerativeJudge(policy.cfg, policy.params, policy.tokenizer,
+                                         prompt_template=judge.prompt_template,
                                          yes=judge.yes, no=judge.no)
     raise ValueError(f"config.judge.kind={judge.kind!r}: expected reward_model or generative")
 

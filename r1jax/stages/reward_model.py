@@ -13,8 +13,8 @@ and the rewards that load the result. One straight flow:
   3. data             preference pairs -> (chosen, rejected) token rows: template(question) + scored part
   4. step             jitted Bradley-Terry update over [2B, T] rows (chosen then rejected); router bias frozen
   5. loop             r1jax/train/loop.py; batches are a pure function of the step (seeded permutation per
-                      epoch), so a resume replays exactly; eval = pairwise accuracy on the held-out pairs, overall and per
-                      `subkind` of the pairs that have one (heldout_pair_accuracy/<subkind>)
+                      epoch), so a resume replays exactly; eval = pairwise accuracy on the held-out pairs,
+                      overall and per `subkind` of the pairs that have one (heldout_pair_accuracy/<subkind>)
 
 Outputs: checkpoint (its meta names the aspect, template and max_len, so `reward_model.load` needs nothing
 else), tokenizer, metrics. Final metrics include heldout_pair_accuracy.

@@ -10,12 +10,12 @@ tokens the iteration trained on) gives tokens_per_s, the first iteration (compil
 
 The loop owns, for every stage alike:
   steps          state.step counts optimizer updates; the run ends at `steps` (total, a resumed state's included)
-  cadence        a record every `log_every` iterations, eval every `eval_every` steps and at the end, a checkpoint
-                 every `checkpoint_every` steps and at the end ("every N steps" = the iteration crossed a multiple
-                 of N, so GRPO's multi-update iterations keep the cadence in steps)
+  cadence        a record every `log_every` iterations, eval every `eval_every` steps and at the end (0: never),
+                 a checkpoint every `checkpoint_every` steps and at the end ("every N steps" = the iteration
+                 crossed a multiple of N, so GRPO's multi-update iterations keep the cadence in steps)
   NaN guard      every fetched step is checked for a non-finite loss or gradient norm *before* anything is saved:
                  a NaN state is never checkpointed, and the error names the steps and the last good checkpoint
-  preemption     `Preemption.check(step)` after every iteration. Several processes (or jax.distributed running):
+  preemption     `Preemption.check(step)` after every iteration. Several processes (jax.distributed):
                  orbax's `reached_preemption(step)`, i.e. JAX's preemption sync manager, which receives the
                  SIGTERM and makes every process answer True at the same step. One process: a SIGTERM handler
                  sets a flag. When True: save the checkpoint of that step, wait for it, return "preempted".
@@ -55,19 +55,6 @@ class LoopResult:
     checkpoint_step: int | None
 
 
-def distributed() -> bool:
-    """Whether JAX runs as several processes (jax.distributed initialised): JAX's preemption sync manager then
-    owns SIGTERM."""
-    if jax.process_count() > 1:
-        return True
-    try:
-        from jax._src import distributed as jax_distributed  # noqa: PLC0415
-
-        return jax_distributed.global_state.client is not None
-    except (ImportError, AttributeError):
-        return False
-
-
 class Preemption:
     """Context manager; `check(step)` says whether to save and stop after `step` (the same answer on every
     process). See the module docstring."""
@@ -76,7 +63,7 @@ class Preemption:
         self._set = False
         self._previous = None
         self._checkpointer = checkpointer
-        self._distributed = distributed()
+        self._distributed = jax.process_count() > 1  # JAX's preemption sync manager owns SIGTERM then
 
     def __enter__(self) -> "Preemption":
         if not self._distributed and threading.current_thread() is threading.main_thread():
@@ -176,7 +163,7 @@ def train_loop(
 
                 stop = preemption.check(step)  # once per iteration, at the same step on every process
                 final = step >= steps or stop
-                eval_now = eval_fn is not None and (crossed(eval_every) or step >= steps)
+                eval_now = eval_fn is not None and eval_every > 0 and (crossed(eval_every) or step >= steps)
                 log_now = iteration % max(log_every, 1) == 0 or final or eval_now
                 save_now = crossed(checkpoint_every) or final
                 if log_now or save_now:

@@ -1,0 +1,249 @@
+"""GRPO rollouts on the host side: sample and score groups, the prompt stream, samples.jsonl, the reference store.
+
+    records, dropped = load_prompts(config.data, files, tokenizer, max(rl.prompt_buckets))
+    stream = PromptStream(records, seed)                 # seeded shuffle per epoch; its state goes in checkpoints
+    groups = sample_groups(sample_fn, params, stream.take(B), rng, group_size=G, tokenizer=..., reward_specs=...)
+    behaviour_metrics(groups)                            # rewards, accuracy, format, lengths, truncation, reflection
+
+The GRPO stage (r1jax/stages/grpo.py) strings these together with the sampler, the advantages and the update.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import re
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import NamedSharding
+
+from r1jax import models
+from r1jax.data import templates
+from r1jax.data.sources import iterate_records
+from r1jax.rl import answers, rewards as rewards_lib
+from r1jax.rl import sampler as sampler_lib
+from r1jax.sharding import logical_to_spec
+from r1jax.train import checkpoint as ckpt_lib
+from r1jax.train.metrics import append_jsonl
+
+log = logging.getLogger(__name__)
+
+REFLECTION = re.compile(r"re-check|\bwait\b|\bverify\b|\bcheck\b|等等|检查", re.I)
+
+
+# ------------------------------------------------------------------------------------------ rollouts
+
+
+@dataclasses.dataclass
+class Group:
+    """One prompt and its G scored completions (host arrays)."""
+
+    record: dict
+    prompt: list[int]
+    tokens: np.ndarray  # [G, T]
+    logprobs: np.ndarray  # [G, T] sampler log-probs
+    lengths: np.ndarray  # [G]
+    truncated: np.ndarray  # [G] bool
+    texts: list[str]
+    rewards: np.ndarray  # [G] weighted sum
+    per_reward: dict[str, np.ndarray]  # name -> [G]
+    errors: dict[str, int]  # reward errors of the sampled batch, counted on its first group only
+
+    @property
+    def informative(self) -> bool:
+        """Rewards not all equal: the group has a non-zero advantage."""
+        return bool(np.any(self.rewards != self.rewards[0]))
+
+
+def sample_groups(sample_fn, params, prompts: list[dict], rng, *, group_size: int, tokenizer, reward_specs,
+                  prompt_buckets, batch_size: int | None = None) -> list[Group]:
+    """Sample and score G completions for each prompt record (records carry `tokens`, see load_prompts)."""
+    prompts_bp, lengths_b = sampler_lib.pad_prompts([r["tokens"] for r in prompts], prompt_buckets,
+                                                    tokenizer.pad_id, batch_size)
+    out = jax.device_get(jax.tree.map(to_host, sample_fn(params, prompts_bp, lengths_b, rng)))
+    n = len(prompts) * group_size  # rows beyond are batch padding
+    texts = [tokenizer.decode(out.tokens[i, :out.lengths[i]]) for i in range(n)]
+    fields = {k: [r[k] for r in prompts for _ in range(group_size)] for k in prompts[0] if k not in ("tokens",)}
+    fields["lengths"] = [int(x) for x in out.lengths[:n]]
+    prompt_texts = fields.pop("prompt_text")
+    total, per_reward, errors = rewards_lib.score(reward_specs, prompt_texts, texts, fields)
+    # Accuracy and format are measured even when not rewarded (or rewarded inside by_source's routes). Accuracy is
+    # read in the stage's answer format: answer_accuracy for a stage trained on it anywhere (the readable format,
+    # where the R1-Zero-format `accuracy` reads 0), else the R1-Zero `accuracy`.
+    # Measured accuracy is NaN on samples without an `answer` (all-scenario RL's general prompts): it is averaged
+    # over the samples that have one.
+    correct = "answer_accuracy" if "answer_accuracy" in rewards_lib.reward_names(reward_specs) else "accuracy"
+    if "format" not in per_reward:
+        per_reward["format"] = rewards_lib.score((("format", 1.0),), prompt_texts, texts, fields)[1]["format"]
+    if correct not in per_reward and "answer" in fields:
+        rows = [i for i, answer in enumerate(fields["answer"]) if answer is not None]
+        per_reward[correct] = np.full(n, np.nan)
+        if rows:
+            per_reward[correct][rows] = rewards_lib.score(
+                ((correct, 1.0),), [prompt_texts[i] for i in rows], [texts[i] for i in rows],
+                {k: [v[i] for i in rows] for k, v in fields.items()})[1][correct]
+    groups = []
+    for b, record in enumerate(prompts):
+        rows = slice(b * group_size, (b + 1) * group_size)
+        groups.append(Group(record=record, prompt=list(record["tokens"]), tokens=out.tokens[rows],
+                            logprobs=out.logprobs[rows], lengths=out.lengths[rows], truncated=out.truncated[rows],
+                            texts=texts[rows], rewards=total[rows],
+                            per_reward={k: v[rows] for k, v in per_reward.items()},
+                            errors=errors if b == 0 else dict.fromkeys(errors, 0)))
+    return groups
+
+
+def behaviour_metrics(groups: list[Group], prefix: str = "") -> dict[str, float]:
+    """Rewards, accuracy, format rate, lengths, truncation, reflection words over the samples of `groups`."""
+    lengths = np.concatenate([g.lengths for g in groups])
+    out = {"reward_mean": float(np.mean(np.concatenate([g.rewards for g in groups])))}
+    for name in groups[0].per_reward:
+        values = np.concatenate([g.per_reward[name] for g in groups])
+        if np.isnan(values).all():  # measured accuracy on general prompts only
+            continue
+        value = float(np.nanmean(values))
+        out["accuracy" if name == "accuracy" else f"reward/{name}"] = value
+        if name == "format":
+            out["format_rate"] = value
+    for name in groups[0].errors:
+        out[f"reward_errors/{name}"] = float(sum(g.errors[name] for g in groups))
+    reflections = [len(REFLECTION.findall(answers.split_reasoning(t)[0] or t)) for g in groups for t in g.texts]
+    out.update({"response_length_mean": float(lengths.mean()), "response_length_max": float(lengths.max()),
+                "truncated_frac": float(np.mean(np.concatenate([g.truncated for g in groups]))),
+                "zero_std_frac": float(np.mean([not g.informative for g in groups])),
+                "reflection_rate": float(np.mean([r > 0 for r in reflections])),
+                "reflection_words": float(np.mean(reflections))})
+    return {prefix + k: v for k, v in out.items()} if prefix else out
+
+
+# ----------------------------------------------------------------------------------------------- data
+
+
+def load_prompts(data, files: list[str], tokenizer, max_tokens: int) -> tuple[list[dict], dict[str, int]]:
+    """(records, dropped counts): every record of `files` with `prompt_text` (data.template applied to
+    data.prompt_field, or the field verbatim when the template is empty) and `tokens` (BOS + its encoding). Prompts
+    longer than `max_tokens` (the largest prompt bucket) are dropped and counted, as TRL's max_prompt_length does;
+    a set in which nothing is left is an error that gives the counts."""
+    records, too_long = [], 0
+    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    for record in iterate_records(files, schema={data.prompt_field: "str"}):
+        text = record[data.prompt_field]
+        if data.template:
+            text = templates.render_prompt(data.template, text)
+        tokens = bos + tokenizer.encode(text)
+        if len(tokens) > max_tokens:
+            too_long += 1
+            continue
+        records.append({**record, "prompt_text": text, "tokens": tokens})
+    if not records:
+        raise ValueError(f"no usable prompt records in {files}: {too_long} longer than the largest prompt bucket "
+                         f"({max_tokens} tokens; raise rl.prompt_buckets), none left")
+    if too_long:
+        log.warning("%d prompts of %s are longer than the largest prompt bucket (%d tokens): dropped", too_long,
+                    files, max_tokens)
+    return records, {"prompts_dropped/too_long": too_long}
+
+
+def write_samples(path: str, step: int, groups: list[Group], n: int) -> None:
+    """Appends `n` rollouts of `groups` to `path` (samples.jsonl, process 0): the first completion of each group,
+    then the second, ...: rendered prompt, completion, each reward, length in tokens, truncated."""
+    if not jax.process_index() == 0 or not groups or n <= 0:
+        return
+    rows = [(g, j) for j in range(len(groups[0].texts)) for g in groups][:n]
+    append_jsonl(path, [{"step": step, "prompt": g.record["prompt_text"], "completion": g.texts[j],
+                         "reward": float(g.rewards[j]),
+                         "rewards": {k: float(v[j]) for k, v in g.per_reward.items()},
+                         "length": int(g.lengths[j]), "truncated": bool(g.truncated[j])} for g, j in rows])
+
+
+class PromptStream:
+    """Prompt records in a seeded shuffle per epoch; its state ({epoch, index}) is saved with checkpoints."""
+
+    def __init__(self, records: list[dict], seed: int):
+        self.records, self.seed = records, seed
+        self.epoch, self.index = 0, 0
+        self._order = self._shuffle(0)
+
+    def _shuffle(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(len(self.records))
+
+    def take(self, n: int) -> list[dict]:
+        out = []
+        while len(out) < n:
+            if self.index == len(self.records):
+                self.epoch, self.index = self.epoch + 1, 0
+                self._order = self._shuffle(self.epoch)
+            out.append(self.records[self._order[self.index]])
+            self.index += 1
+        return out
+
+    def get_state(self) -> dict[str, int]:
+        return {"epoch": self.epoch, "index": self.index}
+
+    def set_state(self, state: dict[str, int]) -> None:
+        self.epoch, self.index = int(state["epoch"]), int(state["index"])
+        self._order = self._shuffle(self.epoch)
+
+
+# ------------------------------------------------------------------------------------- arrays and references
+
+
+def to_host(x) -> np.ndarray:
+    """A (possibly multi-host sharded) array as a full numpy array on this host."""
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        from jax.experimental import multihost_utils
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def put_rows(host: dict[str, np.ndarray], mesh, rules) -> dict[str, Any]:
+    """Host arrays (the same on every host) as global arrays sharded over rows."""
+    out = {}
+    for k, v in host.items():
+        spec = logical_to_spec(("act_batch",) + (None,) * (v.ndim - 1), rules, mesh, v.shape, f"GRPO batch {k!r}")
+        out[k] = jax.device_put(v, NamedSharding(mesh, spec))
+    return out
+
+
+class ReferenceStore:
+    """Reference params saved at reset steps (WORKDIR/reference/<step>), so a resume restores the right one."""
+
+    def __init__(self, directory: str):
+        self.directory = directory
+
+    def _path(self, step: int) -> str:
+        return os.path.join(self.directory, str(step))
+
+    def save(self, step: int, params) -> None:
+        import orbax.checkpoint as ocp
+
+        with ocp.StandardCheckpointer() as ckptr:
+            ckptr.save(self._path(step), params, force=True)
+
+    def restore(self, step: int, cfg: models.ModelConfig, shardings):
+        import orbax.checkpoint as ocp
+
+        abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                                models.abstract_params(cfg), shardings)
+        with ocp.StandardCheckpointer() as ckptr:
+            return ckptr.restore(self._path(step), abstract)
+
+    def prune(self, checkpointer: ckpt_lib.Checkpointer) -> None:
+        """Delete references that no remaining checkpoint can need (older than the oldest one's)."""
+        if not jax.process_index() == 0 or not os.path.isdir(self.directory):
+            return
+        checkpointer.wait()
+        kept = checkpointer.manager.all_steps()
+        if not kept:
+            return
+        saved = sorted(int(n) for n in os.listdir(self.directory) if n.isdigit())
+        needed = max([s for s in saved if s <= min(kept)], default=None)
+        import shutil
+
+        for s in saved:
+            if needed is not None and s < needed:
+                shutil.rmtree(self._path(s), ignore_errors=True)
