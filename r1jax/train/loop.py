@@ -188,7 +188,8 @@ def train_loop(
                 logger.progress(step_size, **{k: last_record[k] for k in progress_keys if k in last_record})
                 if stop and step < steps:
                     status = "preempted"
-                    log.warning("preempted: saved the checkpoint of step %d; rerun the same command to resume", step)
+                    log.warning("SIGTERM (preemption): saved the checkpoint of step %d; rerun the same command to resume",
+                                step)
                     break
             if status == "data_exhausted" and step != saved_step and step > 0:
                 check_finite([(s, jax.device_get(m)) for s, m in pending], checkpointer)
