@@ -107,6 +107,10 @@ def test_all_malformed_ends_with_counts_and_user_lines(tok, tmp_path):
     assert set(e.locations) == set(lines_of_kind)
     for kind, where in e.locations.items():  # the user's own lines, the first 3 of each kind
         assert len(where) == 3 and {line_of(path, w) for w in where} <= lines_of_kind[kind]
+    ds = pipeline.make_sft_dataset([path], tok, seq_len=256, batch_size=2, seed=0, skip_malformed=True,
+                                   prompt_field="question", response_field="answer", max_skips_in_a_row=7)
+    with pytest.raises(AllSkippedError, match=r"read 7 records, .*; stopped at max_skips_in_a_row=7"):
+        next(iter(ds))
     # A finite stream ends with the same error, not with an empty StopIteration (rc=0 "data_exhausted").
     ds = pipeline.make_sft_dataset([path], tok, seq_len=256, batch_size=2, seed=0, skip_malformed=True,
                                    prompt_field="question", response_field="answer", num_epochs=1)
@@ -241,8 +245,9 @@ def test_sample_check_names_file_line_field_and_config_key(tmp_path):
     class Data(dict):  # a config's data block (ConfigDict has the same .get)
         pass
 
-    rl = fields.FieldMap.from_config(Data(prompt_field="question", answer_field="answer"), "prompt", "answer")
-    assert rl.schema() == {"question": "str", "answer": "scalar"}
+    rl = fields.FieldMap.from_config(Data(prompt_field="question", answer_field="answer", messages_field=None),
+                                     "prompt", "answer", "messages", system="system")
+    assert rl.schema() == {"question": "str", "answer": "scalar", "system": "str?"}
     assert fields.check_sample([gsm], rl) == N
     with pytest.raises(DataError) as info:  # MATH's reference is in `solution`
         fields.check_sample([gsm, math], fields.FieldMap(prompt="problem", answer="answer"))

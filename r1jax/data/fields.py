@@ -1,7 +1,7 @@
 """Data mapping: which record fields a stage reads, the type each must have, and the check of a sample
 of the records that runs before anything heavy (model, tokenizer, compilation).
 
-    fields = FieldMap.from_config(config.data, "prompt", "answer", "messages", "system")
+    fields = FieldMap.from_config(config.data, "prompt", "answer", "messages", system="system")
     schema = fields.schema()                  # e.g. {"question": "str", "answer": "scalar", "system": "str?"}
     check_sample(files, fields, skip_malformed=config.data.skip_malformed)   # seconds; DataError if bad
 
@@ -56,14 +56,16 @@ class FieldMap:
     text: str | None = None
 
     @classmethod
-    def from_config(cls, data: Any, *names: str) -> FieldMap:
+    def from_config(cls, data: Any, *names: str, **defaults: str) -> FieldMap:
         """The `names` (e.g. "prompt", "answer") of a config's data block, read from `data.<name>_field`;
-        a key the config lacks, or a None / placeholder value, leaves the field unread."""
-        unknown = set(names) - set(FIELDS)
+        a key the config lacks takes its value from `defaults` (e.g. system="system"), and None (or an
+        unset placeholder) leaves the field unread."""
+        unknown = (set(names) | set(defaults)) - set(FIELDS)
         if unknown:
             raise ValueError(f"unknown data fields {sorted(unknown)}; expected some of {sorted(FIELDS)}")
         getter = data.get if hasattr(data, "get") else lambda key, default: getattr(data, key, default)
-        return cls(**{name: getter(f"{name}_field", None) or None for name in names})
+        return cls(**{name: getter(f"{name}_field", defaults.get(name)) or None
+                      for name in (*names, *defaults)})
 
     def used(self) -> dict[str, str]:
         """{attribute: record field} of the fields actually read: `text` replaces all others, `messages`

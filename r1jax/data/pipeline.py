@@ -106,10 +106,13 @@ class _Encoder:
 class _SkipGuardDataset(grain.IterDataset):
     """Drops skip markers and tallies them; stops a search that finds nothing (module docstring)."""
 
-    def __init__(self, parent: grain.IterDataset, *, limit: int, what: str,
+    def __init__(self, parent: grain.IterDataset, *, max_in_a_row: int, share: int, what: str,
                  should_stop: Callable[[], bool] | None):
         super().__init__(parent)
-        self.limit, self.what, self.should_stop = limit, what, should_stop
+        self.limit = min(max_in_a_row, 2 * share)
+        self.limit_note = ("" if self.limit == 2 * share else
+                           f"stopped at max_skips_in_a_row={max_in_a_row}; later records may be usable")
+        self.what, self.should_stop = what, should_stop
 
     def __iter__(self) -> _SkipGuardIterator:
         return _SkipGuardIterator(self._parent.__iter__(), self)
@@ -142,7 +145,7 @@ class _SkipGuardIterator(grain.DatasetIterator):
             self.tally.add(example["skipped"], example["where"], example["why"])
             self.in_a_row += 1
             if self.in_a_row >= cfg.limit:
-                raise self.tally.error(self.in_a_row, cfg.what)
+                raise self.tally.error(self.in_a_row, cfg.what, cfg.limit_note)
             if cfg.should_stop is not None and cfg.should_stop():
                 raise StopRequested(f"stop requested while the data layer was skipping records "
                                     f"({self.in_a_row} in a row without a usable one)")
@@ -239,7 +242,7 @@ def make_sft_dataset(
     ds = ds.repeat(num_epochs).map_with_index(encoder)
     read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * batch_size)
     examples = _SkipGuardDataset(ds.to_iter_dataset(read_options), should_stop=should_stop,
-                                 limit=min(max_skips_in_a_row, 2 * encoder.epoch_size),
+                                 max_in_a_row=max_skips_in_a_row, share=encoder.epoch_size,
                                  what=_describe_files(list(files), encoder.epoch_size, process_count))
     return packing.PackedBatchDataset(examples, seq_len=seq_len, batch_size=batch_size,
                                       pad_id=tokenizer.pad_id, pack=pack)

@@ -152,11 +152,11 @@ class SkipTally:
         self.locations = {k: list(v) for k, v in state.get("locations", {}).items()}
         self.messages = dict(state.get("messages", {}))
 
-    def error(self, read: int, what: str) -> AllSkippedError:
+    def error(self, read: int, what: str, note: str = "") -> AllSkippedError:
         """AllSkippedError: `read` records of `what` were read and every one was skipped."""
         kinds = [k for k in SKIP_KINDS if self.counts[k]]
         lines = [f"no usable record in {what}: read {read} records, skipped all of them ("
-                 + ", ".join(f"{k}: {self.counts[k]}" for k in kinds) + ")"]
+                 + ", ".join(f"{k}: {self.counts[k]}" for k in kinds) + ")" + (f"; {note}" if note else "")]
         for kind in kinds:
             lines.append(f"  {kind} ({self.counts[kind]}), e.g. at {', '.join(self.locations.get(kind, []))}"
                          f"\n    {self.messages.get(kind, '')}\n    -> {_SKIP_HINTS[kind]}")
