@@ -98,7 +98,7 @@ def check_sample(files: Sequence[str], fields: FieldMap | Mapping[str, str], *, 
         raise ValueError("check_sample: no fields to check (set data.prompt_field, data.text_field, ...)")
     read = 0
     for path in files:
-        source = sources.open_source(path)
+        source = sources.open_source(path, head=per_file)
         n = min(per_file, len(source))
         errors: list[DataError] = []
         for i in range(n):

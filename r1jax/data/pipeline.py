@@ -11,7 +11,7 @@
     make_sft_dataset(files, ..., indices=train)                   # errors still name the user's file:line
 
 The grain graph, in order:
-1. `MapDataset.source(indices)`: the record indices of all files (or the part given), strided per host
+1. `MapDataset.range(N)` over the records of all files (or `.source(indices)`, a part), strided per host
    (`[process_index::process_count]`): hosts read disjoint shares that together cover the data.
 2. `shuffle(seed)` then `repeat(num_epochs)`: grain reseeds the shuffle per epoch, so each epoch has
    its own order, the same on every run with the same seed.
@@ -229,7 +229,8 @@ def make_sft_dataset(
     fields = FieldMap(prompt=prompt_field, response=response_field, system=system_field,
                       text=text_field, messages=messages_field)
     source = sources.ConcatSource(files, fields.schema())
-    ds = grain.MapDataset.source(np.arange(len(source)) if indices is None else np.asarray(indices))
+    # range() is lazy: no index array for a corpus of a billion records.
+    ds = grain.MapDataset.range(len(source)) if indices is None else grain.MapDataset.source(np.asarray(indices))
     ds = ds[process_index::process_count]
     if len(ds) == 0:
         raise ValueError(f"process {process_index} of {process_count} gets no records: "

@@ -269,31 +269,43 @@ class JsonlSource:
     """
 
     unit = "line"
+    index_chunk = 1 << 26  # bytes scanned at a time: indexing never holds a large file's size in memory
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, head: int | None = None):
+        """`head`: index (and read) only the first `head` records, without scanning the rest of the file."""
         self.path = path
-        self._starts, self._ends, self._lines = self._index(path)
+        self._starts, self._ends, self._lines = self._index(path, head)
         self._fd = os.open(path, os.O_RDONLY)
 
-    @staticmethod
-    def _index(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @classmethod
+    def _index(cls, path: str, head: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         size = os.path.getsize(path)
         if size == 0:
             empty = np.zeros((0,), np.int64)
             return empty, empty, empty
+        found, offset, need = [], 0, head  # need: how many lines to scan (None: all)
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            data = np.frombuffer(m, np.uint8)
-            newlines = np.flatnonzero(data == ord("\n"))
-            del data  # the mmap cannot close while a view on it is alive
-            starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
-            ends = np.concatenate([newlines, [size]]).astype(np.int64)
-            # A line holding only whitespace is blank; only short lines can be.
-            short = np.flatnonzero(ends - starts <= 8)
-            blank = [i for i in short if not m[starts[i]:ends[i]].strip()]
-        keep = np.ones(len(starts), bool)
-        keep[blank] = False
+            while True:
+                while offset < size and (need is None or sum(map(len, found)) <= need):
+                    chunk = np.frombuffer(m, np.uint8, count=min(cls.index_chunk, size - offset), offset=offset)
+                    found.append(np.flatnonzero(chunk == ord("\n")).astype(np.int64) + offset)
+                    offset += len(chunk)
+                    del chunk  # the mmap cannot close while a view on it is alive
+                newlines = np.concatenate(found)
+                if offset >= size:  # the whole file; its last line may lack the newline
+                    starts, ends = np.concatenate([[0], newlines + 1]), np.concatenate([newlines, [size]])
+                else:  # stopped early: the index ends with the last whole line scanned
+                    starts, ends = np.concatenate([[0], newlines[:-1] + 1]), newlines
+                starts, ends = starts.astype(np.int64), ends.astype(np.int64)
+                # A line holding only whitespace is blank; only short lines can be.
+                short = np.flatnonzero(ends - starts <= 8)
+                keep = np.ones(len(starts), bool)
+                keep[[i for i in short if not m[starts[i]:ends[i]].strip()]] = False
+                if offset >= size or keep.sum() >= head:
+                    break
+                need *= 2  # blank lines: scan further
         lines = np.arange(1, len(starts) + 1, dtype=np.int64)
-        return starts[keep], ends[keep], lines[keep]
+        return starts[keep][:head], ends[keep][:head], lines[keep][:head]
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -386,14 +398,16 @@ _SOURCE_BY_SUFFIX = {
 }
 
 
-def open_source(path: str) -> JsonlSource | ParquetSource | ArrayRecordSource:
-    """The source for one file, chosen by its suffix (a shard suffix like -00000-of-00008 is ok)."""
+def open_source(path: str, head: int | None = None) -> JsonlSource | ParquetSource | ArrayRecordSource:
+    """The source for one file, chosen by its suffix (a shard suffix like -00000-of-00008 is ok).
+    `head`: a JSONL file is indexed only as far as its first `head` records (the other formats open
+    without a scan anyway)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
     name = re.sub(r"-\d+-of-\d+$", "", os.path.basename(path))
     for suffix, source_cls in _SOURCE_BY_SUFFIX.items():
         if name.endswith(suffix):
-            return source_cls(path)
+            return JsonlSource(path, head) if source_cls is JsonlSource else source_cls(path)
     raise ValueError(f"{path}: unknown data format; expected a suffix in {sorted(_SOURCE_BY_SUFFIX)}")
 
 
