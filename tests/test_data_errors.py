@@ -167,7 +167,8 @@ def test_partial_skips_name_user_lines_in_both_holdout_parts(tok, tmp_path):
         assert docs == len(part) - n_bad and metrics["data/skipped_bad_json"] == n_bad
         seen[name] = set(metrics["data/skipped_at"].removeprefix("bad_json: ").split(", "))
     assert seen["train"] | seen["eval"] == bad_lines  # the user's lines, not a shuffled copy's
-    with pytest.raises(ValueError, match="data.eval_holdout=30"):
+    with pytest.raises(ValueError, match=f"data.eval_holdout=30: expected more than 0 and fewer than the 30 "
+                                         f"records in {path}"):
         pipeline.holdout_split([path], n_eval=N, seed=0)
 
 

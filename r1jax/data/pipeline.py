@@ -172,15 +172,15 @@ def holdout_split(files: Sequence[str], n_eval: int, seed: int) -> tuple[np.ndar
     Only the record counts are read (a JSONL file's line index)."""
     n = len(sources.ConcatSource(files, {}))
     if not 0 < n_eval < n:
-        raise ValueError(f"data.eval_holdout={n_eval}: expected 0 < n < {n}, the records in {list(files)}")
+        raise ValueError(f"data.eval_holdout={n_eval}: expected more than 0 and fewer than the {n} records "
+                         f"in {_describe_files(list(files))}")
     order = np.random.default_rng(seed).permutation(n)
     return np.sort(order[n_eval:]), np.sort(order[:n_eval])
 
 
-def _describe_files(files: Sequence[str], n_records: int, process_count: int) -> str:
-    """"a.jsonl, b.jsonl (40 records)" for error messages; a long file list is cut after three."""
-    names = ", ".join(files[:3]) + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
-    return f"{names} ({n_records} records{' in this host share' if process_count > 1 else ''})"
+def _describe_files(files: Sequence[str]) -> str:
+    """"a.jsonl, b.jsonl" for error messages; a long file list is cut after three."""
+    return ", ".join(files[:3]) + (f" and {len(files) - 3} more files" if len(files) > 3 else "")
 
 
 def make_sft_dataset(
@@ -244,6 +244,7 @@ def make_sft_dataset(
     read_options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=4 * batch_size)
     examples = _SkipGuardDataset(ds.to_iter_dataset(read_options), should_stop=should_stop,
                                  max_in_a_row=max_skips_in_a_row, share=encoder.epoch_size,
-                                 what=_describe_files(list(files), encoder.epoch_size, process_count))
+                                 what=f"{_describe_files(list(files))} ({encoder.epoch_size} records"
+                                      f"{' in this host share' if process_count > 1 else ''})")
     return packing.PackedBatchDataset(examples, seq_len=seq_len, batch_size=batch_size,
                                       pad_id=tokenizer.pad_id, pack=pack)
