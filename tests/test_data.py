@@ -106,6 +106,22 @@ def test_each_source_type_reads_the_same_records(tmp_path):
     assert len(both) == 14 and both[9] == RECORDS[2] and both.location(9) == (parquet, 2, "row")
 
 
+@pytest.mark.parametrize("trailing_newline", [True, False])
+def test_jsonl_index_in_chunks_and_head(tmp_path, monkeypatch, trailing_newline):
+    lines = [json.dumps(r) for r in RECORDS]
+    path = tmp_path / "c.jsonl"
+    path.write_text("\n".join(lines[:2] + ["", " "] + lines[2:]) + ("\n" if trailing_newline else ""))
+    whole = sources.JsonlSource(str(path))
+    monkeypatch.setattr(sources.JsonlSource, "index_chunk", 5)  # lines straddle chunk boundaries
+    chunked = sources.JsonlSource(str(path))
+    assert [chunked[i] for i in range(len(chunked))] == [whole[i] for i in range(len(whole))] == RECORDS
+    assert [chunked.location(i) for i in range(7)] == [whole.location(i) for i in range(7)]
+    for head in (1, 3, 7, 50):
+        first = sources.open_source(str(path), head=head)
+        assert [first[i] for i in range(len(first))] == RECORDS[:head]
+        assert [first.location(i)[1] for i in range(len(first))] == [1, 2, 5, 6, 7, 8, 9][:head]
+
+
 def test_open_source_errors(tmp_path):
     (tmp_path / "a.csv").write_text("x")
     with pytest.raises(ValueError, match="a.csv: unknown data format"):

@@ -180,6 +180,7 @@ def test_skipped_samples_are_counted_and_survive_resume(tok, tmp_path):
     metrics = it.metrics()
     assert {k: metrics[f"data/skipped_{k}"] for k in where} == dict.fromkeys(where, 1)
     assert metrics["data/skipped_total"] == 5
+    assert sorted(metrics["data/skipped_at"].split("; ")) == sorted(f"{k}: {path}:{line}" for k, line in where.items())
 
     it = iter(make(None))
     for _ in range(7):

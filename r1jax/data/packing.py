@@ -20,7 +20,9 @@ ends with a last batch padded with empty rows, so every batch has the same shape
 
 Checkpointing: the only thing carried from one batch to the next is the example that did not fit,
 so the iterator's state is the parent's state just before that example was read. Restoring
-re-reads it and produces exactly the same batches as an uninterrupted run.
+re-reads it and produces exactly the same batches as an uninterrupted run. A batch interrupted by
+an exception from upstream (sources.StopRequested on SIGTERM) leaves the state where the last
+returned batch left it: the checkpoint then written loses nothing, and a later `next` re-reads.
 """
 
 from __future__ import annotations
@@ -89,6 +91,7 @@ class PackedBatchIterator(grain.DatasetIterator):
         self._carried: dict | None = None
         self.epoch = 0  # epoch of the newest example in the last batch returned
         self.fill = 0.0  # share of non-padding tokens in the last batch returned
+        self._rewind = False  # a batch was interrupted: the parent is ahead of _resume_state
 
     def _fits(self, length: int, free: int) -> bool:
         seq_len = self._config.seq_len
@@ -97,6 +100,19 @@ class PackedBatchIterator(grain.DatasetIterator):
         return free >= length if self._config.pack else free == seq_len
 
     def __next__(self) -> dict[str, np.ndarray]:
+        if self._rewind:
+            self.set_state(self.get_state())
+        start = self._resume_state, self._carried
+        try:
+            return self._next_batch()
+        except StopIteration:
+            raise
+        except BaseException:
+            self._resume_state, self._carried = start
+            self._rewind = True
+            raise
+
+    def _next_batch(self) -> dict[str, np.ndarray]:
         cfg = self._config
         rows: list[list[dict]] = [[] for _ in range(cfg.batch_size)]
         free = [cfg.seq_len] * cfg.batch_size
@@ -132,6 +148,7 @@ class PackedBatchIterator(grain.DatasetIterator):
     def set_state(self, state: dict[str, Any]) -> None:
         self._parent.set_state(state["parent"])
         self._resume_state, self._carried, self.epoch = state["parent"], None, state["epoch"]
+        self._rewind = False
 
     def metrics(self) -> dict[str, float]:
         """Upstream metrics (skip counters, when the parent has them), epoch and batch fill."""

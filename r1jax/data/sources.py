@@ -7,7 +7,10 @@ every error can say where the bad sample is.
 
 Bad input raises `DataError` naming the file, the line or row, the field and what was expected.
 Each error has a `kind` (one of `SKIP_KINDS`); when a pipeline runs with `skip_malformed=True` it
-skips the sample and counts it under `data/skipped_<kind>` instead (see `skip_metrics`).
+skips the sample and counts it under `data/skipped_<kind>` instead (`SkipTally`: the counts, the
+first few file:line locations per kind, and the first message of each kind). A stream in which
+every record is skipped never waits forever: it ends with `AllSkippedError` (a DataError) giving
+the counts per reason and the first locations, always in the user's own files.
 
 Schemas are data: a mapping from field name to a type name in `TYPE_CHECKS`, with a trailing "?"
 for optional fields (missing or null allowed). Fields not in the schema pass through unchecked.
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import bisect
 import json
+import logging
 import mmap
 import os
 import re
@@ -26,8 +30,22 @@ from typing import Any
 
 import numpy as np
 
-# Why a sample can be rejected; also the suffixes of the skip counters.
-SKIP_KINDS = ("bad_utf8", "bad_json", "missing_field", "wrong_type", "too_long")
+log = logging.getLogger(__name__)
+
+# Why a sample can be rejected; also the suffixes of the skip counters. "no_target": the record is
+# well formed but leaves nothing to train on (a conversation without an assistant turn).
+SKIP_KINDS = ("bad_utf8", "bad_json", "missing_field", "wrong_type", "too_long", "no_target")
+
+# What to change when every record is skipped for one reason (the last line of AllSkippedError).
+_SKIP_HINTS = {
+    "bad_utf8": "the files must be UTF-8",
+    "bad_json": "each line / record must be one JSON object",
+    "missing_field": "map the fields to the records' names (data.prompt_field, data.response_field, "
+                     "data.answer_field, data.messages_field, data.text_field)",
+    "wrong_type": "check the data.*_field mapping: the named fields hold the wrong kind of value",
+    "too_long": "raise data.seq_len or shorten the records",
+    "no_target": "every conversation needs an assistant turn to train on",
+}
 
 Schema = Mapping[str, str]
 
@@ -45,18 +63,40 @@ class DataError(ValueError):
     """A malformed sample: where it is (path, line or row), which field, what was expected."""
 
     def __init__(self, kind: str, path: str, number: int, unit: str,
-                 field: str | None, expected: str, got: str):
+                 field: str | None, expected: str, got: str, hint: str = ""):
         assert kind in SKIP_KINDS, kind
         self.kind, self.path, self.number, self.unit = kind, path, number, unit
-        self.field, self.expected, self.got = field, expected, got
-        where = f"{path}:{number}" if unit == "line" else f"{path} row {number}"
+        self.field, self.expected, self.got, self.hint = field, expected, got, hint
         what = f"field {field!r}: " if field else ""
-        super().__init__(f"{where}: {what}expected {expected}, got {got}")
+        super().__init__(f"{self.where}: {what}expected {expected}, got {got}" + (f"; {hint}" if hint else ""))
 
     @property
     def line(self) -> int:
         """The 1-based line (JSONL) or the row index (other formats)."""
         return self.number
+
+    @property
+    def where(self) -> str:
+        """`path:line` (JSONL) or `path row N` (other formats)."""
+        return f"{self.path}:{self.number}" if self.unit == "line" else f"{self.path} row {self.number}"
+
+
+class AllSkippedError(DataError):
+    """Records were read but none was usable: the counts per reason and where the first ones are.
+
+    `counts` maps each SKIP_KINDS kind to its count, `locations` each kind to its first few
+    `file:line` locations; `read` is how many records were read."""
+
+    def __init__(self, message: str, counts: Mapping[str, int], locations: Mapping[str, list[str]],
+                 read: int):
+        ValueError.__init__(self, message)
+        self.kind, self.path, self.number, self.unit, self.field = None, None, None, None, None
+        self.counts, self.locations, self.read = dict(counts), dict(locations), read
+
+
+class StopRequested(Exception):
+    """The caller's `should_stop()` returned True while the data layer was skipping records in search
+    of a usable one: the training loop treats it as preemption (checkpoint what it has, then stop)."""
 
 
 def skip_metrics(counts: Mapping[str, int]) -> dict[str, int]:
@@ -64,6 +104,63 @@ def skip_metrics(counts: Mapping[str, int]) -> dict[str, int]:
     metrics = {f"data/skipped_{kind}": int(counts.get(kind, 0)) for kind in SKIP_KINDS}
     metrics["data/skipped_total"] = sum(metrics.values())
     return metrics
+
+
+class SkipTally:
+    """The records a reader skipped: counts per kind, the first `keep` locations of each kind and
+    the first message of each kind. The first `keep` skips of each kind are also logged (WARNING),
+    so a run's log says which file:line was dropped and why. JSON state for checkpoints."""
+
+    def __init__(self, keep: int = 3):
+        self.keep = keep
+        self.counts = dict.fromkeys(SKIP_KINDS, 0)
+        self.locations: dict[str, list[str]] = {}
+        self.messages: dict[str, str] = {}
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    def add(self, kind: str, where: str, message: str) -> None:
+        self.counts[kind] += 1
+        seen = self.locations.setdefault(kind, [])
+        if len(seen) < self.keep:
+            seen.append(where)
+            self.messages.setdefault(kind, message)
+            log.warning("skipped a malformed record (%s #%d; data.skip_malformed): %s",
+                        kind, self.counts[kind], message)
+
+    def add_error(self, error: DataError) -> None:
+        self.add(error.kind, error.where, str(error))
+
+    def metrics(self) -> dict[str, Any]:
+        """`skip_metrics`, plus `data/skipped_at` (e.g. "too_long: a.jsonl:3, a.jsonl:9; bad_json:
+        b.jsonl:1") once anything was skipped."""
+        metrics: dict[str, Any] = skip_metrics(self.counts)
+        if self.locations:
+            metrics["data/skipped_at"] = "; ".join(
+                f"{kind}: {', '.join(where)}" for kind, where in self.locations.items())
+        return metrics
+
+    def state(self) -> dict[str, Any]:
+        return {"counts": dict(self.counts), "locations": {k: list(v) for k, v in self.locations.items()},
+                "messages": dict(self.messages)}
+
+    def set_state(self, state: Mapping[str, Any]) -> None:
+        counts = state.get("counts", state)  # an older checkpoint stored the bare counts
+        self.counts = {kind: int(counts.get(kind, 0)) for kind in SKIP_KINDS}
+        self.locations = {k: list(v) for k, v in state.get("locations", {}).items()}
+        self.messages = dict(state.get("messages", {}))
+
+    def error(self, read: int, what: str, note: str = "") -> AllSkippedError:
+        """AllSkippedError: `read` records of `what` were read and every one was skipped."""
+        kinds = [k for k in SKIP_KINDS if self.counts[k]]
+        lines = [f"no usable record in {what}: read {read} records, skipped all of them ("
+                 + ", ".join(f"{k}: {self.counts[k]}" for k in kinds) + ")" + (f"; {note}" if note else "")]
+        for kind in kinds:
+            lines.append(f"  {kind} ({self.counts[kind]}), e.g. at {', '.join(self.locations.get(kind, []))}"
+                         f"\n    {self.messages.get(kind, '')}\n    -> {_SKIP_HINTS[kind]}")
+        return AllSkippedError("\n".join(lines), self.counts, self.locations, read)
 
 
 def _is_list_of(item_type: type) -> Callable[[Any], bool]:
@@ -81,8 +178,31 @@ TYPE_CHECKS: dict[str, Callable[[Any], bool]] = {
     "list[str]": _is_list_of(str),
     "list[int]": _is_list_of(int),
     "dict": lambda v: isinstance(v, dict),
+    "scalar": lambda v: isinstance(v, (str, int, float)) and not isinstance(v, bool),
+    "messages": lambda v: _messages_problem(v) is None,
     "any": lambda v: True,
 }
+
+# What the "expected" part of an error says for a type name (default: "a <type name>").
+_EXPECTED = {
+    "scalar": "a str or a number",
+    "messages": "a non-empty list of {\"role\": str, \"content\": str} messages",
+}
+
+
+def _messages_problem(value: Any) -> str | None:
+    """Why `value` is not a conversation (a non-empty list of {role, content} string dicts), or None."""
+    if not isinstance(value, list):
+        return _describe(value)
+    if not value:
+        return "an empty list"
+    for i, message in enumerate(value):
+        if not isinstance(message, dict):
+            return f"message {i}: {_describe(message)}"
+        for key in ("role", "content"):
+            if not isinstance(message.get(key), str):
+                return f"message {i}: {key!r} is {_describe(message.get(key)) if key in message else 'missing'}"
+    return None
 
 
 def _describe(value: Any) -> str:
@@ -115,11 +235,14 @@ def validate_record(record: Any, schema: Schema, path: str, number: int, unit: s
             if optional:
                 continue
             if field not in record:
+                present = ", ".join(map(repr, list(record)[:12])) or "none"
                 raise DataError("missing_field", path, number, unit, field,
-                                f"a {type_name} (field is required)", "no such field")
+                                f"{_EXPECTED.get(type_name, 'a ' + type_name)} (field is required)",
+                                f"no such field (the record's fields: {present})")
         if not TYPE_CHECKS[type_name](value):
-            raise DataError("wrong_type", path, number, unit, field, f"a {type_name}",
-                            _describe(value))
+            got = _messages_problem(value) if type_name == "messages" else _describe(value)
+            raise DataError("wrong_type", path, number, unit, field,
+                            _EXPECTED.get(type_name, f"a {type_name}"), got)
     return record
 
 
@@ -146,31 +269,43 @@ class JsonlSource:
     """
 
     unit = "line"
+    index_chunk = 1 << 26  # bytes scanned at a time: indexing never holds a large file's size in memory
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, head: int | None = None):
+        """`head`: index (and read) only the first `head` records, without scanning the rest of the file."""
         self.path = path
-        self._starts, self._ends, self._lines = self._index(path)
+        self._starts, self._ends, self._lines = self._index(path, head)
         self._fd = os.open(path, os.O_RDONLY)
 
-    @staticmethod
-    def _index(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    @classmethod
+    def _index(cls, path: str, head: int | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         size = os.path.getsize(path)
         if size == 0:
             empty = np.zeros((0,), np.int64)
             return empty, empty, empty
+        found, offset, need = [], 0, head  # need: how many lines to scan (None: all)
         with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-            data = np.frombuffer(m, np.uint8)
-            newlines = np.flatnonzero(data == ord("\n"))
-            del data  # the mmap cannot close while a view on it is alive
-            starts = np.concatenate([[0], newlines + 1]).astype(np.int64)
-            ends = np.concatenate([newlines, [size]]).astype(np.int64)
-            # A line holding only whitespace is blank; only short lines can be.
-            short = np.flatnonzero(ends - starts <= 8)
-            blank = [i for i in short if not m[starts[i]:ends[i]].strip()]
-        keep = np.ones(len(starts), bool)
-        keep[blank] = False
+            while True:
+                while offset < size and (need is None or sum(map(len, found)) <= need):
+                    chunk = np.frombuffer(m, np.uint8, count=min(cls.index_chunk, size - offset), offset=offset)
+                    found.append(np.flatnonzero(chunk == ord("\n")).astype(np.int64) + offset)
+                    offset += len(chunk)
+                    del chunk  # the mmap cannot close while a view on it is alive
+                newlines = np.concatenate(found)
+                if offset >= size:  # the whole file; its last line may lack the newline
+                    starts, ends = np.concatenate([[0], newlines + 1]), np.concatenate([newlines, [size]])
+                else:  # stopped early: the index ends with the last whole line scanned
+                    starts, ends = np.concatenate([[0], newlines[:-1] + 1]), newlines
+                starts, ends = starts.astype(np.int64), ends.astype(np.int64)
+                # A line holding only whitespace is blank; only short lines can be.
+                short = np.flatnonzero(ends - starts <= 8)
+                keep = np.ones(len(starts), bool)
+                keep[[i for i in short if not m[starts[i]:ends[i]].strip()]] = False
+                if offset >= size or keep.sum() >= head:
+                    break
+                need *= 2  # blank lines: scan further
         lines = np.arange(1, len(starts) + 1, dtype=np.int64)
-        return starts[keep], ends[keep], lines[keep]
+        return starts[keep][:head], ends[keep][:head], lines[keep][:head]
 
     def __len__(self) -> int:
         return len(self._starts)
@@ -263,14 +398,16 @@ _SOURCE_BY_SUFFIX = {
 }
 
 
-def open_source(path: str) -> JsonlSource | ParquetSource | ArrayRecordSource:
-    """The source for one file, chosen by its suffix (a shard suffix like -00000-of-00008 is ok)."""
+def open_source(path: str, head: int | None = None) -> JsonlSource | ParquetSource | ArrayRecordSource:
+    """The source for one file, chosen by its suffix (a shard suffix like -00000-of-00008 is ok).
+    `head`: a JSONL file is indexed only as far as its first `head` records (the other formats open
+    without a scan anyway)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"{path}: no such data file")
     name = re.sub(r"-\d+-of-\d+$", "", os.path.basename(path))
     for suffix, source_cls in _SOURCE_BY_SUFFIX.items():
         if name.endswith(suffix):
-            return source_cls(path)
+            return JsonlSource(path, head) if source_cls is JsonlSource else source_cls(path)
     raise ValueError(f"{path}: unknown data format; expected a suffix in {sorted(_SOURCE_BY_SUFFIX)}")
 
 
@@ -308,7 +445,9 @@ class RecordIterator:
     """Validated records of files in order (this host's share); `skipped` counts what was dropped.
 
     For RL prompt sets and evaluation, which need the raw records (question, answer, tests,
-    language...). With `skip_malformed=False` the first bad record raises DataError.
+    language...). With `skip_malformed=False` the first bad record raises DataError; with True bad
+    records are skipped and tallied (`tally`, `metrics()`), and if every record of the share was
+    skipped the iteration ends with AllSkippedError instead of yielding nothing.
     """
 
     def __init__(self, files: Sequence[str], schema: Schema, skip_malformed: bool,
@@ -318,19 +457,30 @@ class RecordIterator:
         self.source = ConcatSource(files, schema)
         self.skip_malformed = skip_malformed
         self.indices = range(process_index, len(self.source), process_count)
-        self.skipped: dict[str, int] = dict.fromkeys(SKIP_KINDS, 0)
+        self.tally = SkipTally()
+        self.files = list(files)
+
+    @property
+    def skipped(self) -> dict[str, int]:
+        return self.tally.counts
 
     def __iter__(self) -> Iterator[dict]:
+        used = 0
         for index in self.indices:
             try:
-                yield self.source[index]
+                record = self.source[index]
             except DataError as e:
                 if not self.skip_malformed:
                     raise
-                self.skipped[e.kind] += 1
+                self.tally.add_error(e)
+                continue
+            used += 1
+            yield record
+        if used == 0 and self.tally.total:
+            raise self.tally.error(len(self.indices), ", ".join(self.files))
 
-    def metrics(self) -> dict[str, int]:
-        return skip_metrics(self.skipped)
+    def metrics(self) -> dict[str, Any]:
+        return self.tally.metrics()
 
 
 def iterate_records(files: Sequence[str], *, schema: Schema | None = None,
