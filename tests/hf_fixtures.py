@@ -51,11 +51,21 @@ CORPUS = [
 ] * 4
 
 
-def _tokenizer(specials: list[str]):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+# The released tokenizer.json pre-tokenizers: a Split on these regexes, then ByteLevel without its own regex
+# (transformers 5 rebuilds Qwen2Tokenizer's from its class, so the fixture must match the release to agree with it).
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+               r"\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|"
+                r"\s*[\r\n]+|\s+(?!\S)|\s+")
+
+
+def _tokenizer(specials: list[str], split: str):
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, trainers
 
     tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=420, special_tokens=specials, show_progress=False,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
@@ -80,7 +90,7 @@ def qwen2_checkpoint(path: str) -> str:
     """A Qwen2.5-Instruct-shaped checkpoint at `path` (see the module docstring); returns `path`."""
     import transformers
 
-    tok = _tokenizer(QWEN_SPECIALS)
+    tok = _tokenizer(QWEN_SPECIALS, QWEN2_SPLIT)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|endoftext|>",
                                                 unk_token=None, bos_token=None)
     fast.save_pretrained(path)
@@ -99,7 +109,7 @@ def llama3_checkpoint(path: str) -> str:
     """A Llama-3-Instruct-shaped checkpoint at `path` (see the module docstring); returns `path`."""
     import transformers
 
-    tok = _tokenizer(LLAMA_SPECIALS)
+    tok = _tokenizer(LLAMA_SPECIALS, LLAMA3_SPLIT)
     fast = transformers.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|begin_of_text|>",
                                                 eos_token="<|eot_id|>")
     fast.chat_template = LLAMA3_TEMPLATE
