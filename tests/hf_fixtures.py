@@ -10,6 +10,13 @@
 Both are written by save_pretrained (model, tokenizer and generation config), with every weight re-drawn (norms
 and biases too) so no transposition hides behind a 1 or a 0. The `hf_checkpoints` fixture builds each once per
 test session (a module-level cache shared by every test module that imports it): ~1 s each.
+
+Data sets in the shapes and field names of the real ones, with answers that are right (a + b):
+    write_gsm8k(path, n)     JSONL like openai/gsm8k: {"question", "answer": "worked steps\n#### 72"}
+    write_math(path, n)      Parquet like hendrycks MATH: {"problem", "level", "type", "solution": "... \boxed{72}."}
+                             (no answer column: the reference is inside the solution)
+    write_messages(path, n)  JSONL of conversations like open-r1's SFT sets: {"messages": [{"role", "content"}, ...]}
+Use them as `from hf_fixtures import hf_checkpoints, write_gsm8k` in a test module.
 """
 
 from __future__ import annotations
@@ -158,3 +165,51 @@ def hf_checkpoints(tmp_path_factory):
         return _CACHE[family]
 
     return get
+
+
+# ------------------------------------------------------------------------------------------------ data sets
+
+def _sums(n: int, seed: int):
+    import random
+
+    rnd = random.Random(seed)
+    return [(rnd.randint(10, 99), rnd.randint(10, 99)) for _ in range(n)]
+
+
+def write_gsm8k(path: str, n: int = 8, seed: int = 0) -> str:
+    """A GSM8K-shaped JSONL file (see the module docstring); returns `path`."""
+    with open(path, "w") as f:
+        for a, b in _sums(n, seed):
+            answer = f"Natalia sold {a} clips in April and {b} in May.\n{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"
+            f.write(json.dumps({"question": f"Natalia sold {a} clips in April and {b} clips in May. How many clips "
+                                            "did she sell altogether?", "answer": answer}) + "\n")
+    return path
+
+
+def write_math(path: str, n: int = 8, seed: int = 1) -> str:
+    """A MATH-shaped Parquet file (see the module docstring); returns `path`."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    rows = [{"problem": f"Compute ${a} + {b}$.", "level": "Level 1", "type": "Prealgebra",
+             "solution": f"Adding the tens and the ones, ${a} + {b} = {a + b}$, so the sum is $\\boxed{{{a + b}}}$."}
+            for a, b in _sums(n, seed)]
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    return path
+
+
+def write_messages(path: str, n: int = 8, seed: int = 2) -> str:
+    """A JSONL file of conversations (system + user + assistant, every third with a second exchange); returns
+    `path`."""
+    with open(path, "w") as f:
+        for i, (a, b) in enumerate(_sums(n, seed)):
+            messages = [{"role": "system", "content": "Please reason step by step."},
+                        {"role": "user", "content": f"What is {a} + {b}?"},
+                        {"role": "assistant", "content": f"<think> {a} + {b} = {a + b} </think> <answer> {a + b} "
+                                                         "</answer>"}]
+            if i % 3 == 0:
+                messages += [{"role": "user", "content": "And doubled?"},
+                             {"role": "assistant", "content": f"<think> 2 * {a + b} </think> <answer> {2 * (a + b)} "
+                                                              "</answer>"}]
+            f.write(json.dumps({"messages": messages}) + "\n")
+    return path

@@ -9,7 +9,7 @@ import shutil
 import numpy as np
 import pytest
 
-from hf_fixtures import hf_checkpoints  # noqa: F401 (fixture)
+from hf_fixtures import hf_checkpoints, write_messages  # noqa: F401 (fixture)
 from r1jax.data import chat
 from r1jax.data.tokenizer import load_tokenizer
 
@@ -85,6 +85,23 @@ def test_sft_mask_covers_exactly_the_assistant_turns(toks, family):
     assert int(tokens[ends[-1] - (2 if family == "qwen2" else 1)]) in ours.eos_ids  # the turn ends in an EOS id
     with pytest.raises(ValueError, match="expected at most 10 tokens"):
         chat.encode_chat_sft(ours, DIALOGUE, max_len=10)
+
+
+def test_sft_on_a_messages_file(toks, tmp_path):
+    from r1jax.data.sources import iterate_records
+
+    records = list(iterate_records([write_messages(str(tmp_path / "sft.jsonl"))]))
+    for family in FAMILIES:
+        ours, theirs = toks[family]
+        for record in records:
+            out = chat.encode_chat_sft(ours, record["messages"])
+            mask = out["loss_mask"]
+            turns = [m for m in record["messages"] if m["role"] == "assistant"]
+            assert int((np.diff(np.concatenate([[0], mask])) == 1).sum()) == len(turns)
+            assert ours.decode(out["tokens"][mask == 1]) == "".join(
+                m["content"] + ("\n" if family == "qwen2" else "") for m in turns)  # EOS ids decode to nothing
+            assert ours._tok.decode([int(t) for t in out["tokens"]], skip_special_tokens=False) == \
+                theirs.apply_chat_template(record["messages"], tokenize=False)  # noqa: SLF001
 
 
 def _with_template(src, dst, template):

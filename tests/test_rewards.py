@@ -354,3 +354,20 @@ def test_plugin_mistakes_fail_before_anything_runs(tmp_path, monkeypatch):
         rewards.check_specs([("bonus.py:length_bonus", 1.0, {"scael": 2})], [])
     with pytest.raises(TypeError, match=r"needs the field 'answer'.*data.answer_field"):
         rewards.check_specs([("accuracy", 1.0)], ["question", "solution"])
+
+
+def test_gsm8k_and_math_shaped_files_score_with_the_reference_field_mapped(tmp_path):
+    from hf_fixtures import write_gsm8k, write_math
+
+    from r1jax.data.sources import iterate_records
+
+    for path, question, reference in ((write_gsm8k(str(tmp_path / "gsm8k.jsonl")), "question", "answer"),
+                                      (write_math(str(tmp_path / "math.parquet")), "problem", "solution")):
+        records = list(iterate_records([path]))
+        fields = {"answer": [r[reference] for r in records]}  # what data.answer_field=<reference> maps
+        sums = [int(reference_answer(r[reference])) for r in records]
+        right = [f"<think> adding </think> <answer> {s} </answer>" for s in sums]
+        wrong = [f"<think> adding </think> <answer> {s + 1} </answer>" for s in sums]
+        prompts = [r[question] for r in records]
+        assert score([("accuracy", 1.0)], prompts, right, fields)[0].tolist() == [1.0] * len(records)
+        assert score([("accuracy", 1.0)], prompts, wrong, fields)[0].tolist() == [0.0] * len(records)
