@@ -180,7 +180,8 @@ def write_gsm8k(path: str, n: int = 8, seed: int = 0) -> str:
     """A GSM8K-shaped JSONL file (see the module docstring); returns `path`."""
     with open(path, "w") as f:
         for a, b in _sums(n, seed):
-            answer = f"Natalia sold {a} clips in April and {b} in May.\n{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}"
+            answer = (f"Natalia sold {a} clips in April and {b} in May.\n"
+                      f"{a} + {b} = <<{a}+{b}={a + b}>>{a + b}\n#### {a + b}")
             f.write(json.dumps({"question": f"Natalia sold {a} clips in April and {b} clips in May. How many clips "
                                             "did she sell altogether?", "answer": answer}) + "\n")
     return path

@@ -8,7 +8,7 @@
 The template is Jinja run the way `transformers.apply_chat_template` runs it (transformers 4.4x-5.x,
 utils/chat_template_utils.py): an ImmutableSandboxedEnvironment with trim_blocks and lstrip_blocks and the
 loopcontrols extension; globals `raise_exception` (a TemplateError), `strftime_now` (the current local time),
-`namespace`; a `tojson` filter that does not escape HTML (json.dumps with ensure_ascii=False); the tokenizer's
+`namespace` (Jinja's); a `tojson` filter that does not escape HTML (json.dumps with ensure_ascii=False); the tokenizer's
 special tokens as variables (`bos_token`, `eos_token`, ...); `messages`, `add_generation_prompt`, `tools` and
 `documents` (None). A template is untrusted code from the Hub: the sandbox is what keeps it from reaching Python.
 

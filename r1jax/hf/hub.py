@@ -1,4 +1,4 @@
-"""`init_from` names a checkpoint directory or a Hugging Face Hub id; `resolve_checkpoint` turns either into a directory.
+"""`init_from` names a checkpoint directory or a Hugging Face Hub id; `resolve_checkpoint` gives its directory.
 
 A Hub id (`Qwen/Qwen2.5-Math-1.5B`, optionally `@revision`) is looked up in the local Hugging Face cache with
 `huggingface_hub.snapshot_download(..., local_files_only=True)`: no network request is ever made, so a training
