@@ -2,6 +2,9 @@
 sigmoid routing with a selection bias, YaRN), Qwen2 (qkv bias, tied and untied) and Llama-3 (llama3 RoPE); FP8
 block dequantisation against an independent numpy loop; save -> transformers round trips; sharded (with and
 without index), fused and per-expert layouts; the MTP layer; error messages; shard-local (streaming) reads.
+Real-checkpoint path: Hub ids resolved through a local Hugging Face cache (offline, a clear error when absent), and
+`python -m r1jax.hf` exporting a training run (and converting HF -> HF) into a directory transformers loads with
+the source's tokenizer, chat template and EOS ids, on the Qwen2 / Llama-3 checkpoints of tests/hf_fixtures.py.
 
 Every HF model is tiny and random (torch.manual_seed), with every weight re-drawn: transformers initialises
 norms to 1, biases and the router's selection bias to 0, which would hide transposition and selection bugs.
@@ -26,6 +29,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
+from hf_fixtures import hf_checkpoints  # noqa: E402, F401 (fixture)
 from r1jax import hf as H  # noqa: E402
 from r1jax import models as M  # noqa: E402
 from r1jax.hf import fp8 as F  # noqa: E402
@@ -501,3 +505,97 @@ def test_save_refuses_to_mix_with_stale_shards(ckpt, tmp_path):
         H.save_hf_checkpoint(out, cfg, params)  # one file now: the old shards would be mixed in on load
     shutil.rmtree(out)
     H.save_hf_checkpoint(out, cfg, params)
+
+
+# ------------------------------------------------------------------------------ Hub ids and export of runs
+
+def test_hub_id_resolves_through_the_local_cache_only(hf_checkpoints, tmp_path, monkeypatch):  # noqa: F811
+    """A fake HF_HOME laid out as huggingface_hub lays out its cache: refs/main -> snapshots/<commit>/."""
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hf_home" / "hub" / "models--Qwen--Qwen2.5-Math-1.5B"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(hf_checkpoints("qwen2"), repo / "snapshots" / commit)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf_home"))
+    monkeypatch.delenv("HF_HUB_CACHE", raising=False)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # any network attempt would raise instead of hanging
+    monkeypatch.chdir(tmp_path)
+    snapshot = str(repo / "snapshots" / commit)
+    assert H.resolve_checkpoint("Qwen/Qwen2.5-Math-1.5B") == snapshot
+    assert H.resolve_checkpoint(f"Qwen/Qwen2.5-Math-1.5B@{commit}") == snapshot
+    assert H.resolve_checkpoint(hf_checkpoints("llama3")) == hf_checkpoints("llama3")  # a directory is itself
+    with pytest.raises(FileNotFoundError, match=r"'Qwen/Qwen2.5-Math-7B' is not in the local Hugging Face cache "
+                                                r"\(.*hf_home/hub\).*`hf download Qwen/Qwen2.5-Math-7B`"):
+        H.resolve_checkpoint("Qwen/Qwen2.5-Math-7B")
+    with pytest.raises(FileNotFoundError, match="no such directory"):
+        H.resolve_checkpoint("./not/here")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="lacks config.json, \\*.safetensors weights"):
+        H.resolve_checkpoint("empty")
+
+
+def _save_run(workdir, cfg, params, tokenizer):
+    """An r1jax run's checkpoint as the stages write it: TrainState + meta {model, tokenizer}."""
+    import dataclasses
+
+    from r1jax.train import checkpoint as ckpt_lib
+    from r1jax.train.state import TrainState
+
+    # the optimizer state is not exported; any pytree stands in for it (no per-leaf compiles of an optimizer init)
+    state = TrainState(step=jnp.asarray(3, jnp.int32), params=params, opt_state={"mu": params},
+                       rng=jnp.zeros(2, jnp.uint32))
+    ckpt = ckpt_lib.Checkpointer(str(workdir / "checkpoints"), async_save=False)
+    ckpt.save(state, {"stage": "sft", "model": dataclasses.asdict(cfg), "tokenizer": tokenizer})
+    ckpt.close()
+
+
+def _assert_complete_export(out, src, cfg, params):
+    """`out` loads in transformers with r1jax's logits, and carries the source's tokenizer, template and ids."""
+    model = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
+    with torch.no_grad():
+        theirs = model(torch.tensor(TOKENS % 256)).logits.numpy()
+    assert np.abs(theirs - np.asarray(M.forward(params, jnp.asarray(TOKENS % 256), cfg)[0])).max() <= TOL
+    tok, want = transformers.AutoTokenizer.from_pretrained(out), transformers.AutoTokenizer.from_pretrained(src)
+    chat = [{"role": "user", "content": "What is 3+4?"}]
+    assert tok.chat_template == want.chat_template is not None
+    assert tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=True) == \
+        want.apply_chat_template(chat, tokenize=False, add_generation_prompt=True)
+    assert tok.get_vocab() == want.get_vocab() and tok.special_tokens_map == want.special_tokens_map
+    gen, gen_src = (transformers.GenerationConfig.from_pretrained(d) for d in (out, src))
+    assert gen.eos_token_id == gen_src.eos_token_id and len(gen.eos_token_id) == 2
+    config = json.loads(open(os.path.join(out, "config.json")).read())
+    assert config["eos_token_id"] == gen_src.eos_token_id and config["bos_token_id"] == want.bos_token_id
+    assert config["pad_token_id"] == (want.pad_token_id if want.pad_token_id is not None else want.eos_token_id)
+
+
+def test_export_a_training_run(hf_checkpoints, tmp_path):  # noqa: F811
+    """A run initialised from the Qwen2 checkpoint (its weights moved, as training moves them) exports to a
+    directory transformers loads as-is; a step dir works as well as the run dir."""
+    from r1jax.hf.__main__ import main
+
+    src = hf_checkpoints("qwen2")
+    cfg, params = H.load_hf_checkpoint(src)
+    rng = np.random.default_rng(1)  # numpy, not per-leaf jitted ops: no compiles
+    params = jax.tree.map(lambda x: jnp.asarray(np.asarray(x) + 0.01 * rng.standard_normal(x.shape, np.float32)),
+                          params)
+    _save_run(tmp_path / "run", cfg, params, src)
+    main(["--in", str(tmp_path / "run"), "--out", str(tmp_path / "export")])
+    _assert_complete_export(str(tmp_path / "export"), src, cfg, params)
+    assert sorted(os.listdir(tmp_path / "export")) == ["config.json", "generation_config.json", "model.safetensors",
+                                                       "tokenizer.json", "tokenizer_config.json"]
+    main(["--in", str(tmp_path / "run" / "checkpoints" / "3"), "--out", str(tmp_path / "bf16"), "--dtype", "bfloat16"])
+    assert SafetensorsDir(str(tmp_path / "bf16")).info("model.embed_tokens.weight").dtype == jnp.bfloat16
+
+
+def test_convert_hf_to_hf_keeps_the_tokenizer(hf_checkpoints, tmp_path):  # noqa: F811
+    """HF -> HF through r1jax (Llama-3: chat_template.jinja, two EOS ids), by the CLI and the library route."""
+    from r1jax.hf.__main__ import main
+
+    src = hf_checkpoints("llama3")
+    cfg, params = H.load_hf_checkpoint(src)
+    main(["--in", src, "--out", str(tmp_path / "cli")])
+    _assert_complete_export(str(tmp_path / "cli"), src, cfg, params)
+    files = H.save_hf_checkpoint(str(tmp_path / "lib"), cfg, params, tokenizer=src)
+    assert sorted(files) == sorted(os.listdir(tmp_path / "cli")) == sorted(os.listdir(src))
+    for name in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):  # copied unchanged
+        assert (tmp_path / "lib" / name).read_bytes() == open(os.path.join(src, name), "rb").read()

@@ -1,12 +1,18 @@
-"""Rule rewards: answer extraction, math equivalence, format, language consistency, code through
-the real sandbox, DAPO's overlong penalty, and `score`'s weighting and error containment."""
+"""Rule rewards: answer extraction, reference answers in GSM8K / MATH / bare form, math equivalence, format,
+language consistency, code through the real sandbox, DAPO's overlong penalty, `score`'s weighting and error
+containment, the explicit registry and reward plug-ins (a file outside the repository, from another working
+directory)."""
+import os
+import subprocess
+import sys
+import textwrap
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from r1jax.rl import rewards
-from r1jax.rl.answers import extract_program, final_answer, last_boxed, split_reasoning
+from r1jax.rl.answers import extract_program, final_answer, last_boxed, reference_answer, split_reasoning
 from r1jax.rl.rewards import language_word_counts, make_overlong_penalty, score
 
 
@@ -239,9 +245,9 @@ def test_a_raising_reward_zeroes_only_its_failing_samples(temporary_rewards):
 def test_score_fails_loudly_on_configuration_mistakes():
     with pytest.raises(KeyError, match="registered: .*accuracy.*code.*format"):
         score([("acuracy", 1.0)], [""], ["x"], {"answer": ["1"]})
-    with pytest.raises(TypeError, match="needs 'answer'"):
-        score([("accuracy", 1.0)], [""], ["x"], {})
-    with pytest.raises(TypeError, match="needs 'max_len'"):
+    with pytest.raises(TypeError, match=r"needs the field 'answer'.*set data.answer_field.*fields: \['solution'\]"):
+        score([("accuracy", 1.0)], [""], ["x"], {"solution": ["1"]})
+    with pytest.raises(TypeError, match="needs the field 'max_len'"):
         score([("length_penalty", 1.0)], [""], ["x"], {})
     with pytest.raises(TypeError, match="unknown kwarg 'max_length'"):
         spec = ("length_penalty", 1.0, {"max_length": 5, "max_len": 5, "cache_len": 1})
@@ -255,3 +261,113 @@ def test_score_fails_loudly_on_configuration_mistakes():
         score([("format", 1.0), ("format", 2.0)], [""], ["x"], {})
     with pytest.raises(ValueError, match="weight"):
         score([("format", "1")], [""], ["x"], {})
+
+
+# ---------------------------------------------------------------- reference answers
+
+GSM8K_SOLUTION = ("Natalia sold 48/2 = <<48/2=24>>24 clips in May.\nNatalia sold 48+24 = <<48+24=72>>72 clips "
+                  "altogether in April and May.\n#### 1,072")
+MATH_SOLUTION = ("We have $2x = 1$, so $x = \\frac{1}{2}$. An aside: \\boxed{\\text{not this}} is not last.\n"
+                 "Therefore the answer is $\\boxed{\\frac{1}{2}}$.")
+
+
+def test_reference_answers_in_the_forms_real_sets_use():
+    assert reference_answer(GSM8K_SOLUTION) == "1072"
+    assert reference_answer("text #### 5 #### 7") == "7"
+    assert reference_answer(MATH_SOLUTION) == "\\frac{1}{2}"
+    assert reference_answer("\\fbox{5}") == "5"
+    assert reference_answer(" 72 ") == "72" and reference_answer(72) == "72" and reference_answer(0.5) == "0.5"
+    with pytest.raises(TypeError, match="reference answer: expected a str or a number, got list"):
+        reference_answer(["1"])
+    with pytest.raises(ValueError, match="empty"):
+        reference_answer("#### ")
+    # the accuracy reward reads all three forms: a MATH-shaped and a GSM8K-shaped set score alike
+    completions = ["<think>..</think><answer>\\boxed{0.5}</answer>", "<answer>1072</answer>", "<answer>72</answer>"]
+    assert reward("accuracy", completions, answer=[MATH_SOLUTION, GSM8K_SOLUTION, GSM8K_SOLUTION]) == [1.0, 1.0, 0.0]
+
+
+# ---------------------------------------------------------------- registry and plug-ins
+
+PLUGIN = textwrap.dedent("""
+    import math
+
+    def length_bonus(prompts, completions, *, scale=1.0, **fields):
+        return [scale * len(c) for c in completions]
+
+    def fragile(prompts, completions, **fields):
+        return [1.0 / (len(c) - 2) for c in completions]  # raises on a 2-character completion
+
+    NOT_A_FUNCTION = 3
+""")
+
+
+def test_builtins_resolve_without_importing_their_modules_first():
+    code = ("import sys; from r1jax.rl import rewards; "
+            "assert 'r1jax.rl.reward_model' not in sys.modules; "
+            "assert rewards.get('by_source').__module__ == 'r1jax.rl.reward_model'; "
+            "assert rewards.get('answer_accuracy').__module__ == 'r1jax.rl.filters'; "
+            "print(sorted(rewards.BUILTINS))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr
+    for name in ("accuracy", "answer_accuracy", "by_source", "code", "format", "reward_model"):
+        assert repr(name) in out.stdout
+    for name in rewards.BUILTINS:  # every entry of the table loads
+        assert callable(rewards.get(name))
+
+
+def test_plugin_from_a_file_outside_the_repo_and_from_another_directory(tmp_path, monkeypatch):
+    plugin_dir = tmp_path / "my_rewards"
+    plugin_dir.mkdir()
+    (plugin_dir / "bonus.py").write_text(PLUGIN)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    specs = [("../my_rewards/bonus.py:length_bonus", 0.5, {"scale": 2.0}), (f"{plugin_dir}/bonus.py:fragile", 1.0),
+             ("format", 1.0)]
+    rewards.check_specs(specs, ["answer"])
+    total, per, errors = score(specs, ["", ""], ["ab", "abcd"], {"answer": ["1", "2"]})
+    assert per["../my_rewards/bonus.py:length_bonus"].tolist() == [4.0, 8.0]
+    assert per[f"{plugin_dir}/bonus.py:fragile"].tolist() == [0.0, 0.5]  # the failing sample gets 0, counted
+    assert errors == {"../my_rewards/bonus.py:length_bonus": 0, f"{plugin_dir}/bonus.py:fragile": 1, "format": 0}
+    assert total.tolist() == [2.0, 4.5]
+    # a module on sys.path, by its dotted name
+    monkeypatch.syspath_prepend(str(plugin_dir))
+    assert rewards.get("bonus:length_bonus")(["", ""], ["abc", ""]) == [3.0, 0.0]
+
+
+def test_plugin_mistakes_fail_before_anything_runs(tmp_path, monkeypatch):
+    (tmp_path / "bonus.py").write_text(PLUGIN)
+    (tmp_path / "broken.py").write_text("import no_such_module_here\n")
+    (tmp_path / "one_arg.py").write_text("def f(completions):\n    return []\n")
+    monkeypatch.chdir(tmp_path)
+    cases = {"missing.py:f": "no file .*missing.py.*working directory",
+             "broken.py:f": "importing .*broken.py failed: ModuleNotFoundError",
+             "bonus.py:nope": "has no function 'nope'",
+             "bonus.py:NOT_A_FUNCTION": "has no function 'NOT_A_FUNCTION'",
+             "one_arg.py:f": r"expected the signature fn\(prompts, completions",
+             "no_such_package.mod:f": "cannot import module 'no_such_package.mod'"}
+    for name, match in cases.items():
+        with pytest.raises(ValueError, match=match):
+            rewards.check_specs([(name, 1.0)], [])
+    with pytest.raises(TypeError, match="unknown kwarg 'scael'"):
+        rewards.check_specs([("bonus.py:length_bonus", 1.0, {"scael": 2})], [])
+    with pytest.raises(TypeError, match=r"needs the field 'answer'.*data.answer_field"):
+        rewards.check_specs([("accuracy", 1.0)], ["question", "solution"])
+
+
+def test_gsm8k_and_math_shaped_files_score_with_the_reference_field_mapped(tmp_path):
+    from hf_fixtures import write_gsm8k, write_math
+
+    from r1jax.data.sources import iterate_records
+
+    for path, question, reference in ((write_gsm8k(str(tmp_path / "gsm8k.jsonl")), "question", "answer"),
+                                      (write_math(str(tmp_path / "math.parquet")), "problem", "solution")):
+        records = list(iterate_records([path]))
+        fields = {"answer": [r[reference] for r in records]}  # what data.answer_field=<reference> maps
+        sums = [int(reference_answer(r[reference])) for r in records]
+        right = [f"<think> adding </think> <answer> {s} </answer>" for s in sums]
+        wrong = [f"<think> adding </think> <answer> {s + 1} </answer>" for s in sums]
+        prompts = [r[question] for r in records]
+        assert score([("accuracy", 1.0)], prompts, right, fields)[0].tolist() == [1.0] * len(records)
+        assert score([("accuracy", 1.0)], prompts, wrong, fields)[0].tolist() == [0.0] * len(records)

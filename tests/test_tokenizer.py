@@ -1,4 +1,5 @@
-"""Tokenizer backends: SentencePiece training and round trips, the HF tokenizer.json backend, the CLI."""
+"""Tokenizer backends: SentencePiece training and round trips, the HF tokenizer.json backend, the CLI; a checkpoint's
+own special tokens, EOS ids (generation_config.json) and chat template, against `transformers`."""
 
 import json
 import os
@@ -7,6 +8,7 @@ import random
 
 import pytest
 
+from hf_fixtures import hf_checkpoints  # noqa: F401 (fixture)
 from r1jax.data import tokenizer as tk
 
 TRICKY = "<|user|>hi  there\n\tx<|assistant|><think>12+30</think> <answer>42</answer> 数学 ☃ é"
@@ -125,3 +127,52 @@ def test_hf_tokenizer_without_eos_is_an_error(tmp_path):
     _save_hf_tokenizer(tmp_path / "ckpt", with_config=False)  # no config and no "</s>" token
     with pytest.raises(ValueError, match="no EOS token"):
         tk.load_tokenizer(str(tmp_path / "ckpt"))
+
+
+# ------------------------------------------------------------------ the checkpoint is the source of truth
+
+
+def test_checkpoint_tokens_eos_ids_and_template(hf_checkpoints):  # noqa: F811
+    transformers = pytest.importorskip("transformers")
+    from hf_fixtures import LLAMA3_TEMPLATE, QWEN25_TEMPLATE
+
+    for family, template in (("qwen2", QWEN25_TEMPLATE), ("llama3", LLAMA3_TEMPLATE)):
+        path = hf_checkpoints(family)
+        tok, theirs = tk.load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+        generation = transformers.GenerationConfig.from_pretrained(path)
+        assert tok.chat_template == template == theirs.chat_template
+        assert tok.bos_id == theirs.bos_token_id and tok.eos_id == theirs.eos_token_id
+        assert tok.eos_ids == tuple(dict.fromkeys([theirs.eos_token_id, *generation.eos_token_id]))
+        assert len(tok.eos_ids) == 2
+        assert tok.special_tokens == {k: v for k, v in theirs.special_tokens_map.items() if isinstance(v, str)}
+        assert tok.pad_id == (theirs.pad_token_id if theirs.pad_token_id is not None else tok.eos_id)
+        text = "<think> 48/2 = 24 </think> <answer> 24 </answer>"
+        assert tok.encode(text) == theirs.encode(text, add_special_tokens=False)
+        assert tok.decode(tok.encode(text) + list(tok.eos_ids)) == text  # every EOS id is a control token
+    llama = tk.load_tokenizer(hf_checkpoints("llama3"))
+    assert [llama.token_to_id(t) for t in ("<|eot_id|>", "<|end_of_text|>")] == list(llama.eos_ids)
+
+
+def test_checkpoint_token_files_in_other_shapes(hf_checkpoints, tmp_path):  # noqa: F811
+    import shutil
+
+    path = tmp_path / "ckpt"
+    shutil.copytree(hf_checkpoints("qwen2"), path)
+    config = json.loads((path / "tokenizer_config.json").read_text())
+    # a list of named templates (older multi-template checkpoints): the "default" one
+    config["chat_template"] = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    (path / "tokenizer_config.json").write_text(json.dumps(config))
+    assert tk.load_tokenizer(str(path)).chat_template == "D"
+    (path / "chat_template.jinja").write_text("J")  # the separate file wins, as in transformers
+    assert tk.load_tokenizer(str(path)).chat_template == "J"
+    # one int in generation_config.json; none at all: config.json's eos_token_id
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": 0}))
+    assert tk.load_tokenizer(str(path)).eos_ids == (2, 0)
+    (path / "generation_config.json").unlink()
+    assert tk.load_tokenizer(str(path)).eos_ids == (2,)  # config.json's eos_token_id is <|im_end|> itself
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": ["<|im_end|>"]}))
+    with pytest.raises(ValueError, match="generation_config.json: field 'eos_token_id': expected an int"):
+        tk.load_tokenizer(str(path))
+    (path / "generation_config.json").write_text(json.dumps({"eos_token_id": [2, 10**6]}))
+    with pytest.raises(ValueError, match=r"eos_token_id \[1000000\] outside the vocabulary"):
+        tk.load_tokenizer(str(path))

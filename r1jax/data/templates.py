@@ -9,6 +9,9 @@ optional system text, the conversation turns, and the assistant prefix the model
 - "chat": the project's role tokens, `<|system|>..<|user|>..<|assistant|>`, for SFT and later RL.
 - "raw": the prompt verbatim (pretraining-style continuation).
 
+A Hugging Face checkpoint's own chat template (Jinja, from its tokenizer files) is rendered by
+r1jax.data.chat, whose `render` takes these names too plus "checkpoint".
+
 Cold start (REFERENCE §4.2): the readable output format `<|reasoning|>{reasoning}<|summary|>{summary}`.
 """
 

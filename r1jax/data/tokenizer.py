@@ -4,6 +4,10 @@ The tiny runs train their own SentencePiece model with the project's special tok
 imported Hugging Face checkpoints bring their own `tokenizer.json`. Both sit behind `Tokenizer`,
 and `load_tokenizer(path)` picks the backend from what the path is.
 
+A Hugging Face checkpoint is the source of truth for its own tokens: `HFTokenizer` reads BOS / EOS / PAD
+from `tokenizer_config.json`, every stop id from `generation_config.json` (`eos_ids`: Llama-3-Instruct and
+Qwen2.5-Instruct stop on two ids) and the chat template (`chat_template`, rendered by r1jax.data.chat).
+
 Special tokens. BOS, EOS and PAD are control tokens: they are never produced from text (a user
 typing "</s>" cannot end a sequence) and `decode` drops them. The chat roles, the cold-start
 markers and the R1-Zero tags are atomic user-defined pieces: `encode` turns each occurrence in the
@@ -56,7 +60,13 @@ class Tokenizer(Protocol):
     @property
     def eos_id(self) -> int: ...
     @property
+    def eos_ids(self) -> tuple[int, ...]: ...
+    @property
     def pad_id(self) -> int: ...
+    @property
+    def chat_template(self) -> str | None: ...
+    @property
+    def special_tokens(self) -> dict[str, str]: ...
     def encode(self, text: str) -> list[int]: ...
     def decode(self, ids: Sequence[int]) -> str: ...
     def token_to_id(self, token: str) -> int: ...
@@ -93,9 +103,23 @@ class SentencePieceTokenizer:
         return self._sp.eos_id()
 
     @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return (self.eos_id,)
+
+    @property
     def pad_id(self) -> int:
         # Models trained without a pad piece pad with EOS; padded positions are masked anyway.
         return self._sp.pad_id() if self._sp.pad_id() >= 0 else self.eos_id
+
+    @property
+    def chat_template(self) -> str | None:
+        return None  # the tiny runs name their template in the config (r1jax.data.templates)
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        ids = {"bos_token": self.bos_id, "eos_token": self.eos_id, "pad_token": self.pad_id,
+               "unk_token": self._sp.unk_id()}
+        return {k: self._sp.id_to_piece(i) for k, i in ids.items() if i is not None and i >= 0}
 
     def encode(self, text: str) -> list[int]:
         return self._sp.encode(text)
@@ -118,37 +142,91 @@ def _special_from_config(config: dict, key: str) -> str | None:
     return value if isinstance(value, str) else None
 
 
-class HFTokenizer:
-    """A Hugging Face `tokenizer.json` (via the `tokenizers` library), as shipped with checkpoints.
+def _read_json(path: str) -> dict:
+    if not os.path.exists(path):
+        return {}
+    with open(path, encoding="utf-8") as f:
+        try:
+            config = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
 
-    BOS/EOS/PAD come from `tokenizer_config.json` (or `special_tokens_map.json`) next to it and
-    fall back to the project's names when those files are absent. A checkpoint without a BOS
-    (Qwen) has `bos_id` None; one without a PAD pads with EOS.
+
+def _ids_field(config: dict, key: str, where: str) -> list[int]:
+    """An `eos_token_id`-like field: an int, a list of ints, or absent/null ([])."""
+    value = config.get(key)
+    values = [] if value is None else value if isinstance(value, list) else [value]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        raise ValueError(f"{where}: field {key!r}: expected an int or a list of ints, got {value!r}")
+    return values
+
+
+def read_chat_template(directory: str) -> str | None:
+    """The checkpoint's chat template: `chat_template.jinja` when present (transformers >= 4.43 writes it there and
+    prefers it), else tokenizer_config.json's `chat_template` (a string, or a list of {name, template} from which
+    the one named "default" is taken); None when the checkpoint has none (a base model)."""
+    jinja = os.path.join(directory, "chat_template.jinja")
+    if os.path.exists(jinja):
+        with open(jinja, encoding="utf-8") as f:
+            return f.read()
+    where = os.path.join(directory, "tokenizer_config.json")
+    template = _read_json(where).get("chat_template")
+    if isinstance(template, list):
+        named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+        template = named.get("default")
+    if template is not None and not isinstance(template, str):
+        raise ValueError(f"{where}: field 'chat_template': expected a Jinja string (or a list of {{name, template}} "
+                         f"with a 'default' entry), got {type(template).__name__}")
+    return template
+
+
+class HFTokenizer:
+    """A Hugging Face checkpoint's tokenizer: `tokenizer.json` (via the `tokenizers` library) and the files
+    beside it, read as `transformers` reads them.
+
+    - BOS / EOS / PAD / UNK: `tokenizer_config.json` (or `special_tokens_map.json`); the project's names when
+      neither file exists. A checkpoint without a BOS (Qwen) has `bos_id` None; one without a PAD pads with EOS.
+    - `eos_ids`: every id that ends a generation, in order, deduplicated: the tokenizer's EOS, then each id of
+      `generation_config.json`'s `eos_token_id` (an int or a list; config.json's when there is no
+      generation_config.json). `eos_id` is the first.
+    - `chat_template`: see read_chat_template; `special_tokens` ({"bos_token": "<|begin_of_text|>", ...}) are the
+      variables a chat template sees.
     """
 
     def __init__(self, directory: str):
         from tokenizers import Tokenizer as _HFTokenizerModel  # noqa: PLC0415 (optional backend)
 
+        self.directory = directory
         self.path = os.path.join(directory, "tokenizer.json")
         self._tok = _HFTokenizerModel.from_file(self.path)
         config: dict = {}
         for config_name in ("special_tokens_map.json", "tokenizer_config.json"):
-            config_path = os.path.join(directory, config_name)
-            if os.path.exists(config_path):
-                with open(config_path, encoding="utf-8") as f:
-                    config.update(json.load(f))
-        defaults = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD}
+            config.update(_read_json(os.path.join(directory, config_name)))
+        defaults = {"bos_token": BOS, "eos_token": EOS, "pad_token": PAD, "unk_token": None}
         names = {k: _special_from_config(config, k) if config else v for k, v in defaults.items()}
+        self._names = {k: v for k, v in names.items() if v is not None and self._tok.token_to_id(v) is not None}
         self._bos = self._tok.token_to_id(names["bos_token"]) if names["bos_token"] else None
         eos = self._tok.token_to_id(names["eos_token"]) if names["eos_token"] else None
-        if eos is None:
+        generation = os.path.join(directory, "generation_config.json")
+        if not os.path.exists(generation):
+            generation = os.path.join(directory, "config.json")
+        stop = _ids_field(_read_json(generation), "eos_token_id", generation)
+        if eos is None and not stop:
             raise ValueError(
                 f"{self.path}: no EOS token: expected 'eos_token' in tokenizer_config.json "
-                f"naming a token of the vocabulary, or a {EOS!r} token"
+                f"naming a token of the vocabulary, 'eos_token_id' in generation_config.json, or a {EOS!r} token"
             )
-        self._eos = eos
+        self._eos_ids = tuple(dict.fromkeys(([] if eos is None else [eos]) + stop))
+        vocab = self.vocab_size
+        bad = [i for i in self._eos_ids if not 0 <= i < vocab]
+        if bad:
+            raise ValueError(f"{generation}: eos_token_id {bad} outside the vocabulary of {self.path} ({vocab} tokens)")
         pad = self._tok.token_to_id(names["pad_token"]) if names["pad_token"] else None
-        self._pad = eos if pad is None else pad
+        self._pad = self._eos_ids[0] if pad is None else pad
+        self._chat_template = read_chat_template(directory)
 
     @property
     def vocab_size(self) -> int:
@@ -160,17 +238,29 @@ class HFTokenizer:
 
     @property
     def eos_id(self) -> int:
-        return self._eos
+        return self._eos_ids[0]
+
+    @property
+    def eos_ids(self) -> tuple[int, ...]:
+        return self._eos_ids
 
     @property
     def pad_id(self) -> int:
         return self._pad
 
+    @property
+    def chat_template(self) -> str | None:
+        return self._chat_template
+
+    @property
+    def special_tokens(self) -> dict[str, str]:
+        return dict(self._names)
+
     def encode(self, text: str) -> list[int]:
         return self._tok.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids: Sequence[int]) -> str:
-        control = {self._bos, self._eos, self._pad}
+        control = {self._bos, self._pad, *self._eos_ids}
         kept = [int(i) for i in ids if int(i) not in control]
         return self._tok.decode(kept, skip_special_tokens=False)
 

@@ -6,6 +6,11 @@ max_shard_bytes. With MTP the extra layer `model.layers.{num_hidden_layers}` is 
 DeepSeek-V3 checkpoint, including its copies of the embedding and output head (`embed_tokens`,
 `shared_head.head`) that MTP loaders expect; transformers itself skips that layer.
 
+With `tokenizer=` (the HF checkpoint directory the model came from, or any directory holding its tokenizer files)
+the directory is complete, loadable as-is by transformers, vLLM and SGLang: the tokenizer files and chat template
+are copied unchanged (TOKENIZER_FILES), config.json gets bos/eos/pad_token_id, and generation_config.json (the
+source's, sampling defaults kept) gets every EOS id the source stops on (r1jax.data.tokenizer.HFTokenizer.eos_ids).
+
 Memory stays bounded by one HF tensor: each is gathered from its (possibly sharded) leaf with a jitted dynamic
 index, fetched with jax.device_get, converted and written before the next. Single process: every shard must be
 addressable from this host (gather on one host first for a multi-host mesh).
@@ -16,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -48,13 +54,71 @@ def _natural(name: str):
     return [int(p) if p.isdigit() else p for p in re.split(r"(\d+)", name)]
 
 
+# What a checkpoint's tokenizer is made of, across tokenizer kinds and transformers versions; copied unchanged.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
+                   "chat_template.json", "added_tokens.json", "vocab.json", "merges.txt", "tokenizer.model")
+
+
+def special_token_ids(tokenizer_dir: str) -> dict:
+    """{"bos_token_id", "eos_token_id", "pad_token_id"} of a checkpoint's tokenizer, as config.json and
+    generation_config.json spell them: eos_token_id a list when it stops on several ids; no BOS: None."""
+    from r1jax.data.tokenizer import HFTokenizer  # noqa: PLC0415
+
+    tok = HFTokenizer(tokenizer_dir)
+    eos = list(tok.eos_ids)
+    return {"bos_token_id": tok.bos_id, "eos_token_id": eos if len(eos) > 1 else eos[0], "pad_token_id": tok.pad_id}
+
+
+def copy_tokenizer_files(src: str, dst: str) -> list[str]:
+    """Copy the tokenizer files of checkpoint directory `src` (TOKENIZER_FILES that exist) into `dst`; returns
+    their names. Raises CheckpointError when `src` has no tokenizer.json (not an HF tokenizer)."""
+    if not os.path.isfile(os.path.join(src, "tokenizer.json")):
+        raise CheckpointError(f"{src}: no tokenizer.json; expected the Hugging Face checkpoint directory the model "
+                              "came from (a SentencePiece .model of the tiny runs cannot be exported as one)")
+    os.makedirs(dst, exist_ok=True)
+    names = [n for n in TOKENIZER_FILES if os.path.isfile(os.path.join(src, n))]
+    for name in names:
+        if os.path.abspath(os.path.join(src, name)) != os.path.abspath(os.path.join(dst, name)):
+            shutil.copyfile(os.path.join(src, name), os.path.join(dst, name))
+    return names
+
+
+def _generation_config(tokenizer_dir: str, ids: dict) -> dict:
+    """The source's generation_config.json (sampling defaults and all) with the special-token ids set; its own EOS
+    ids keep their order, the tokenizer's EOS joins them when missing."""
+    path = os.path.join(tokenizer_dir, "generation_config.json")
+    config = {}
+    if os.path.isfile(path):
+        with open(path) as f:
+            config = json.load(f)
+    own = config.get("eos_token_id")
+    own = [] if own is None else own if isinstance(own, list) else [own]
+    new = ids["eos_token_id"] if isinstance(ids["eos_token_id"], list) else [ids["eos_token_id"]]
+    eos = list(dict.fromkeys(own + new))
+    config.update({k: v for k, v in ids.items() if v is not None}, eos_token_id=eos if len(eos) > 1 else eos[0])
+    return config
+
+
 def save_hf_checkpoint(path: str, cfg: ModelConfig, params, *, dtype: str = "float32",
-                       max_shard_bytes: int = 5 * 2**30) -> list[str]:
+                       max_shard_bytes: int = 5 * 2**30, tokenizer: str | None = None) -> list[str]:
     """Write config.json and safetensors for (cfg, params) into directory `path`; returns the files written.
-    dtype: "float32" or "bfloat16" for the weights (the router's selection bias stays fp32)."""
+    dtype: "float32" or "bfloat16" for the weights (the router's selection bias stays fp32).
+    tokenizer: the HF checkpoint directory whose tokenizer files, chat template, special-token ids and
+      generation_config.json go along (see the module docstring); None writes the model alone."""
     out_dtype = jnp.dtype(dtype)
     if out_dtype not in (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16)):
         raise ValueError(f"save_hf_checkpoint: dtype must be 'float32' or 'bfloat16', got {dtype!r}")
+    ids = special_token_ids(tokenizer) if tokenizer is not None else {}
+    generation = _generation_config(tokenizer, ids) if tokenizer is not None else None
+    if generation is not None:
+        ids["eos_token_id"] = generation["eos_token_id"]  # config.json stops on the same ids
+    if tokenizer is not None:
+        from r1jax.data.tokenizer import HFTokenizer  # noqa: PLC0415
+
+        n_tokens = HFTokenizer(tokenizer).vocab_size
+        if n_tokens > cfg.vocab_size:
+            raise CheckpointError(f"tokenizer {tokenizer} has {n_tokens} tokens, more than the model's vocab_size "
+                                  f"{cfg.vocab_size}")
     leaves, _ = hf_layout(cfg)
     flat = {tuple(k.key for k in p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
     by_path = {leaf.path: leaf for leaf in leaves}
@@ -89,5 +153,11 @@ def save_hf_checkpoint(path: str, cfg: ModelConfig, params, *, dtype: str = "flo
     os.makedirs(path, exist_ok=True)
     files = write_dir(path, entries, produce, max_shard_bytes)
     with open(os.path.join(path, "config.json"), "w") as f:
-        json.dump(config_to_hf(cfg, str(out_dtype)), f, indent=2)
-    return files + ["config.json"]
+        json.dump({**config_to_hf(cfg, str(out_dtype)), **ids}, f, indent=2)
+    files.append("config.json")
+    if tokenizer is not None:
+        files += copy_tokenizer_files(tokenizer, path)
+        with open(os.path.join(path, "generation_config.json"), "w") as f:
+            json.dump(generation, f, indent=2)
+        files.append("generation_config.json")
+    return files

@@ -7,6 +7,9 @@ The recipe has two output formats (REFERENCE.md §4):
 A prompt may already end with the opening marker (`<think>` or `<|reasoning|>`), so only the
 closing one is required to find the reasoning. Pure string functions, no scoring: rewards,
 rejection sampling and evaluation share them.
+
+Reference answers come in the forms real sets store them (`reference_answer`): GSM8K's worked solution ending in
+`#### 72`, MATH's worked solution with the result in `\\boxed{}`, or a bare answer (`72`, `\\frac{1}{2}`, 72).
 """
 
 from __future__ import annotations
@@ -18,7 +21,8 @@ from r1jax.data.tokenizer import REASONING, SUMMARY
 THINK_OPEN, THINK_CLOSE, ANSWER_OPEN, ANSWER_CLOSE = "<think>", "</think>", "<answer>", "</answer>"
 
 _ANSWER = re.compile(re.escape(ANSWER_OPEN) + r"(.*?)" + re.escape(ANSWER_CLOSE), re.S)
-_BOXED = re.compile(r"\\boxed\s*\{")
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")  # MATH writes a few results in \fbox{}
+_THOUSANDS = re.compile(r"(?<=\d),(?=\d{3}\b)")
 # Fenced blocks as (label, body); each match consumes its own closing fence, so the closing fence
 # of a ```cpp block is never mistaken for an unlabelled opening one.
 _FENCED = re.compile(r"```[ \t]*([\w+#.-]*)[ \t]*\n(.*?)```", re.S)
@@ -50,7 +54,7 @@ def split_reasoning(completion: str) -> tuple[str | None, str | None]:
 
 
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` whose braces balance (a truncated one is skipped)."""
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`) whose braces balance (a truncated one is skipped)."""
     for match in reversed(list(_BOXED.finditer(text))):
         depth, i = 1, match.end()
         while i < len(text) and depth:
@@ -75,6 +79,29 @@ def final_answer(completion: str) -> str | None:
     if boxed is not None or is_readable_format(completion):
         return boxed or None
     return answer or None
+
+
+def reference_answer(reference) -> str:
+    """The answer a dataset's reference field holds, as a string to compare against.
+
+    GSM8K (`... #### 1,080`): the text after the last `####`, thousands separators dropped (`1080`). MATH (a worked
+    solution): the content of its last `\\boxed{}`. Otherwise the whole value, stripped: a bare answer (`72`,
+    `\\frac{1}{2}`); ints and floats become their str. Raises TypeError for anything else (a list, None) and
+    ValueError for an empty answer, so a wrong `data.answer_field` fails loudly instead of scoring 0 forever.
+    """
+    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
+        return str(reference)
+    if not isinstance(reference, str):
+        raise TypeError(f"reference answer: expected a str or a number, got {type(reference).__name__} "
+                        f"({reference!r:.80})")
+    if "####" in reference:
+        answer = _THOUSANDS.sub("", reference.rpartition("####")[2].strip())
+    else:
+        boxed = last_boxed(reference)
+        answer = boxed if boxed is not None else reference.strip()
+    if not answer:
+        raise ValueError(f"reference answer {reference!r:.80}: empty")
+    return answer
 
 
 def extract_program(completion: str) -> str | None:

@@ -58,7 +58,6 @@ def extract_answer(completion: str) -> str | None:
     return str(found[-1]) if found else None
 
 
-@rewards.register("answer_accuracy")
 def answer_accuracy(prompts, completions, *, answer, timeout_s: int = 5, **_) -> list[float]:
     """1.0 when `extract_answer` is math-equivalent to the reference `answer` (either output format)."""
     return [float(answer_correct(extract_answer(c), reference, timeout_s))

@@ -199,7 +199,6 @@ def load(path: str) -> RewardModel:
 # ------------------------------------------------------------------------------------------ rewards
 
 
-@rewards.register("reward_model")
 def reward_model(prompts, completions, *, checkpoint: str, aspect: str | None = None, question=None,
                  **_) -> list[float]:
     """The RM at `checkpoint` scores each completion; the question is the `question` field when the dataset has
@@ -209,7 +208,6 @@ def reward_model(prompts, completions, *, checkpoint: str, aspect: str | None = 
     return [float(s) for s in rm.score(questions, list(completions), aspect)]
 
 
-@rewards.register("by_source")
 def by_source(prompts, completions, *, routes: Mapping, reward_source, **fields) -> list[float]:
     """Per sample, the sum of the reward specs that `routes` lists for its `reward_source` field."""
     routes = {str(k): tuple(tuple(s) for s in v) for k, v in dict(routes).items()}

@@ -6,9 +6,18 @@ the dataset's other columns, each a list aligned with `completions` (`answer`, `
 rewards with weights, `(name, weight)` or `(name, weight, kwargs)`, and `score` sums them; a
 reward that raises costs its samples their reward and is counted, never a crash of the trainer.
 
+Rewards are named in one table, BUILTINS (below; the rest live in r1jax.rl.filters and
+r1jax.rl.reward_model), and resolved on first use, so no module has to be imported to register
+anything. A name of the form `path/to/file.py:function` or `package.module:function` is a plug-in: a
+function of one's own with the same signature, loaded from a file anywhere (a relative path is read
+from the working directory) or an importable module; a plug-in that raises costs its samples their
+reward and is counted, exactly like a built-in. `check_specs(specs, field_names)` runs every config
+check (names resolve, kwargs known, required fields present) before anything heavy.
+
 The rewards (REFERENCE.md §3, §4):
 - `accuracy`: the final answer (answers.final_answer) equals the reference `answer` for
-  math-verify (`1/2`, `\\frac{1}{2}` and `0.5` agree). R1-Zero's accuracy reward.
+  math-verify (`1/2`, `\\frac{1}{2}` and `0.5` agree); the reference may be bare, GSM8K's `#### 72`
+  or MATH's worked solution with `\\boxed{}` (answers.reference_answer). R1-Zero's accuracy reward.
 - `format`: R1-Zero's format reward: exactly `<think>...</think>` then `<answer>...</answer>`,
   only whitespace around; or, with `style="reasoning_summary"`, the cold-start format.
 - `language_consistency`: R1's reasoning-RL reward, the proportion of target-language words in
@@ -23,10 +32,14 @@ The rewards (REFERENCE.md §3, §4):
 from __future__ import annotations
 
 import functools
+import importlib
+import importlib.util
 import inspect
 import logging
 import math
+import os
 import re
+import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 
@@ -37,19 +50,34 @@ from r1jax.data.templates import parse_cold_start
 from r1jax.rl import answers, sandbox
 
 RewardFn = Callable[..., list]
-REGISTRY: dict[str, RewardFn] = {}
 MAX_ANSWER_CHARS = 1000  # longer "final answers" are rambling, and sympy on them can run for ages
+
+# The built-in rewards, by name: the one place they are registered (no registration by import side effects). Each
+# is resolved on first use by the same loader as a plug-in, so naming a reward imports only its own module.
+BUILTINS: dict[str, str] = {
+    "accuracy": "r1jax.rl.rewards:accuracy",
+    "format": "r1jax.rl.rewards:format_reward",
+    "language_consistency": "r1jax.rl.rewards:language_consistency",
+    "code": "r1jax.rl.rewards:code",
+    "length_penalty": "r1jax.rl.rewards:length_penalty",
+    "answer_accuracy": "r1jax.rl.filters:answer_accuracy",
+    "reward_model": "r1jax.rl.reward_model:reward_model",
+    "by_source": "r1jax.rl.reward_model:by_source",
+}
+# Rewards added at run time by a script of one's own (`register`); configs name plug-ins instead.
+REGISTRY: dict[str, RewardFn] = {}
+# Where a stage maps a dataset column onto a field a reward reads (named in errors).
+FIELD_CONFIG = {"answer": "data.answer_field"}
 
 _log = logging.getLogger(__name__)
 
 
 def register(name: str) -> Callable[[RewardFn], RewardFn]:
-    """Decorator adding a reward function to REGISTRY under `name`."""
+    """Decorator adding a reward function under `name` for this process (for scripts and tests)."""
 
     def add(fn: RewardFn) -> RewardFn:
-        if name in REGISTRY:
-            raise ValueError(f"reward {name!r} is already registered "
-                             f"(by {REGISTRY[name].__module__})")
+        if name in REGISTRY or name in BUILTINS:
+            raise ValueError(f"reward {name!r} is already registered")
         REGISTRY[name] = fn
         return fn
 
@@ -57,12 +85,66 @@ def register(name: str) -> Callable[[RewardFn], RewardFn]:
 
 
 def get(name: str) -> RewardFn:
-    """The reward function registered as `name`."""
-    try:
+    """The reward function `name`: a built-in (BUILTINS), one added by `register`, or a plug-in named
+    `path/to/file.py:function` (a relative path is read from the working directory) or
+    `package.module:function` (importable from sys.path). Raises KeyError for an unknown name, ValueError for a
+    plug-in that cannot be loaded."""
+    if name in REGISTRY:
         return REGISTRY[name]
-    except KeyError:
-        raise KeyError(f"unknown reward {name!r}; "
-                       f"registered: {', '.join(sorted(REGISTRY))}") from None
+    if name in BUILTINS:
+        return load_function(BUILTINS[name])
+    if ":" in name:
+        return load_function(name)
+    raise KeyError(f"unknown reward {name!r}; registered: {', '.join(sorted(set(BUILTINS) | set(REGISTRY)))}; "
+                   "or a plug-in 'path/to/file.py:function' / 'package.module:function'")
+
+
+@functools.lru_cache(maxsize=None)
+def load_function(target: str) -> RewardFn:
+    """The function `target` names: `path/to/file.py:function` or `package.module:function`. A file is loaded as a
+    module of its own (its directory need not be a package or on sys.path); loading it twice reuses it."""
+    where, _, attr = target.rpartition(":")
+    if not where or not attr.isidentifier():
+        raise ValueError(f"reward {target!r}: expected 'path/to/file.py:function' or 'package.module:function'")
+    if where.endswith(".py"):
+        path = os.path.abspath(os.path.expanduser(where))
+        if not os.path.isfile(path):
+            raise ValueError(f"reward {target!r}: no file {path} (relative paths are read from the working "
+                             f"directory, {os.getcwd()})")
+        module_name = "r1jax_reward_plugin_" + re.sub(r"\W", "_", path)
+        spec = importlib.util.spec_from_file_location(module_name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[module_name] = module  # dataclasses / pickling inside the plug-in look themselves up here
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:
+            del sys.modules[module_name]
+            raise ValueError(f"reward {target!r}: importing {path} failed: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(where)
+        except ImportError as e:
+            raise ValueError(f"reward {target!r}: cannot import module {where!r}: {e}") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ValueError(f"reward {target!r}: {where} has no function {attr!r}")
+    params = list(inspect.signature(fn).parameters.values())
+    positional = [p for p in params if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    if len(positional) < 2 and not any(p.kind == p.VAR_POSITIONAL for p in params):
+        raise ValueError(f"reward {target!r}: expected the signature fn(prompts, completions, **fields) -> "
+                         f"list[float], got {attr}{inspect.signature(fn)}")
+    return fn
+
+
+def check_specs(specs: Sequence[tuple], field_names) -> None:
+    """Checks reward specs against the dataset's field names before anything heavy runs: every reward resolves
+    (plug-ins import), weights are numbers, kwargs are known and every required field is there. Raises
+    ValueError / TypeError naming the reward and what to fix (score runs the same checks on every batch)."""
+    fields = dict.fromkeys(field_names, ())
+    for name, _, kwargs in _parse_specs(specs):
+        _check_arguments(name, get(name), kwargs, fields)
+        for route in dict(kwargs.get("routes") or {}).values():  # a routing reward's specs (by_source)
+            check_specs(route, fields)
 
 
 def score(specs: Sequence[tuple], prompts: Sequence[str], completions: Sequence[str],
@@ -136,7 +218,10 @@ def _check_arguments(name: str, fn: RewardFn, kwargs: dict, fields: Mapping) -> 
     for p, v in params.items():
         required = v.kind == v.KEYWORD_ONLY and v.default is v.empty
         if required and p not in kwargs and p not in fields:
-            raise TypeError(f"reward {name!r} needs {p!r}: a dataset field or a kwarg in its spec")
+            mapping = (f" (set {FIELD_CONFIG[p]} to the column of your data that holds it, e.g. "
+                       f"{FIELD_CONFIG[p]}='solution')" if p in FIELD_CONFIG else "")
+            raise TypeError(f"reward {name!r} needs the field {p!r}, which the data does not have{mapping}; "
+                            f"the data's fields: {sorted(fields)}; or give {p!r} as a kwarg in the reward's spec")
 
 
 def _evaluate(name, fn, prompts, completions, fields, kwargs) -> tuple[np.ndarray, int]:
@@ -169,9 +254,9 @@ def _as_rewards(values, n: int) -> np.ndarray:
 # ---------------------------------------------------------------- accuracy
 
 
-@register("accuracy")
 def accuracy(prompts, completions, *, answer, timeout_s: int = 5, **_) -> list[float]:
-    """1.0 when the final answer is math-equivalent to the reference `answer`, else 0.0.
+    """1.0 when the final answer is math-equivalent to the reference `answer`, else 0.0. The reference may be a
+    bare answer, a GSM8K solution (`#### 72`) or a MATH solution (its last `\\boxed{}`): answers.reference_answer.
 
     math-verify bounds parsing and comparison with SIGALRM, which exists only in the main thread;
     from a worker thread its timeouts are off, and MAX_ANSWER_CHARS is the only bound.
@@ -184,10 +269,7 @@ def accuracy(prompts, completions, *, answer, timeout_s: int = 5, **_) -> list[f
 
 
 def _equivalent(predicted: str | None, reference, timeout_s: int) -> bool:
-    if isinstance(reference, (int, float)) and not isinstance(reference, bool):
-        reference = str(reference)
-    if not isinstance(reference, str):
-        raise TypeError(f"answer: expected a str, got {type(reference).__name__}")
+    reference = answers.reference_answer(reference)
     if predicted is None or len(predicted) > MAX_ANSWER_CHARS:
         return False
     timeout = timeout_s if threading.current_thread() is threading.main_thread() else None
@@ -214,7 +296,6 @@ def _as_math(text: str) -> str:
 _THINK_ANSWER = re.compile(r"\A\s*<think>.*</think>\s*<answer>.*</answer>\s*\Z", re.S)
 
 
-@register("format")
 def format_reward(prompts, completions, *, style: str = "think_answer", **_) -> list[float]:
     """1.0 for a well-formed completion, else 0.0.
 
@@ -264,7 +345,6 @@ def language_share(text: str, language: str) -> float | None:
     return counts[language] / words if words else None
 
 
-@register("language_consistency")
 def language_consistency(prompts, completions, *, language, **_) -> list[float]:
     """Share of target-language words in the reasoning (REFERENCE.md §4, step 3).
 
@@ -285,7 +365,6 @@ def language_consistency(prompts, completions, *, language, **_) -> list[float]:
 # ---------------------------------------------------------------- code
 
 
-@register("code")
 def code(prompts, completions, *, tests, limits: Mapping | None = None,
          max_workers: int | None = None, **_) -> list[float]:
     """Share of the sample's `tests` (assert snippets) passed by the completion's program
@@ -332,7 +411,6 @@ def make_overlong_penalty(max_len: int, cache_len: int) -> RewardFn:
     return overlong_penalty
 
 
-@register("length_penalty")
 def length_penalty(prompts, completions, *, max_len: int, cache_len: int, lengths=None,
                    **_) -> list[float]:
     """make_overlong_penalty(max_len, cache_len), configured from the spec's kwargs."""
