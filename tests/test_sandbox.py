@@ -200,14 +200,14 @@ def test_busy_cpu_loop_hits_the_cpu_limit_before_the_wall_clock():
 
 
 def test_canaries_outside_the_directory_cannot_be_deleted(host):
-    canaries = [str(host["canary"]), str(host["exposed"])]
+    canaries = [str(host["canary"]), str(host["exposed"]), sandbox.__file__]
     attack = code(f"""
-        import os, shutil
-        for canary in {canaries!r}:
+        import os, shutil, sys
+        for canary in {canaries!r} + [sys.executable]:
             print(canary, os.path.exists(canary))
             for action in (lambda: os.remove(canary),
                            lambda: shutil.rmtree(os.path.dirname(canary)),
-                           lambda: open(canary, "w").write("pwned"),
+                           lambda: open(canary, "a").write("pwned"),
                            lambda: os.rename(canary, "x")):
                 try:
                     action()
@@ -216,8 +216,11 @@ def test_canaries_outside_the_directory_cannot_be_deleted(host):
     """)
     result = run_program(attack, limits=FAST)
     assert result.ok, result.stderr
-    assert f"{canaries[1]} True" in result.stdout  # the sandbox could see this one ...
-    assert host["canary"].read_text() == host["exposed"].read_text() == "alive"  # ... intact
+    # The minimal root holds none of the host's files, only the interpreter (read-only) ...
+    assert all(f"{c} False" in result.stdout for c in canaries)
+    assert f"{sys.executable} True" in result.stdout
+    assert host["canary"].read_text() == host["exposed"].read_text() == "alive"  # ... all intact
+    assert os.path.exists(sys.executable)
 
 
 def test_files_written_outside_the_directory_never_reach_the_host(host, tmp_path):
@@ -390,15 +393,19 @@ def test_forged_success_markers_earn_nothing():
                     max_workers=2) == [0.0] * len(forgeries)
 
 
-def test_fallback_without_namespaces_still_blocks_network_and_sweeps_escapees():
-    limits = SandboxLimits(timeout_s=2.0, namespaces=False)
+def test_fallback_without_namespaces_is_refused_unless_unsafe_is_allowed():
+    before = sandbox.metrics()
+    with pytest.raises(RuntimeError, match="allow_unsafe"):
+        run_program("print(1)", limits=SandboxLimits(timeout_s=2.0, namespaces=False))
+    limits = SandboxLimits(timeout_s=2.0, namespaces=False, allow_unsafe=True)
     probe = run_program("print(1)", limits=limits)
-    assert "audit-hook" in probe.isolation and probe.ok
-    for escape in ("import os\nos.system('echo escaped')",
-                   "import subprocess\nsubprocess.run(['echo', 'escaped'])"):
-        result = run_program(escape, limits=limits)
-        assert not result.ok and "is not allowed" in result.stderr
-        assert "escaped" not in result.stdout
+    assert {"audit-hook", "unsafe"} <= set(probe.isolation.split(",")) and probe.ok
+    assert sandbox.metrics()["sandbox/unsafe_runs"] == before["sandbox/unsafe_runs"] + 1
+    result = run_program("import os\nos.system('echo escaped')", limits=limits)
+    assert not result.ok and "is not allowed" in result.stderr and "escaped" not in result.stdout
+    # (subprocess itself may not even import: the run's uid cannot read a stdlib under /root)
+    result = run_program("import subprocess\nsubprocess.run(['echo', 'escaped'])", limits=limits)
+    assert not result.ok and "escaped" not in result.stdout
     if "uid" not in probe.isolation:
         return
     # As root the uid sweep stands in for the PID namespace: a setsid'd escapee that would keep
@@ -451,16 +458,20 @@ ROOTLESS_ATTACK = code("""
 
 def test_rootless_harness_gets_namespaces_or_the_audit_hook():
     """As root we also run the harness as `nobody`, covering the user-namespace path (which must
-    protect nobody's own files) and the audit-hook fallback (which still refuses sockets)."""
+    protect nobody's own files) and the unsafe fallback (which still refuses sockets). Without a
+    syscall filter binding for that interpreter (and no cgroup for nobody), the namespaced run is
+    refused by default too."""
     if os.geteuid() != 0:
         pytest.skip("this run already is the rootless path")
     interpreter = next((p for p in (sys.executable, "/usr/bin/python3")
                         if os.path.exists(p) and runnable_by_nobody(p)), None)
     if interpreter is None:
         pytest.skip("no interpreter that the nobody user may run on this repository")
+    package = os.path.dirname(sandbox.__file__)
     probe = code(f"""
         import importlib.util, os, sys, tempfile
-        spec = importlib.util.spec_from_file_location("sandbox", {sandbox.__file__!r})
+        spec = importlib.util.spec_from_file_location("sandbox", {package + "/__init__.py"!r},
+                                                      submodule_search_locations=[{package!r}])
         sandbox = importlib.util.module_from_spec(spec)
         sys.modules["sandbox"] = sandbox
         spec.loader.exec_module(sandbox)
@@ -468,8 +479,13 @@ def test_rootless_harness_gets_namespaces_or_the_audit_hook():
         os.write(fd, b"alive")
         os.close(fd)
         attack = {ROOTLESS_ATTACK!r}.replace("TARGET", repr(target))
+        try:
+            sandbox.run_program("pass")
+            print(repr("ran by default"))
+        except RuntimeError as e:
+            print(repr(str(e).splitlines()[0]))
         for namespaces in (True, False):
-            limits = sandbox.SandboxLimits(namespaces=namespaces)
+            limits = sandbox.SandboxLimits(namespaces=namespaces, allow_unsafe=True)
             result = sandbox.run_program(attack, limits=limits)
             intact = os.path.exists(target) and open(target).read() == "alive"
             print(repr((result.isolation, result.stdout, intact)))
@@ -479,11 +495,14 @@ def test_rootless_harness_gets_namespaces_or_the_audit_hook():
     done = subprocess.run([interpreter, "-c", probe], user=65534, group=65534, extra_groups=[],
                           capture_output=True, text=True, timeout=60, cwd="/")
     assert done.returncode == 0, done.stderr
-    with_namespaces, without = map(eval, done.stdout.splitlines())
+    by_default, with_namespaces, without = map(eval, done.stdout.splitlines())
     (ns_isolation, ns_out, ns_intact), (fb_isolation, fb_out, _) = with_namespaces, without
-    assert {"netns", "pidns", "mntns"} <= set(ns_isolation.split(",")) and "uid" not in ns_isolation
+    ns_features = set(ns_isolation.split(","))
+    assert {"netns", "pidns", "mntns", "minroot", "keyring"} <= ns_features and "uid" not in ns_features
+    assert ("seccomp" in ns_features) == (by_default == "ran by default")
     assert "net refused" in ns_out and ns_intact
-    assert fb_isolation == "audit-hook" and "net refused: sandbox: socket." in fb_out
+    assert {"audit-hook", "unsafe"} <= set(fb_isolation.split(","))
+    assert "net refused: sandbox: socket." in fb_out
 
 
 def test_host_is_intact_after_the_hostile_programs(host):

@@ -61,19 +61,16 @@ def main() -> None:
     if _join_fresh_keyring():
         features.append("keyring")
     if namespaces:
-        features += ["netns", "pidns", "mntns", "ipcns"]
-        owner = (job["uid"], job["uid"]) if root else (os.getuid(), os.getgid())
-        _minimal_root(limits["max_disk_bytes"], owner, job["expose"])
-        features.append("minroot")
-        workdir = "/tmp/work"
+        features += ["netns", "pidns", "mntns", "ipcns", "minroot"]
         pid = os.fork()  # the child becomes PID 1 of the new namespace: the evaluator
         if pid:
             os.close(ctl)
             os.close(verdict)
             _exit_like(pid)
         check(libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PDEATHSIG)")
-        check(libc.mount(b"proc", b"/proc", b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC, None),
-              "mount /proc")
+        owner = (job["uid"], job["uid"]) if root else (os.getuid(), os.getgid())
+        _minimal_root(limits["max_disk_bytes"], owner, job["expose"])
+        workdir = "/tmp/work"
     else:
         features.append("audit-hook")
         workdir = job["workdir"]
@@ -150,7 +147,8 @@ def _join_fresh_keyring() -> bool:
 def _minimal_root(disk_bytes: int, owner: tuple[int, int], expose: list[str]) -> None:
     """A new root holding only the system's program directories and the interpreter's prefixes
     (read-only binds), a few device nodes, /proc, and a size-capped tmpfs for /tmp (also backing
-    /var/tmp and /dev/shm). No host socket, FIFO, /run, /sys, /home or /etc is in it."""
+    /var/tmp and /dev/shm). No host socket, FIFO, /run, /sys, /home or /etc is in it. Runs as
+    PID 1 of the new PID namespace (its /proc is this namespace's)."""
     check(libc.mount(None, b"/", None, _MS_REC | _MS_PRIVATE, None), "make / private")
     new = "/tmp"  # exists everywhere; the tmpfs mounted on it here is ours alone
     check(libc.mount(b"tmpfs", new.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV,
@@ -168,6 +166,10 @@ def _minimal_root(disk_bytes: int, owner: tuple[int, int], expose: list[str]) ->
         bound.append(path)
     for path in ("/dev", "/dev/shm", "/proc", "/tmp", "/var/tmp"):
         os.makedirs(new + path, 0o755, exist_ok=True)
+    # Our PID namespace's /proc, mounted while the host's is still in view (a user namespace may
+    # only mount a procfs when a full one is visible).
+    check(libc.mount(b"proc", f"{new}/proc".encode(), b"proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC,
+                     None), "mount /proc")
     for device in _DEVICES:
         open(f"{new}/dev/{device}", "w").close()
         check(libc.mount(f"/dev/{device}".encode(), f"{new}/dev/{device}".encode(), None, _MS_BIND,

@@ -1,4 +1,5 @@
-"""The sandbox's syscall filter, compiled on the host with libseccomp (through `pyseccomp`) and
+"""The sandbox's syscall filter, compiled on the host with libseccomp (through its Python binding
+`seccomp`, e.g. Debian's python3-seccomp, or the API-compatible `pyseccomp` from PyPI) and
 loaded by the child with prctl(PR_SET_SECCOMP) just before the program runs.
 
 Everything is allowed except what a judged program never needs and an attack does (EPERM):
@@ -37,11 +38,13 @@ NAMESPACE_FLAGS = (0x00000080, 0x00020000, 0x02000000, 0x04000000, 0x08000000, 0
 @functools.cache
 def filters() -> tuple[str, str] | None:
     """(with namespaces, without) as hex BPF programs; None where libseccomp is unavailable."""
-    try:
-        import pyseccomp
-    except (ImportError, OSError):  # the binding or libseccomp.so.2 is missing
-        return None
-    return _build(pyseccomp, network=True).hex(), _build(pyseccomp, network=False).hex()
+    for module in ("seccomp", "pyseccomp"):  # libseccomp's own binding, or its ctypes twin (PyPI)
+        try:
+            binding = __import__(module)
+        except (ImportError, OSError):  # the binding or libseccomp.so.2 is missing
+            continue
+        return _build(binding, network=True).hex(), _build(binding, network=False).hex()
+    return None
 
 
 def _build(sc, *, network: bool) -> bytes:
