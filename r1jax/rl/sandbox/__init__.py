@@ -17,8 +17,9 @@ untrusted line, `_child.py` sets up:
    /tmp (also /var/tmp and /dev/shm; the working directory is /tmp/work). No host unix socket,
    FIFO, /run, /sys, /etc or /home exists in it: path-based host IPC has nothing to open.
 3. A fresh session keyring (KEYCTL_JOIN_SESSION_KEYRING): the trainer's keys are out of reach.
-4. Two processes: the evaluator (PID 1 of the namespace, still the trainer's user, not dumpable:
-   no ptrace, no /proc/1/mem, and the kernel drops SIGKILL sent to a namespace's init from inside)
+4. Two processes: the evaluator (PID 1 of the namespace; as root, a second fresh uid; never
+   dumpable: no ptrace, no /proc/1/mem; the kernel drops SIGKILL sent to a namespace's init from
+   inside)
    and the program's process forked from it, which joins the run's memory cgroup, sets rlimits
    (CPU, address space, processes, open files, file size, no message queues, no core), becomes a
    fresh uid/gid drawn per run from [2**24, 2**25) when the trainer is root (in a user namespace:
@@ -222,10 +223,11 @@ def _check_str(name: str, value) -> None:
 
 
 def _run(mode: str, code: str, test: str, stdin: bytes, limits: SandboxLimits) -> RunResult:
-    uid = _claim_uid()
+    uid, evaluator_uid = _claim_uid(), _claim_uid()
     workdir = tempfile.mkdtemp(prefix="r1jax-sandbox-")
     cgroup = _memcg.create(f"r1jax-sandbox-{uid}", limits.memory_bytes)
-    job = json.dumps({"mode": mode, "code": code, "uid": uid, "workdir": workdir,
+    job = json.dumps({"mode": mode, "code": code, "uid": uid, "evaluator_uid": evaluator_uid,
+                      "workdir": workdir,
                       "parent": os.getpid(), "limits": dataclasses.asdict(limits),
                       "seccomp": _seccomp.filters(), "expose": _interpreter_dirs(),
                       "cgroup": cgroup and cgroup.procs}).encode()
@@ -284,7 +286,7 @@ def _run(mode: str, code: str, test: str, stdin: bytes, limits: SandboxLimits) -
         if cgroup:
             cgroup.remove()
         with _uid_lock:
-            _uids_in_use.discard(uid)
+            _uids_in_use.difference_update((uid, evaluator_uid))
         shutil.rmtree(workdir, ignore_errors=True)
 
 

@@ -95,6 +95,8 @@ def main() -> None:
         for fd in (ctl, verdict, requests_w, replies_r):
             os.close(fd)
         _program(job, seccomp, cgroup, requests_r, replies_w, workdir, root, namespaces)
+    if namespaces:  # the test is trusted, but needs no privilege either (the fallback keeps root
+        _drop_privileges(job["evaluator_uid"] if root else None)  # to read a stdlib under /root)
     check(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(DUMPABLE)")  # no ptrace, no /proc/N/mem
     for fd in (requests_r, replies_w) + (() if cgroup is None else (cgroup,)):
         os.close(fd)
@@ -247,13 +249,8 @@ def _restrict(limits: dict, uid: int | None, namespaces: bool, seccomp: str | No
                          (resource.RLIMIT_MSGQUEUE, 0),
                          (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(which, value if isinstance(value, tuple) else (value, value))
-    if uid is not None:
-        os.setgroups([])
-        os.setgid(uid)
-        os.setuid(uid)
-    elif namespaces:  # unshare(CLONE_NEWUSER) granted every capability inside: give them back
-        header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
-        check(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")
+    if uid is not None or namespaces:
+        _drop_privileges(uid)
     check(libc.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(NO_NEW_PRIVS)")
     if seccomp:
         program = bytes.fromhex(seccomp)
@@ -267,6 +264,18 @@ def _restrict(limits: dict, uid: int | None, namespaces: bool, seccomp: str | No
               "seccomp")
     if not namespaces:
         sys.addaudithook(_deny_escape_hatches)
+
+
+def _drop_privileges(uid: int | None) -> None:
+    """As root: become `uid` (no groups). In a user namespace (uid None): drop every capability
+    that unshare(CLONE_NEWUSER) granted inside."""
+    if uid is not None:
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+        return
+    header = (ctypes.c_uint32 * 2)(0x20080522, 0)  # _LINUX_CAPABILITY_VERSION_3, this thread
+    check(libc.capset(header, (ctypes.c_uint32 * 6)()), "capset")
 
 
 def _deny_escape_hatches(event: str, args) -> None:
