@@ -777,6 +777,19 @@ def test_the_fallback_refuses_by_default_and_holds_network_when_allowed(trainer_
     assert_trainer_side_untouched(trainer_side)
 
 
+def test_the_sandbox_benchmark_runs_both_sides(tmp_path):
+    from r1jax.bench import sandbox as bench
+
+    old = tmp_path / "old_sandbox.py"  # a second implementation: a copy of this one's host module
+    source = pathlib.Path(sandbox.__file__).read_text().replace("from . import", "from r1jax.rl.sandbox import")
+    old.write_text(source.replace('os.path.join(os.path.dirname(os.path.abspath(__file__)), "_child.py")',
+                                  repr(sandbox._CHILD_SCRIPT)))
+    rows = bench.main(["--programs", "2", "--runs", "1", "--workers", "2", "--baseline", str(old),
+                       "--out", str(tmp_path / "out.jsonl")])
+    assert [r["sandbox"] for r in rows] == ["this tree", "baseline"]
+    assert all(r["same_shares"] and 0 < r["mean_share"] < 1 and r["ms_per_run"] > 0 for r in rows)
+
+
 def test_host_is_intact_after_the_hostile_programs(host):
     assert host["canary"].read_text() == "alive"
     assert os.environ[SECRET_NAME] == SECRET
