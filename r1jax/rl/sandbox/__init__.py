@@ -19,8 +19,7 @@ untrusted line, `_child.py` sets up:
 3. A fresh session keyring (KEYCTL_JOIN_SESSION_KEYRING): the trainer's keys are out of reach.
 4. Two processes: the evaluator (PID 1 of the namespace; as root, a second fresh uid; never
    dumpable: no ptrace, no /proc/1/mem; the kernel drops SIGKILL sent to a namespace's init from
-   inside)
-   and the program's process forked from it, which joins the run's memory cgroup, sets rlimits
+   inside) and the program's process forked from it, which joins the run's memory cgroup, sets rlimits
    (CPU, address space, processes, open files, file size, no message queues, no core), becomes a
    fresh uid/gid drawn per run from [2**24, 2**25) when the trainer is root (in a user namespace:
    drops all capabilities), sets PR_SET_NO_NEW_PRIVS and loads the syscall filter (_seccomp.py:
@@ -38,7 +37,8 @@ pipe only the evaluator holds. So replacing builtins.exec or compile, rebinding 
 reading frames or tracebacks, exiting early, forging markers, or returning an always-equal object
 changes nothing the evaluator trusts.
 
-Memory is one number, `memory_bytes`, for the whole run (all processes, tmpfs pages, pipes), where
+Memory is one number, `memory_bytes`, for the whole program (every process it forks, its tmpfs
+pages, pipes, kernel memory; not the interpreter pages it shares with the evaluator), where
 the host has a writable memory cgroup (v2 with the memory controller delegated, else v1; isolation
 "memcg", RunResult.memory_peak_bytes the measured peak). Without one, each process has RLIMIT_AS
 = memory_bytes and the filter closes the routes around it (memfd, SysV shm, nested namespaces,
@@ -51,9 +51,24 @@ RunResult.isolation contains "unsafe" and `metrics()` counts it. Unsafe runs sti
 audit hook (sockets, exec, ctypes refused: best effort), the filter without any socket family,
 a uid sweep as root, but see host FIFOs and world-writable files.
 
-Not covered: world-readable files under /usr and the interpreter's prefix stay readable; CPU time
-is per process (RLIMIT_CPU) within the wall clock; as a non-root trainer in a user namespace,
-RLIMIT_NPROC counts the trainer's own processes too.
+Limits: what is and is not covered, and why.
+- Covered with namespaces and the filter or a cgroup (tests/test_sandbox.py's corpus, one class
+  per route): forged verdicts (the evaluator decides), memory (one bound with a cgroup, closed
+  routes without), host files, sockets, FIFOs and network (minimal root, netns, filter), the
+  trainer's processes (PID namespace, uids, non-dumpable evaluator), its keyring, its environment.
+- Names a test takes from the program are the program's to define: HumanEval/32's test calls the
+  prompt's `poly`, so a program that redefines `poly` changes what that test checks (as it did
+  before; the benchmark's design). A program that special-cases the tested inputs passes them:
+  that is a wrong answer the tests did not catch, not an escape.
+- Files under /usr and the interpreter's prefixes stay readable (Python needs them); put no
+  secrets there. /proc shows the machine's CPUs and memory.
+- Without a memory cgroup the bound is max_processes x memory_bytes + max_disk_bytes (plus pipe
+  buffers, at most max_open_files x 1 MiB per process): per-process limits cannot add up to one.
+- CPU time is per process (RLIMIT_CPU), so a run's CPU is bounded by the wall clock and
+  max_processes; as a non-root trainer in a user namespace, RLIMIT_NPROC also counts the
+  trainer's own processes.
+- The kernel is shared: namespaces and the filter shrink its surface, they do not replace a VM
+  (gVisor, Firecracker) for adversaries with kernel exploits.
 """
 
 from __future__ import annotations
