@@ -90,14 +90,17 @@ def main() -> None:
     _wire.send(verdict, {"isolation": ",".join(features)})
     requests_r, requests_w = os.pipe()
     replies_r, replies_w = os.pipe()
+    # Not dumpable (no ptrace, no /proc/N/mem, no /proc/N/fd) before the program's process exists.
+    check(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(DUMPABLE)")
     pid = os.fork()
     if pid == 0:  # the program's process: never holds CTL, VERDICT or the evaluator's pipe ends
         for fd in (ctl, verdict, requests_w, replies_r):
             os.close(fd)
+        check(libc.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(DUMPABLE)")  # its own /proc/self
         _program(job, seccomp, cgroup, requests_r, replies_w, workdir, root, namespaces)
     if namespaces:  # the test is trusted, but needs no privilege either (the fallback keeps root
         _drop_privileges(job["evaluator_uid"] if root else None)  # to read a stdlib under /root)
-    check(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(DUMPABLE)")  # no ptrace, no /proc/N/mem
+        check(libc.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(DUMPABLE)")  # setuid may reset it
     for fd in (requests_r, replies_w) + (() if cgroup is None else (cgroup,)):
         os.close(fd)
     test = _read_frame(ctl).decode() if job["mode"] == "test" else None
