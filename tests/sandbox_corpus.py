@@ -261,7 +261,7 @@ for _ in range(3):
         try:
             block = bytearray(100 << 20)
             for i in range(0, len(block), 4096): block[i] = 1
-            time.sleep(3)
+            time.sleep(1)
         finally:
             os._exit(0)
     kids.append(pid)
@@ -269,7 +269,7 @@ try:
     mine = bytearray(100 << 20)
     for i in range(0, len(mine), 4096): mine[i] = 1
 except MemoryError: print("parent MemoryError")
-time.sleep(1)
+time.sleep(0.5)
 print("CHILDREN", [os.waitpid(p, 0)[1] for p in kids])
 def f(x): return 0
 """,
