@@ -191,6 +191,7 @@ def test_humaneval_shaped_tests_run_in_the_evaluator():
     """)
     result = run_test(program, test, limits=FAST)
     assert result.ok, (result.error, result.stderr)
+    assert result.passed and result.returncode == 0 and result.stderr == "" and result.error is None
     wrong = program.replace("SCALE * x", "SCALE * x + 1")
     failed = run_test(wrong, test, limits=FAST)
     assert not failed.ok and failed.error.startswith("AssertionError")
