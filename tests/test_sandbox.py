@@ -153,7 +153,8 @@ def test_honest_programs_with_threads_and_child_interpreters_pass():
             return value + 13
     """)
     tests = ["assert f(3) == 22", "assert f(5) == 38"]
-    assert run_many([(p, tests) for p in (threads, spawns, pipes)], limits=FAST, max_workers=2) == [1.0] * 3
+    roomy = dataclasses.replace(FAST, timeout_s=15.0)  # a second interpreter's start on a loaded machine
+    assert run_many([(p, tests) for p in (threads, spawns, pipes)], limits=roomy, max_workers=2) == [1.0] * 3
 
 
 def test_humaneval_shaped_tests_run_in_the_evaluator():
