@@ -1,4 +1,4 @@
-"""Hostile programs for tests/test_sandbox.py, one class per issue-20 escape route.
+"""Hostile programs for tests/test_sandbox_escapes.py, one class per issue-20 escape route.
 
 The task each program pretends to solve: `f(x) = x * x + 13` (TESTS below). None implements it;
 each tries to earn the reward anyway or to break out, and prints what it achieved. Placeholders

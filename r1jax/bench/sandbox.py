@@ -10,7 +10,7 @@ the right solution and half with the wrong one, each with its three `assert` tes
 worker count: the median over --runs of the batch's wall time divided by its number of runs (the
 per-run cost the trainer pays, interpreter start included), and the shares it computed, which must
 agree between the two sides. `--baseline` names a sandbox module file to load beside this one, e.g.
-main's before a change: `git show main:r1jax/rl/sandbox.py > /tmp/sandbox_main.py`. Implementations
+the one before issue 20: `git show 64bdd9b:r1jax/rl/sandbox.py > /tmp/sandbox_main.py`. Implementations
 alternate within each repetition so both see the same machine load.
 """
 

@@ -52,7 +52,7 @@ audit hook (sockets, exec, ctypes refused: best effort), the filter without any 
 a uid sweep as root, but see host FIFOs and world-writable files.
 
 Limits: what is and is not covered, and why.
-- Covered with namespaces and the filter or a cgroup (tests/test_sandbox.py's corpus, one class
+- Covered with namespaces and the filter or a cgroup (tests/test_sandbox_escapes.py, one class
   per route): forged verdicts (the evaluator decides), memory (one bound with a cgroup, closed
   routes without), host files, sockets, FIFOs and network (minimal root, netns, filter), the
   trainer's processes (PID namespace, uids, non-dumpable evaluator), its keyring, its environment.
