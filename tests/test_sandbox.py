@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+import sandbox_corpus as corpus
 from r1jax.rl import sandbox
 from r1jax.rl.sandbox import SandboxLimits, run_many, run_program, run_test, run_tests
 
@@ -545,13 +546,21 @@ def test_rootless_harness_gets_namespaces_or_the_audit_hook():
     """As root we also run the harness as `nobody`, covering the user-namespace path (which must
     protect nobody's own files) and the unsafe fallback (which still refuses sockets). Without a
     syscall filter binding for that interpreter (and no cgroup for nobody), the namespaced run is
-    refused by default too."""
+    refused by default too. nobody's interpreter can read its standard library, so here the issue's
+    fallback escape (_posixsubprocess.fork_exec of bash, then /dev/tcp to 127.0.0.1) really runs:
+    with the filter, bash starts and its connection is refused."""
     if os.geteuid() != 0:
         pytest.skip("this run already is the rootless path")
     interpreter = next((p for p in (sys.executable, "/usr/bin/python3")
                         if os.path.exists(p) and runnable_by_nobody(p)), None)
     if interpreter is None:
         pytest.skip("no interpreter that the nobody user may run on this repository")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    # The issue's fallback escape: exec bash past the audit hook, then /dev/tcp to the host.
+    exec_attack = corpus.fill(corpus.FALLBACK["fork_exec_sh_dev_tcp"], {"PORT": listener.getsockname()[1]})
     package = os.path.dirname(sandbox.__file__)
     probe = code(f"""
         import importlib.util, os, sys, tempfile
@@ -576,11 +585,21 @@ def test_rootless_harness_gets_namespaces_or_the_audit_hook():
             print(repr((result.isolation, result.stdout, intact)))
         if os.path.exists(target):
             os.remove(target)
+        limits = sandbox.SandboxLimits(namespaces=False, allow_unsafe=True)
+        result = sandbox.run_program({exec_attack!r}, limits=limits)
+        print(repr((result.isolation, result.stdout)))
     """)
     done = subprocess.run([interpreter, "-c", probe], user=65534, group=65534, extra_groups=[],
                           capture_output=True, text=True, timeout=60, cwd="/")
+    try:
+        reached = listener.accept() is not None
+    except BlockingIOError:
+        reached = False
+    listener.close()
     assert done.returncode == 0, done.stderr
-    by_default, with_namespaces, without = map(eval, done.stdout.splitlines())
+    by_default, with_namespaces, without, (exec_isolation, exec_out) = map(eval, done.stdout.splitlines())
+    if "seccomp" in exec_isolation:  # the filter holds without namespaces: no socket, even after exec
+        assert "SPAWNED" in exec_out and not reached, exec_out
     (ns_isolation, ns_out, ns_intact), (fb_isolation, fb_out, _) = with_namespaces, without
     ns_features = set(ns_isolation.split(","))
     assert {"netns", "pidns", "mntns", "minroot", "keyring"} <= ns_features and "uid" not in ns_features
