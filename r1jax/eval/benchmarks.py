@@ -80,7 +80,9 @@ def vote_answer(problem: Problem, completion: str) -> str | None:
 
 def score(problems: Sequence[Problem], completions: Sequence[str], *,
           limits: sandbox.SandboxLimits = sandbox.SandboxLimits(), max_workers: int | None = None) -> list[bool]:
-    """Correctness of completion i for problem i (programs run in the sandbox, in parallel)."""
+    """Correctness of completion i for problem i (programs run in the sandbox, in parallel; a test's verdict is
+    decided by the sandbox's evaluator, outside the program). Raises RuntimeError where the sandbox cannot hold the
+    programs (r1jax.rl.sandbox: no namespaces) unless `limits.allow_unsafe`."""
     if len(problems) != len(completions):
         raise ValueError(f"{len(problems)} problems for {len(completions)} completions")
     correct = [False] * len(problems)

@@ -368,8 +368,12 @@ def language_consistency(prompts, completions, *, language, **_) -> list[float]:
 def code(prompts, completions, *, tests, limits: Mapping | None = None,
          max_workers: int | None = None, **_) -> list[float]:
     """Share of the sample's `tests` (assert snippets) passed by the completion's program
-    (answers.extract_program), every test a separate sandboxed run; no program: 0.0.
-    `limits` (kwarg) overrides SandboxLimits fields, e.g. {"timeout_s": 2.0}."""
+    (answers.extract_program), every test a separate sandboxed run whose verdict the sandbox's
+    evaluator decides outside the program's interpreter; no program: 0.0.
+    `limits` (kwarg) overrides SandboxLimits fields, e.g. {"timeout_s": 2.0}. Where the sandbox
+    cannot hold a program (no namespaces, module doc of r1jax.rl.sandbox) it raises, which `score`
+    counts as this reward's errors, unless `{"allow_unsafe": True}` (then
+    sandbox.metrics()["sandbox/unsafe_runs"] counts the runs)."""
     for i, sample_tests in enumerate(tests):  # validate everything before running anything
         if (isinstance(sample_tests, str) or not sample_tests
                 or not all(isinstance(t, str) for t in sample_tests)):
