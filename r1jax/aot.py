@@ -200,6 +200,24 @@ def jaxpr_flops(jaxpr, balanced_rows=None) -> FlopCount:
     return count
 
 
+def skipping_conditionals(hlo: str) -> tuple[int, int]:
+    """(conditionals in a compiled HLO module, those with matmuls in one branch only). The chunked attention's
+    lax.cond over key blocks (r1jax/models/attention.py) skips the blocks the mask rules out only if it stays a
+    conditional through compilation: a select would compute both branches and discard one."""
+    comps = {m.group(1): m.group(2) for m in re.finditer(r"^(?:ENTRY )?%(\S+) \(.*?\{\n(.*?)\n\}\n", hlo, re.S | re.M)}
+
+    @functools.cache
+    def matmuls(name: str) -> int:  # dots and convolutions in a computation and everything it calls
+        body = comps.get(name, "")
+        called = re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", body)
+        called += [c for group in re.findall(r"branch_computations=\{([^}]*)\}", body)
+                   for c in re.findall(r"%([\w.\-]+)", group)]
+        return len(re.findall(r" (?:convolution|dot)\(", body)) + sum(matmuls(c) for c in called)
+
+    branches = [re.findall(r"%([\w.\-]+)", g) for g in re.findall(r" conditional\(.*?branch_computations=\{([^}]*)\}", hlo)]
+    return len(branches), sum(1 for b in branches if sum(matmuls(c) > 0 for c in b) == 1)
+
+
 # ------------------------------------------------------------------------------------------- the report
 
 @dataclasses.dataclass
@@ -219,6 +237,7 @@ class StepReport:
     ragged_flops: float = 0.0  # the part of `flops` in ragged_dot (grouped expert matmuls) over whole buffers
     gmm_bound: float = 0.0  # the part of `flops` in the grouped-matmul kernels, at their largest grids
     gmm_balanced: float = 0.0  # those kernels under balanced routing (replacing gmm_bound in balanced_flops)
+    conditionals: tuple[int, int] = (0, 0)  # skipping_conditionals of the compiled program
     tokens: int = 0  # tokens the step processes (global)
     model_flops_per_token: float = 0.0  # 6 x activated params (training) or 2 x (inference)
     note: str = ""
@@ -256,7 +275,8 @@ def analyze(compiled, name: str, *, jaxpr=None, tokens: int = 0, model_flops_per
     return StepReport(
         name=name, arguments=int(mem.argument_size_in_bytes), outputs=int(mem.output_size_in_bytes),
         aliased=int(mem.alias_size_in_bytes), temporaries=int(mem.temp_size_in_bytes),
-        code=int(mem.generated_code_size_in_bytes), xla_flops=float((cost or {}).get("flops", 0.0)), **counts)
+        code=int(mem.generated_code_size_in_bytes), xla_flops=float((cost or {}).get("flops", 0.0)),
+        conditionals=skipping_conditionals(compiled.as_text()), **counts)
 
 
 def format_report(reports: list[StepReport], *, title: str, hbm_gib: float, n_chips: int,
@@ -290,6 +310,10 @@ def format_report(reports: list[StepReport], *, title: str, hbm_gib: float, n_ch
             lines.append(f"    of which grouped expert matmuls (Pallas gmm/tgmm, rows past the group sizes "
                          f"skipped): worst-case bound {r.gmm_bound:.4g} (the kernels' largest grids), balanced "
                          f"routing {r.gmm_balanced:.4g} (their active tiles when every expert gets the same rows)")
+        if r.conditionals[0]:
+            lines.append(f"    compiled: {r.conditionals[1]} of {r.conditionals[0]} conditionals hold matmuls in one "
+                         f"branch only (the chunked attention's masked key blocks are skipped at run time; the "
+                         f"count above includes them)")
         if r.ragged_flops:
             lines.append(f"    of which grouped expert matmuls (ragged_dot over whole buffers; under EP the "
                          f"worst-case receive buffer) {r.ragged_flops:.4g}")
