@@ -89,4 +89,5 @@ def test_kernel_grid_covers_the_routed_rows_not_the_buffer(kind):
 
 def test_auto_picks_the_kernel_only_on_tpu():
     assert moe._resolve_impl("auto") == "tiled"  # this CPU; TPU compiles: tests/test_aot.py
-    assert gmm.default_tiling("TPU v5p") == gmm.TILING["v5p"] and gmm.default_tiling("TPU v6 lite") == gmm.TILING["v6e"]
+    # device_kind of the AOT topologies: v5p is "TPU v5", v6e "TPU v6 lite"
+    assert gmm.default_tiling("TPU v5") == gmm.TILING["v5p"] and gmm.default_tiling("TPU v6 lite") == gmm.TILING["v6e"]

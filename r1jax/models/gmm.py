@@ -23,10 +23,11 @@ or the whole dimension (Tk, Tn are clipped to K, N). Tm is the number of rows th
 [Tk, Tn] weight tile: the kernel is compute-bound when Tm FLOPs per weight byte (2 Tm FLOPs per bf16 element)
 exceed the chip's peak FLOPs / HBM bandwidth, 459e12 / 2.76e12 = 166 on v5p and 918e12 / 1.64e12 = 560 on
 v6e, so Tm = 256 (v5p) and 512 (v6e); a larger Tm only adds padding (up to Tm - 1 rows per group). Tk = Tn =
-1024 divide D = 7168 and F = 2048 (DeepSeek-V3) and keep one step's double-buffered blocks (lhs Tm x Tk,
-rhs Tk x Tn, out Tm x Tn in bf16, the fp32 accumulator Tm x Tn) at 10 MiB (v5p) / 14 MiB (v6e), under the
-16 MiB default scoped VMEM of v5p (32 MiB on v6e). MaxText's megablox defaults are the same order
-(512, 1024, 1024).
+1024 divide D = 7168 and F = 2048 (DeepSeek-V3), and one grid step's double-buffered blocks plus the fp32
+accumulator stay small: gmm (lhs Tm x Tk, rhs Tk x Tn, out Tm x Tn in bf16, acc Tm x Tn) 7 MiB on v5p, 10 MiB
+on v6e; tgmm (acc Tk x Tn) 10 / 12 MiB; all under 16 MiB, against 64 MiB of VMEM per core on v5p and 128 MiB
+on v6e (jax/_src/pallas/mosaic/tpu_info.py), since the megablox kernels do not raise the compiler's scoped
+VMEM limit. MaxText's megablox defaults are the same order (512, 1024, 1024). Not yet tuned on a TPU.
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ DEFAULT_GENERATION = "v5p"  # other / unknown chips (v4, v5e): the smaller row t
 
 
 def default_tiling(device_kind: str) -> tuple[int, int, int]:
-    """TILING for a device_kind ("TPU v5p", "TPU v6 lite" = v6e, ...); v5p's for any other chip."""
+    """TILING for a device_kind ("TPU v5" = v5p, "TPU v6 lite" = v6e); v5p's for any other chip."""
     return TILING["v6e"] if "v6" in device_kind.lower() else TILING[DEFAULT_GENERATION]
 
 
