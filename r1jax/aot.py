@@ -116,12 +116,13 @@ class FlopCount(NamedTuple):
     ragged: float = 0.0  # of `flops`: ragged_dot over whole operands
     gmm_bound: float = 0.0  # of `flops`: the Pallas grouped-matmul kernels at their largest grid
     gmm_balanced: float = 0.0  # the same kernels' grid under balanced routing (not in `flops`)
+    skippable: float = 0.0  # of `flops`: lax.cond branches whose alternative has no matmul (attention blocks)
 
     def __add__(self, other):
         return FlopCount(*(a + b for a, b in zip(self, other)))
 
     def times(self, n):
-        return FlopCount(self.flops * n, self.while_loops, self.ragged * n, self.gmm_bound * n, self.gmm_balanced * n)
+        return FlopCount(*(v if f == "while_loops" else v * n for f, v in zip(self._fields, self)))
 
     @property
     def balanced(self) -> float:
@@ -158,7 +159,7 @@ def jaxpr_flops(jaxpr, balanced_rows=None) -> FlopCount:
     XLA's cost_analysis() counts a loop body once, whatever its trip count (checked: a scan over 2 or 8 layers
     reports the same FLOPs), so the per-step count walks the jaxpr instead: dot_general and ragged_dot FLOPs,
     scan bodies times their length, shard_map bodies (per-device shapes) times the devices, the larger cond
-    branch. A while_loop's trip count is unknown: its body is counted once and the loop is reported.
+    branch (`skippable` when another branch has no matmul). A while_loop's trip count is unknown: its body is counted once and the loop is reported.
     ragged_dot counts every row of its operand: under expert parallelism that is the worst-case receive buffer
     (r1jax.models.moe). The grouped-matmul kernels (moe_impl="gmm", `_grouped_kernel`) are counted at their
     largest grid and at their grid under balanced routing; `balanced_rows(rows, groups)` says how many rows
@@ -189,7 +190,9 @@ def jaxpr_flops(jaxpr, balanced_rows=None) -> FlopCount:
         elif name == "while":
             count += walk(params["body_jaxpr"]) + FlopCount(0.0, 1)
         elif name == "cond":
-            count += max((walk(b) for b in params["branches"]), key=lambda c: c.flops)
+            branches = [walk(b) for b in params["branches"]]
+            taken = max(branches, key=lambda c: c.flops)
+            count += taken._replace(skippable=taken.flops) if min(c.flops for c in branches) == 0 else taken
         elif name == "shard_map":
             count += walk(params["jaxpr"]).times(math.prod(params["mesh"].shape[a] for a in params["newly_manual_axes"]))
         else:
@@ -238,6 +241,8 @@ class StepReport:
     gmm_bound: float = 0.0  # the part of `flops` in the grouped-matmul kernels, at their largest grids
     gmm_balanced: float = 0.0  # those kernels under balanced routing (replacing gmm_bound in balanced_flops)
     conditionals: tuple[int, int] = (0, 0)  # skipping_conditionals of the compiled program
+    skippable: float = 0.0  # the part of `flops` in lax.cond branches that may be skipped (attention blocks)
+    causal_share: float = 1.0  # of those, the share a causal mask runs (`causal_block_share`)
     tokens: int = 0  # tokens the step processes (global)
     model_flops_per_token: float = 0.0  # 6 x activated params (training) or 2 x (inference)
     note: str = ""
@@ -245,7 +250,8 @@ class StepReport:
 
     @property
     def balanced_flops(self) -> float:
-        return self.flops - self.gmm_bound + self.gmm_balanced
+        """Balanced routing and the causal mask's share of the skippable attention blocks."""
+        return self.flops - self.gmm_bound + self.gmm_balanced - self.skippable * (1 - self.causal_share)
 
     @property
     def total(self) -> int:
@@ -256,14 +262,15 @@ class StepReport:
 
 
 def analyze(compiled, name: str, *, jaxpr=None, tokens: int = 0, model_flops_per_token: float = 0.0,
-            resident: int = 0, note: str = "", balanced_rows=None) -> StepReport:
+            resident: int = 0, note: str = "", balanced_rows=None, causal_share: float = 1.0) -> StepReport:
     """A StepReport from a compiled executable (`jax.jit(f).trace(...).lower().compile()`) and its jaxpr, or
     from an `OutOfMemory` (the compiler's refusal) in its place. balanced_rows: see `jaxpr_flops`."""
     done = "refused: out of HBM" if isinstance(compiled, OutOfMemory) else "compiled"
     print(f"r1jax.aot: {name}: {done}", file=sys.stderr, flush=True)  # progress: a full-size compile takes minutes
     c = jaxpr_flops(jaxpr, balanced_rows) if jaxpr is not None else FlopCount(0.0)
     counts = dict(resident=int(resident), flops=c.flops, while_loops=c.while_loops, ragged_flops=c.ragged,
-                  gmm_bound=c.gmm_bound, gmm_balanced=c.gmm_balanced, tokens=int(tokens),
+                  gmm_bound=c.gmm_bound, gmm_balanced=c.gmm_balanced, skippable=c.skippable,
+                  causal_share=causal_share if c.skippable else 1.0, tokens=int(tokens),
                   model_flops_per_token=float(model_flops_per_token), note=note)
     if isinstance(compiled, OutOfMemory):
         return StepReport(name=name, arguments=compiled.arguments, outputs=0, aliased=0,
@@ -301,15 +308,21 @@ def format_report(reports: list[StepReport], *, title: str, hbm_gib: float, n_ch
         per_chip = r.flops / n_chips
         at_peak = lambda f: f"{f / n_chips / (peak_tflops * 1e12):.3g} s at peak"  # noqa: E731
         loops = f"; {r.while_loops} while_loop bodies counted once" if r.while_loops else ""
-        worst = "worst case: " if r.gmm_bound else ""
+        expect = r.balanced_flops != r.flops
+        worst = "worst case: " if expect else ""
         lines.append(f"  FLOPs per step: {worst}{r.flops:.4g} total, {per_chip:.4g} per chip "
                      f"({at_peak(r.flops)}{loops}); XLA cost_analysis {r.xla_flops:.4g} per chip (loop bodies once)")
-        if r.gmm_bound:
-            lines.append(f"                  balanced routing: {r.balanced_flops:.4g} total, "
-                         f"{r.balanced_flops / n_chips:.4g} per chip ({at_peak(r.balanced_flops)})")
+        if expect:
+            lines.append(f"                  expected (balanced routing, causal attention blocks): "
+                         f"{r.balanced_flops:.4g} total, {r.balanced_flops / n_chips:.4g} per chip "
+                         f"({at_peak(r.balanced_flops)})")
             lines.append(f"    of which grouped expert matmuls (Pallas gmm/tgmm, rows past the group sizes "
                          f"skipped): worst-case bound {r.gmm_bound:.4g} (the kernels' largest grids), balanced "
                          f"routing {r.gmm_balanced:.4g} (their active tiles when every expert gets the same rows)")
+        if r.skippable:
+            lines.append(f"    of which attention blocks under lax.cond (skipped when no query sees them): "
+                         f"{r.skippable:.4g} counted as all run, {r.skippable * r.causal_share:.4g} run under a causal "
+                         f"mask ({r.causal_share:.3f} of the blocks)")
         if r.conditionals[0]:
             lines.append(f"    compiled: {r.conditionals[1]} of {r.conditionals[0]} conditionals hold matmuls in one "
                          f"branch only (the chunked attention's masked key blocks are skipped at run time; the "
@@ -320,8 +333,8 @@ def format_report(reports: list[StepReport], *, title: str, hbm_gib: float, n_ch
         if r.tokens:
             model = max(r.model_flops_per_token, 1)
             per_tok = f"{r.flops / r.tokens:.4g} (ratio {r.flops / r.tokens / model:.2f})"
-            if r.gmm_bound:
-                per_tok = (f"worst case {per_tok}, balanced routing {r.balanced_flops / r.tokens:.4g} "
+            if expect:
+                per_tok = (f"worst case {per_tok}, expected {r.balanced_flops / r.tokens:.4g} "
                            f"(ratio {r.balanced_flops / r.tokens / model:.2f})")
             lines.append(f"  FLOPs per token: step {per_tok}; model {r.model_flops_per_token:.4g} "
                          f"(6 N + attention; {r.tokens} tokens per step)")
@@ -353,6 +366,14 @@ def model_flops_per_token(cfg: models.ModelConfig, seq_len: int, training: bool)
     layers = cfg.n_layers + (cfg.mtp_depth if training else 0)
     attention = 2 * layers * cfg.n_heads * (d_qk + d_v) * (seq_len + 1) / 2
     return (3 if training else 1) * (2 * activated_params(cfg) + attention)
+
+
+def causal_block_share(seq_len: int, block: int) -> float:
+    """Share of the chunked attention's (query block, key block) pairs a causal mask lets through when
+    T = S = seq_len is cut into n blocks: query block i sees key blocks 0..i, n (n + 1) / 2 of n^2 pairs
+    (packed rows skip more: an upper bound)."""
+    n = -(-seq_len // block) if block and seq_len > block else 1
+    return (n + 1) / (2 * n)
 
 
 def bytes_per_chip(tree) -> int:
@@ -419,6 +440,7 @@ def sft_reports(config, mesh, rules) -> list[StepReport]:
     return [analyze(compiled, "sft train step", jaxpr=jaxpr, tokens=math.prod(shape),
                     model_flops_per_token=model_flops_per_token(cfg, shape[1], training=True),
                     balanced_rows=functools.partial(moe.balanced_rows, cfg=cfg),
+                    causal_share=causal_block_share(shape[1], cfg.attn_block),
                     note=f"batch {shape[0]} x {shape[1]}, {config.train.micro_batches} micro-batches, "
                          f"remat {cfg.remat}")]
 
@@ -466,7 +488,7 @@ def grpo_reports(config, mesh, rules) -> list[StepReport]:
                                         _abstract((n,), jnp.float32, rows1), key), donate=(0,))
     out.append(analyze(compiled, "grpo policy update", jaxpr=jaxpr, tokens=n * (p + t) * loss.mu,
                        model_flops_per_token=model_flops_per_token(cfg, p + t, training=True), resident=ref_bytes,
-                       balanced_rows=balanced,
+                       balanced_rows=balanced, causal_share=causal_block_share(p + t, cfg.attn_block),
                        note=f"{n} rows x {p}+{t} tokens, {loss.mu} x {loss.mini_batches} updates of "
                             f"{loss.micro_batches} micro-batches; resident: the frozen reference ({ref_dtype})"))
 
@@ -475,6 +497,7 @@ def grpo_reports(config, mesh, rules) -> list[StepReport]:
     out.append(analyze(compiled, "grpo log-prob pass (pi_old, pi_ref)", jaxpr=jaxpr, tokens=n * (p + t),
                        model_flops_per_token=model_flops_per_token(cfg, p + t, training=False),
                        resident=opt_bytes + ref_bytes, balanced_rows=balanced,
+                       causal_share=causal_block_share(p + t, cfg.attn_block),
                        note=f"chunks of {chunk_rows or n} rows; resident: the optimizer state and the reference"))
 
     spec = sampler_lib.SamplerSpec(method=sampler_lib.method_from_config(rl.sampling, float(rl.temperature),
@@ -487,6 +510,7 @@ def grpo_reports(config, mesh, rules) -> list[StepReport]:
     out.append(analyze(compiled, "grpo sampler (prefill + decode loop)", jaxpr=jaxpr, tokens=b * p + n,
                        model_flops_per_token=model_flops_per_token(cfg, p, training=False),
                        resident=opt_bytes + ref_bytes, balanced_rows=balanced,
+                       causal_share=causal_block_share(p, cfg.attn_block),
                        note=f"{b} prompts x G={g}, cache {p}+{int(rl.max_new_tokens)} slots; FLOPs: the prefill "
                             f"and one decode step; resident: the optimizer state and the reference"))
     return out

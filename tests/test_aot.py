@@ -60,6 +60,10 @@ def test_ragged_dot_flops_and_while_loops():
     assert aot.jaxpr_flops(jax.make_jaxpr(jax.lax.ragged_dot)(x, w, sizes)) == aot.FlopCount(f, 0, f)
     loop = jax.make_jaxpr(lambda x: jax.lax.while_loop(lambda c: c[0, 0] < 5, lambda c: c @ jnp.ones((16, 16)), x))
     assert aot.jaxpr_flops(loop(x)) == aot.FlopCount(2 * 12 * 16 * 16, 1)
+    # a cond whose other branch has no matmul (the chunked attention's key blocks): counted, and skippable
+    skip = jax.make_jaxpr(lambda x: jax.lax.cond(x[0, 0] > 0, lambda c: c @ jnp.ones((16, 16)), lambda c: c, x))
+    assert aot.jaxpr_flops(skip(x)) == aot.FlopCount(2 * 12 * 16 * 16, skippable=2 * 12 * 16 * 16)
+    assert aot.causal_block_share(32768, 2048) == 17 / 32 and aot.causal_block_share(1000, 2048) == 1.0
 
 
 def test_grouped_kernel_flops_from_the_kernels_tile_count():
