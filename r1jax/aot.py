@@ -159,7 +159,8 @@ def jaxpr_flops(jaxpr, balanced_rows=None) -> FlopCount:
     XLA's cost_analysis() counts a loop body once, whatever its trip count (checked: a scan over 2 or 8 layers
     reports the same FLOPs), so the per-step count walks the jaxpr instead: dot_general and ragged_dot FLOPs,
     scan bodies times their length, shard_map bodies (per-device shapes) times the devices, the larger cond
-    branch (`skippable` when another branch has no matmul). A while_loop's trip count is unknown: its body is counted once and the loop is reported.
+    branch (`skippable` when another branch has no matmul). A while_loop's trip count is unknown: its body is
+    counted once and the loop is reported.
     ragged_dot counts every row of its operand: under expert parallelism that is the worst-case receive buffer
     (r1jax.models.moe). The grouped-matmul kernels (moe_impl="gmm", `_grouped_kernel`) are counted at their
     largest grid and at their grid under balanced routing; `balanced_rows(rows, groups)` says how many rows
@@ -194,7 +195,8 @@ def jaxpr_flops(jaxpr, balanced_rows=None) -> FlopCount:
             taken = max(branches, key=lambda c: c.flops)
             count += taken._replace(skippable=taken.flops) if min(c.flops for c in branches) == 0 else taken
         elif name == "shard_map":
-            count += walk(params["jaxpr"]).times(math.prod(params["mesh"].shape[a] for a in params["newly_manual_axes"]))
+            devices = math.prod(params["mesh"].shape[a] for a in params["newly_manual_axes"])
+            count += walk(params["jaxpr"]).times(devices)
         else:
             for value in params.values():
                 for sub in value if isinstance(value, (tuple, list)) else (value,):
@@ -217,7 +219,8 @@ def skipping_conditionals(hlo: str) -> tuple[int, int]:
                    for c in re.findall(r"%([\w.\-]+)", group)]
         return len(re.findall(r" (?:convolution|dot)\(", body)) + sum(matmuls(c) for c in called)
 
-    branches = [re.findall(r"%([\w.\-]+)", g) for g in re.findall(r" conditional\(.*?branch_computations=\{([^}]*)\}", hlo)]
+    groups = re.findall(r" conditional\(.*?branch_computations=\{([^}]*)\}", hlo)
+    branches = [re.findall(r"%([\w.\-]+)", g) for g in groups]
     return len(branches), sum(1 for b in branches if sum(matmuls(c) > 0 for c in b) == 1)
 
 

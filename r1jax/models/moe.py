@@ -29,9 +29,10 @@ of DeepSeek-V3 §3.2.2). Dropless with a proven bound, not a capacity factor: a 
 can receive at most P_e * c * min(k, E_loc) rows from c tokens per device (each token sends at most one row to
 each expert), and the receive buffer has exactly that many rows, so no row is ever dropped whatever the routing.
 That worst case is P_e times the balanced load: tokens go through the exchange in chunks of c per device, c chosen
-to keep the buffer under `EP_MAX_BUFFER_ROWS` rows. The gmm and tiled paths compute only the buffer's filled rows
-(ragged_dot is counted, and as far as is known run by XLA, over all of it). Without an active mesh (or with `exp` unsharded) the single-device
-path above runs unchanged.
+to keep the buffer under `EP_MAX_BUFFER_ROWS` rows. The gmm and tiled paths compute only the buffer's filled
+rows (ragged_dot is counted, and as far as is known run by XLA, over all of it). Without an active mesh (or with
+`exp` unsharded) the single-device path above runs unchanged; gmm under a mesh runs it per device
+(`dispatch_per_device`: a Mosaic kernel cannot be partitioned by XLA's SPMD partitioner).
 
 Balancing is aux-loss-free: the layer reports each expert's load; `update_router_bias` (outside the gradient)
 moves b_i by gamma * sign(mean load - load_i). The optional sequence-wise balance loss is
