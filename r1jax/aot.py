@@ -29,6 +29,7 @@ import math
 import os
 import re
 import sys
+from typing import NamedTuple
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")  # compile for the topology; never claim a local accelerator
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # the topology client needs no exclusive libtpu
@@ -38,6 +39,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from r1jax import models  # noqa: E402
+from r1jax.models import gmm, moe  # noqa: E402
 from r1jax.models.transformer import ParamSpec  # noqa: E402
 from r1jax.sharding import ShardingError, make_mesh  # noqa: E402
 
@@ -106,28 +108,72 @@ def topology_devices(name: str, num_slices: int = 1) -> tuple[str, list]:
 
 # ------------------------------------------------------------------------------------------ FLOP count
 
-def jaxpr_flops(jaxpr) -> tuple[float, int, float]:
-    """(matmul FLOPs of one run of `jaxpr` summed over all devices, while_loops met, of which ragged_dot FLOPs).
+class FlopCount(NamedTuple):
+    """Matmul FLOPs of one run of a jaxpr, summed over all devices (see `jaxpr_flops`)."""
+
+    flops: float  # everything, grouped-matmul kernels at their worst-case bound
+    while_loops: int = 0  # loops met (unknown trip count: body counted once)
+    ragged: float = 0.0  # of `flops`: ragged_dot over whole operands
+    gmm_bound: float = 0.0  # of `flops`: the Pallas grouped-matmul kernels at their largest grid
+    gmm_balanced: float = 0.0  # the same kernels' grid under balanced routing (not in `flops`)
+    skippable: float = 0.0  # of `flops`: lax.cond branches whose alternative has no matmul (attention blocks)
+
+    def __add__(self, other):
+        return FlopCount(*(a + b for a, b in zip(self, other)))
+
+    def times(self, n):
+        return FlopCount(*(v if f == "while_loops" else v * n for f, v in zip(self._fields, self)))
+
+    @property
+    def balanced(self) -> float:
+        """`flops` with the grouped-matmul kernels at their balanced-routing grid."""
+        return self.flops - self.gmm_bound + self.gmm_balanced
+
+
+def _grouped_kernel(eqn, balanced_rows) -> FlopCount:
+    """A megablox gmm / tgmm pallas_call (its grid has one dimension sized at run time, num_active_tiles).
+
+    Its operands start with that size, then the kernel's group metadata (r1jax.models.gmm): group_offsets
+    [E+1], group_ids [tiles_m + E - 1] (the longest grid: every row tile plus one per group starting inside a
+    tile) and m_tile_ids. One grid step costs the kernel body's FLOPs (one Tm x Tk x Tn block matmul), times
+    the static grid dimensions. Bound: the metadata length. Balanced: the kernel's own tile count
+    (gmm.active_tiles) for balanced_rows(rows, E) rows split evenly over the E groups."""
+    grid = eqn.params["grid_mapping"].grid
+    dims = [d for d in grid if not isinstance(d, int)]
+    offsets, group_ids = (eqn.invars[len(dims) + i].aval.shape[0] for i in (0, 1))
+    if len(dims) != 1:
+        raise ValueError(f"pallas_call with grid {grid}: the FLOP count knows one run-time grid dimension")
+    n_groups = offsets - 1
+    tm = eqn.params["grid_mapping"].block_mappings[0].block_shape[0].block_size
+    n_rows = (group_ids - n_groups + 1) * tm
+    filled = balanced_rows(n_rows, n_groups) if balanced_rows else n_rows
+    sizes = [filled // n_groups + (i < filled % n_groups) for i in range(n_groups)]
+    per_step = jaxpr_flops(eqn.params["jaxpr"]).flops * math.prod(d for d in grid if isinstance(d, int))
+    bound, balanced = per_step * group_ids, per_step * int(gmm.active_tiles(sizes, n_rows, tm))
+    return FlopCount(bound, 0, 0.0, bound, balanced)
+
+
+def jaxpr_flops(jaxpr, balanced_rows=None) -> FlopCount:
+    """Matmul FLOPs of one run of `jaxpr`, summed over all devices.
 
     XLA's cost_analysis() counts a loop body once, whatever its trip count (checked: a scan over 2 or 8 layers
     reports the same FLOPs), so the per-step count walks the jaxpr instead: dot_general and ragged_dot FLOPs,
     scan bodies times their length, shard_map bodies (per-device shapes) times the devices, the larger cond
-    branch. A while_loop's trip count is unknown: its body is counted once and the loop is reported.
+    branch (`skippable` when another branch has no matmul). A while_loop's trip count is unknown: its body is
+    counted once and the loop is reported.
     ragged_dot counts every row of its operand: under expert parallelism that is the worst-case receive buffer
-    (r1jax.models.moe), an upper bound of what a grouped-matmul kernel has to do."""
+    (r1jax.models.moe). The grouped-matmul kernels (moe_impl="gmm", `_grouped_kernel`) are counted at their
+    largest grid and at their grid under balanced routing; `balanced_rows(rows, groups)` says how many rows
+    of a kernel's buffer balanced routing fills (r1jax.models.moe.balanced_rows; default all)."""
     jaxpr = getattr(jaxpr, "jaxpr", jaxpr)
-    flops, loops, ragged = 0.0, 0, 0.0
-
-    def add(counted, times=1):
-        nonlocal flops, loops, ragged
-        flops, loops, ragged = flops + times * counted[0], loops + counted[1], ragged + times * counted[2]
-
+    count = FlopCount(0.0)
+    walk = functools.partial(jaxpr_flops, balanced_rows=balanced_rows)
     for eqn in jaxpr.eqns:
         name, params = eqn.primitive.name, eqn.params
         if name == "dot_general":
             (lhs_contract, _), _ = params["dimension_numbers"]
             lhs = eqn.invars[0].aval.shape
-            add((2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract), 0, 0.0))
+            count += FlopCount(2.0 * math.prod(eqn.outvars[0].aval.shape) * math.prod(lhs[d] for d in lhs_contract))
         elif name == "ragged_dot_general":
             dims = params["ragged_dot_dimension_numbers"]
             (_, rhs_contract), (_, rhs_batch) = dims.dot_dimension_numbers
@@ -135,22 +181,47 @@ def jaxpr_flops(jaxpr) -> tuple[float, int, float]:
             fixed = set(rhs_contract) | set(rhs_batch) | set(dims.rhs_group_dimensions)
             free = math.prod(n for d, n in enumerate(rhs) if d not in fixed)
             f = 2.0 * math.prod(eqn.invars[0].aval.shape) * free
-            add((f, 0, f))
+            count += FlopCount(f, 0, f)
+        elif name == "pallas_call" and not all(isinstance(d, int) for d in params["grid_mapping"].grid):
+            count += _grouped_kernel(eqn, balanced_rows)
+        elif name == "pallas_call":
+            count += walk(params["jaxpr"]).times(math.prod(params["grid_mapping"].grid))
         elif name == "scan":
-            add(jaxpr_flops(params["jaxpr"]), params["length"])
+            count += walk(params["jaxpr"]).times(params["length"])
         elif name == "while":
-            add(jaxpr_flops(params["body_jaxpr"]))
-            loops += 1
+            count += walk(params["body_jaxpr"]) + FlopCount(0.0, 1)
         elif name == "cond":
-            add(max((jaxpr_flops(b) for b in params["branches"]), key=lambda c: c[0]))
+            branches = [walk(b) for b in params["branches"]]
+            taken = max(branches, key=lambda c: c.flops)
+            count += taken._replace(skippable=taken.flops) if min(c.flops for c in branches) == 0 else taken
         elif name == "shard_map":
-            add(jaxpr_flops(params["jaxpr"]), math.prod(params["mesh"].shape[a] for a in params["newly_manual_axes"]))
+            devices = math.prod(params["mesh"].shape[a] for a in params["newly_manual_axes"])
+            count += walk(params["jaxpr"]).times(devices)
         else:
             for value in params.values():
                 for sub in value if isinstance(value, (tuple, list)) else (value,):
                     if hasattr(sub, "eqns") or hasattr(getattr(sub, "jaxpr", None), "eqns"):
-                        add(jaxpr_flops(sub))
-    return flops, loops, ragged
+                        count += walk(sub)
+    return count
+
+
+def skipping_conditionals(hlo: str) -> tuple[int, int]:
+    """(conditionals in a compiled HLO module, those with matmuls in one branch only). The chunked attention's
+    lax.cond over key blocks (r1jax/models/attention.py) skips the blocks the mask rules out only if it stays a
+    conditional through compilation: a select would compute both branches and discard one."""
+    comps = {m.group(1): m.group(2) for m in re.finditer(r"^(?:ENTRY )?%(\S+) \(.*?\{\n(.*?)\n\}\n", hlo, re.S | re.M)}
+
+    @functools.cache
+    def matmuls(name: str) -> int:  # dots and convolutions in a computation and everything it calls
+        body = comps.get(name, "")
+        called = re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", body)
+        called += [c for group in re.findall(r"branch_computations=\{([^}]*)\}", body)
+                   for c in re.findall(r"%([\w.\-]+)", group)]
+        return len(re.findall(r" (?:convolution|dot)\(", body)) + sum(matmuls(c) for c in called)
+
+    groups = re.findall(r" conditional\(.*?branch_computations=\{([^}]*)\}", hlo)
+    branches = [re.findall(r"%([\w.\-]+)", g) for g in groups]
+    return len(branches), sum(1 for b in branches if sum(matmuls(c) > 0 for c in b) == 1)
 
 
 # ------------------------------------------------------------------------------------------- the report
@@ -170,10 +241,20 @@ class StepReport:
     xla_flops: float = 0.0  # per chip, compiled.cost_analysis(): every loop body counted once
     while_loops: int = 0  # loops of unknown trip count (counted once in `flops`)
     ragged_flops: float = 0.0  # the part of `flops` in ragged_dot (grouped expert matmuls) over whole buffers
+    gmm_bound: float = 0.0  # the part of `flops` in the grouped-matmul kernels, at their largest grids
+    gmm_balanced: float = 0.0  # those kernels under balanced routing (replacing gmm_bound in balanced_flops)
+    conditionals: tuple[int, int] = (0, 0)  # skipping_conditionals of the compiled program
+    skippable: float = 0.0  # the part of `flops` in lax.cond branches that may be skipped (attention blocks)
+    causal_share: float = 1.0  # of those, the share a causal mask runs (`causal_block_share`)
     tokens: int = 0  # tokens the step processes (global)
     model_flops_per_token: float = 0.0  # 6 x activated params (training) or 2 x (inference)
     note: str = ""
     compiler_error: str = ""  # XLA refused the program (temporaries over HBM): the numbers are lower bounds
+
+    @property
+    def balanced_flops(self) -> float:
+        """Balanced routing and the causal mask's share of the skippable attention blocks."""
+        return self.flops - self.gmm_bound + self.gmm_balanced - self.skippable * (1 - self.causal_share)
 
     @property
     def total(self) -> int:
@@ -184,13 +265,15 @@ class StepReport:
 
 
 def analyze(compiled, name: str, *, jaxpr=None, tokens: int = 0, model_flops_per_token: float = 0.0,
-            resident: int = 0, note: str = "") -> StepReport:
+            resident: int = 0, note: str = "", balanced_rows=None, causal_share: float = 1.0) -> StepReport:
     """A StepReport from a compiled executable (`jax.jit(f).trace(...).lower().compile()`) and its jaxpr, or
-    from an `OutOfMemory` (the compiler's refusal) in its place."""
+    from an `OutOfMemory` (the compiler's refusal) in its place. balanced_rows: see `jaxpr_flops`."""
     done = "refused: out of HBM" if isinstance(compiled, OutOfMemory) else "compiled"
     print(f"r1jax.aot: {name}: {done}", file=sys.stderr, flush=True)  # progress: a full-size compile takes minutes
-    flops, loops, ragged = jaxpr_flops(jaxpr) if jaxpr is not None else (0.0, 0, 0.0)
-    counts = dict(resident=int(resident), flops=flops, while_loops=loops, ragged_flops=ragged, tokens=int(tokens),
+    c = jaxpr_flops(jaxpr, balanced_rows) if jaxpr is not None else FlopCount(0.0)
+    counts = dict(resident=int(resident), flops=c.flops, while_loops=c.while_loops, ragged_flops=c.ragged,
+                  gmm_bound=c.gmm_bound, gmm_balanced=c.gmm_balanced, skippable=c.skippable,
+                  causal_share=causal_share if c.skippable else 1.0, tokens=int(tokens),
                   model_flops_per_token=float(model_flops_per_token), note=note)
     if isinstance(compiled, OutOfMemory):
         return StepReport(name=name, arguments=compiled.arguments, outputs=0, aliased=0,
@@ -202,7 +285,8 @@ def analyze(compiled, name: str, *, jaxpr=None, tokens: int = 0, model_flops_per
     return StepReport(
         name=name, arguments=int(mem.argument_size_in_bytes), outputs=int(mem.output_size_in_bytes),
         aliased=int(mem.alias_size_in_bytes), temporaries=int(mem.temp_size_in_bytes),
-        code=int(mem.generated_code_size_in_bytes), xla_flops=float((cost or {}).get("flops", 0.0)), **counts)
+        code=int(mem.generated_code_size_in_bytes), xla_flops=float((cost or {}).get("flops", 0.0)),
+        conditionals=skipping_conditionals(compiled.as_text()), **counts)
 
 
 def format_report(reports: list[StepReport], *, title: str, hbm_gib: float, n_chips: int,
@@ -225,17 +309,38 @@ def format_report(reports: list[StepReport], *, title: str, hbm_gib: float, n_ch
         lines.append(f"                     total {'>=' if r.compiler_error else ''}{gib(r.total)} of {hbm_gib:g}  ->  "
                      f"{'fits' if r.fits(cap) else 'DOES NOT FIT'} ({100 * r.total / cap:.0f}%)")
         per_chip = r.flops / n_chips
+        at_peak = lambda f: f"{f / n_chips / (peak_tflops * 1e12):.3g} s at peak"  # noqa: E731
         loops = f"; {r.while_loops} while_loop bodies counted once" if r.while_loops else ""
-        lines.append(f"  FLOPs per step: {r.flops:.4g} total, {per_chip:.4g} per chip "
-                     f"({per_chip / (peak_tflops * 1e12):.3g} s at peak{loops}); XLA cost_analysis "
-                     f"{r.xla_flops:.4g} per chip (loop bodies once)")
+        expect = r.balanced_flops != r.flops
+        worst = "worst case: " if expect else ""
+        lines.append(f"  FLOPs per step: {worst}{r.flops:.4g} total, {per_chip:.4g} per chip "
+                     f"({at_peak(r.flops)}{loops}); XLA cost_analysis {r.xla_flops:.4g} per chip (loop bodies once)")
+        if expect:
+            lines.append(f"                  expected (balanced routing, causal attention blocks): "
+                         f"{r.balanced_flops:.4g} total, {r.balanced_flops / n_chips:.4g} per chip "
+                         f"({at_peak(r.balanced_flops)})")
+            lines.append(f"    of which grouped expert matmuls (Pallas gmm/tgmm, rows past the group sizes "
+                         f"skipped): worst-case bound {r.gmm_bound:.4g} (the kernels' largest grids), balanced "
+                         f"routing {r.gmm_balanced:.4g} (their active tiles when every expert gets the same rows)")
+        if r.skippable:
+            lines.append(f"    of which attention blocks under lax.cond (skipped when no query sees them): "
+                         f"{r.skippable:.4g} counted as all run, {r.skippable * r.causal_share:.4g} run under a causal "
+                         f"mask ({r.causal_share:.3f} of the blocks)")
+        if r.conditionals[0]:
+            lines.append(f"    compiled: {r.conditionals[1]} of {r.conditionals[0]} conditionals hold matmuls in one "
+                         f"branch only (the chunked attention's masked key blocks are skipped at run time; the "
+                         f"count above includes them)")
         if r.ragged_flops:
             lines.append(f"    of which grouped expert matmuls (ragged_dot over whole buffers; under EP the "
                          f"worst-case receive buffer) {r.ragged_flops:.4g}")
         if r.tokens:
-            per_tok = r.flops / r.tokens
-            lines.append(f"  FLOPs per token: step {per_tok:.4g}; model {r.model_flops_per_token:.4g} "
-                         f"(ratio {per_tok / max(r.model_flops_per_token, 1):.2f}; {r.tokens} tokens per step)")
+            model = max(r.model_flops_per_token, 1)
+            per_tok = f"{r.flops / r.tokens:.4g} (ratio {r.flops / r.tokens / model:.2f})"
+            if expect:
+                per_tok = (f"worst case {per_tok}, expected {r.balanced_flops / r.tokens:.4g} "
+                           f"(ratio {r.balanced_flops / r.tokens / model:.2f})")
+            lines.append(f"  FLOPs per token: step {per_tok}; model {r.model_flops_per_token:.4g} "
+                         f"(6 N + attention; {r.tokens} tokens per step)")
     bad = [r.name for r in reports if not r.fits(cap)]
     lines.append("\n" + ("FITS: every step fits in " if not bad else f"DOES NOT FIT: {', '.join(bad)} exceed ")
                  + f"{hbm_gib:g} GiB per chip")
@@ -251,6 +356,27 @@ def activated_params(cfg: models.ModelConfig) -> int:
         n = math.prod(s.shape)
         total += n * cfg.n_experts_per_tok // cfg.n_routed_experts if "exp" in s.axes else n
     return total
+
+
+def model_flops_per_token(cfg: models.ModelConfig, seq_len: int, training: bool) -> float:
+    """The model's FLOPs per token: 2 x activated params per matmul pass plus causal attention over rows of
+    seq_len tokens (scores and values, 2 (d_qk + d_v) FLOPs per head and visible key, (T + 1) / 2 keys on
+    average); x3 when training (forward + backward). Rematerialisation and padding are not model FLOPs."""
+    if cfg.attention == "mla":
+        d_qk, d_v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    else:
+        d_qk = d_v = cfg.head_dim
+    layers = cfg.n_layers + (cfg.mtp_depth if training else 0)
+    attention = 2 * layers * cfg.n_heads * (d_qk + d_v) * (seq_len + 1) / 2
+    return (3 if training else 1) * (2 * activated_params(cfg) + attention)
+
+
+def causal_block_share(seq_len: int, block: int) -> float:
+    """Share of the chunked attention's (query block, key block) pairs a causal mask lets through when
+    T = S = seq_len is cut into n blocks: query block i sees key blocks 0..i, n (n + 1) / 2 of n^2 pairs
+    (packed rows skip more: an upper bound)."""
+    n = -(-seq_len // block) if block and seq_len > block else 1
+    return (n + 1) / (2 * n)
 
 
 def bytes_per_chip(tree) -> int:
@@ -315,7 +441,9 @@ def sft_reports(config, mesh, rules) -> list[StepReport]:
     batch = {k: _abstract(shape, dtypes.get(k, jnp.int32), step.batch_shardings[k]) for k in step_lib.BATCH_KEYS}
     compiled, jaxpr = _compile(step, (state, batch), donate=(0,))
     return [analyze(compiled, "sft train step", jaxpr=jaxpr, tokens=math.prod(shape),
-                    model_flops_per_token=6 * activated_params(cfg),
+                    model_flops_per_token=model_flops_per_token(cfg, shape[1], training=True),
+                    balanced_rows=functools.partial(moe.balanced_rows, cfg=cfg),
+                    causal_share=causal_block_share(shape[1], cfg.attn_block),
                     note=f"batch {shape[0]} x {shape[1]}, {config.train.micro_batches} micro-batches, "
                          f"remat {cfg.remat}")]
 
@@ -353,7 +481,7 @@ def grpo_reports(config, mesh, rules) -> list[StepReport]:
              "completion": _abstract((n, t), jnp.int32, rows), "mask": _abstract((n, t), jnp.float32, rows)}
     logp = _abstract((n, t), jnp.float32, rows)
     key = _abstract((2,), jnp.uint32, replicated)
-    n_act = activated_params(cfg)
+    balanced = functools.partial(moe.balanced_rows, cfg=cfg)
     ref_bytes = bytes_per_chip(reference) if reference is not None else 0
     opt_bytes = bytes_per_chip(state) - bytes_per_chip(state.params)
     out = []
@@ -362,14 +490,17 @@ def grpo_reports(config, mesh, rules) -> list[StepReport]:
     compiled, jaxpr = _compile(update, (state, batch, old_logp, logp if loss.beta else None,
                                         _abstract((n,), jnp.float32, rows1), key), donate=(0,))
     out.append(analyze(compiled, "grpo policy update", jaxpr=jaxpr, tokens=n * (p + t) * loss.mu,
-                       model_flops_per_token=6 * n_act, resident=ref_bytes,
+                       model_flops_per_token=model_flops_per_token(cfg, p + t, training=True), resident=ref_bytes,
+                       balanced_rows=balanced, causal_share=causal_block_share(p + t, cfg.attn_block),
                        note=f"{n} rows x {p}+{t} tokens, {loss.mu} x {loss.mini_batches} updates of "
                             f"{loss.micro_batches} micro-batches; resident: the frozen reference ({ref_dtype})"))
 
     scorer = trainer_lib.make_scorer(cfg, loss.temperature, mesh=mesh, rules=rules, chunk_rows=chunk_rows)
     compiled, jaxpr = _compile(scorer, (state.params, batch))
     out.append(analyze(compiled, "grpo log-prob pass (pi_old, pi_ref)", jaxpr=jaxpr, tokens=n * (p + t),
-                       model_flops_per_token=2 * n_act, resident=opt_bytes + ref_bytes,
+                       model_flops_per_token=model_flops_per_token(cfg, p + t, training=False),
+                       resident=opt_bytes + ref_bytes, balanced_rows=balanced,
+                       causal_share=causal_block_share(p + t, cfg.attn_block),
                        note=f"chunks of {chunk_rows or n} rows; resident: the optimizer state and the reference"))
 
     spec = sampler_lib.SamplerSpec(method=sampler_lib.method_from_config(rl.sampling, float(rl.temperature),
@@ -380,7 +511,9 @@ def grpo_reports(config, mesh, rules) -> list[StepReport]:
     compiled, jaxpr = _compile(sample, (state.params, _abstract((b, p), jnp.int32, replicated),
                                         _abstract((b,), jnp.int32, replicated), key))
     out.append(analyze(compiled, "grpo sampler (prefill + decode loop)", jaxpr=jaxpr, tokens=b * p + n,
-                       model_flops_per_token=2 * n_act, resident=opt_bytes + ref_bytes,
+                       model_flops_per_token=model_flops_per_token(cfg, p, training=False),
+                       resident=opt_bytes + ref_bytes, balanced_rows=balanced,
+                       causal_share=causal_block_share(p, cfg.attn_block),
                        note=f"{b} prompts x G={g}, cache {p}+{int(rl.max_new_tokens)} slots; FLOPs: the prefill "
                             f"and one decode step; resident: the optimizer state and the reference"))
     return out

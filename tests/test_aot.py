@@ -3,6 +3,7 @@ and GRPO steps for a 4-chip v5p slice with expert parallelism (needs libtpu, the
 
 import importlib.util
 import os
+import re
 import subprocess
 import sys
 
@@ -47,17 +48,37 @@ def test_flop_count_multiplies_loop_trip_counts():
 
     for n_layers in (2, 8):
         jaxpr = jax.make_jaxpr(f)(jnp.ones((8, 16)), jnp.ones((n_layers, 16, 16)))
-        assert aot.jaxpr_flops(jaxpr) == (2 * 8 * 16 * 16 * n_layers + 2 * 8 * 16 * 4, 0, 0)
+        assert aot.jaxpr_flops(jaxpr) == aot.FlopCount(2 * 8 * 16 * 16 * n_layers + 2 * 8 * 16 * 4)
     # d/dx: the forward once, and in the backward one cotangent matmul per matmul (no d/dw asked for).
     grad = jax.make_jaxpr(jax.grad(lambda x, w: f(x, w).sum()))(jnp.ones((8, 16)), jnp.ones((3, 16, 16)))
-    assert aot.jaxpr_flops(grad) == (2 * (2 * 8 * 16 * 16 * 3 + 2 * 8 * 16 * 4), 0, 0)
+    assert aot.jaxpr_flops(grad) == aot.FlopCount(2 * (2 * 8 * 16 * 16 * 3 + 2 * 8 * 16 * 4))
 
 
 def test_ragged_dot_flops_and_while_loops():
     x, w, sizes = jnp.ones((12, 16)), jnp.ones((3, 16, 8)), jnp.array([4, 4, 4], jnp.int32)
-    assert aot.jaxpr_flops(jax.make_jaxpr(jax.lax.ragged_dot)(x, w, sizes)) == (2 * 12 * 16 * 8, 0, 2 * 12 * 16 * 8)
+    f = 2 * 12 * 16 * 8
+    assert aot.jaxpr_flops(jax.make_jaxpr(jax.lax.ragged_dot)(x, w, sizes)) == aot.FlopCount(f, 0, f)
     loop = jax.make_jaxpr(lambda x: jax.lax.while_loop(lambda c: c[0, 0] < 5, lambda c: c @ jnp.ones((16, 16)), x))
-    assert aot.jaxpr_flops(loop(x)) == (2 * 12 * 16 * 16, 1, 0)
+    assert aot.jaxpr_flops(loop(x)) == aot.FlopCount(2 * 12 * 16 * 16, 1)
+    # a cond whose other branch has no matmul (the chunked attention's key blocks): counted, and skippable
+    skip = jax.make_jaxpr(lambda x: jax.lax.cond(x[0, 0] > 0, lambda c: c @ jnp.ones((16, 16)), lambda c: c, x))
+    assert aot.jaxpr_flops(skip(x)) == aot.FlopCount(2 * 12 * 16 * 16, skippable=2 * 12 * 16 * 16)
+    assert aot.causal_block_share(32768, 2048) == 17 / 32 and aot.causal_block_share(1000, 2048) == 1.0
+
+
+def test_grouped_kernel_flops_from_the_kernels_tile_count():
+    """The gmm kernels of a grouped SwiGLU (3 in the forward) over a buffer of 40 rows, 4 experts, Tm = 8: the bound
+    is the kernel's longest grid (5 row tiles + 3), balanced the tiles covering 16 rows split 4 / 4 / 4 / 4."""
+    from r1jax.models import gmm
+
+    rows, sizes = jnp.ones((40, 16)), jnp.array([10, 0, 17, 5], jnp.int32)
+    wg, wd = jnp.ones((4, 16, 32)), jnp.ones((4, 32, 16))
+    jaxpr = jax.make_jaxpr(lambda r: gmm.grouped_swiglu(r, sizes, wg, wg, wd, (8, 128, 128)))(rows)
+    count = aot.jaxpr_flops(jaxpr, balanced_rows=lambda n_rows, n_groups: 16)
+    per_tile = 3 * 2 * 8 * 16 * 32  # gate, up, down: one Tm x 16 x 32 block matmul each
+    assert count.gmm_bound == count.flops == per_tile * gmm.max_active_tiles(40, 4, 8) == per_tile * 8
+    assert count.gmm_balanced == per_tile * 4  # rows 0-16 are 2 tiles, each computed for the 2 groups in it
+    assert count.balanced == count.flops - count.gmm_bound + count.gmm_balanced
 
 
 def test_activated_params_671b():
@@ -80,11 +101,17 @@ def test_report_verdict():
 @needs_libtpu
 def test_sft_step_compiles_for_a_v5p_slice():
     code, out, err = _cli("--config", "configs/sft.py:tiny", "--topology", "v5p:2x2x1", *TINY,
-                          "--config.data.seq_len=64")
+                          "--config.data.seq_len=64", "--config.model.overrides.attn_block=16")
     assert code == 0, err[-3000:]
     assert "4 chips" in out and "mesh fsdp=2, expert=2" in out
     assert "[sft train step]" in out and "HBM per chip (GiB): arguments" in out and "temporaries" in out
     assert "FLOPs per step" in out and "FLOPs per token" in out
+    # moe_impl="auto" compiles the Pallas grouped-matmul kernels for TPU, counted at both grids
+    assert "Pallas gmm/tgmm" in out and "balanced routing" in out and "6 N + attention" in out
+    # chunked attention (4 x 4 blocks of 16): its lax.cond over key blocks is still a conditional on TPU, the
+    # block matmuls in one branch only (forward, remat and backward of each layer)
+    skipping, total = map(int, re.search(r"compiled: (\d+) of (\d+) conditionals", out).groups())
+    assert skipping == total >= 6
     assert out.strip().splitlines()[-1].startswith("FITS")
 
 

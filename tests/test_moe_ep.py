@@ -25,6 +25,9 @@ CASES = [
     ({"data": 2, "expert": 2, "tensor": 2}, "tiled", 48, "random"),
 ]
 MODEL_MESHES = [{"expert": 4, "fsdp": 2}, {"expert": 2, "fsdp": 2, "tensor": 2}]
+# The Pallas grouped-matmul kernels (moe_impl="gmm", interpret mode here) against the single-device tiled
+# dispatch: one mesh with a tensor axis (the psum) and a budget of several chunks, one compile, three routings.
+GMM_MESH, GMM_BUDGET, GMM_ROUTINGS = {"expert": 2, "fsdp": 2, "tensor": 2}, 32, ("balanced", "skewed", "empty")
 
 
 @pytest.fixture(scope="module")
@@ -44,6 +47,20 @@ def test_dispatch_ep_matches_dispatch(worker_rows):
         assert r["out"] < 1e-6 and r["grads"] < 1e-6, r  # relative to the largest reference value
         if r["budget"]:
             assert r["chunks"] > 1, r
+
+
+def test_gmm_dispatch_ep_matches_dispatch(worker_rows):
+    rows = [r for r in worker_rows if r["kind"] == "dispatch_gmm"]
+    assert [r["routing"] for r in rows] == list(GMM_ROUTINGS)
+    for r in rows:
+        assert r["all_to_all"] and r["pallas_call"] and r["chunks"] > 1, r
+        assert r["out"] <= 1e-5 and r["grads"] <= 1e-5, r  # relative to the largest reference value
+
+
+def test_gmm_per_device_without_ep_matches_dispatch(worker_rows):
+    (r,) = [r for r in worker_rows if r["kind"] == "dispatch_gmm_per_device"]
+    assert r["shard_map"] and r["pallas_call"], r
+    assert r["out"] <= 1e-5 and r["grads"] <= 1e-5, r
 
 
 def test_model_under_ep_matches_single_device(worker_rows):
@@ -118,6 +135,48 @@ def _worker():
             "kind": "dispatch", "mesh": ici, "impl": impl, "budget": budget, "routing": routing,
             "chunks": -(-m_dev // max(1, per_chunk)), "all_to_all": "all_to_all" in hlo or "all-to-all" in hlo,
             "out": _rel(y, y_ref), "grads": max(_rel(a, b) for a, b in zip(g, g_ref))}), flush=True)
+
+    # gmm: one compiled EP step, balanced / skewed / empty-expert routings (experts 0, 5, 15 unchosen).
+    routings = {"balanced": (np.arange(m * k) % e).reshape(m, k),
+                "skewed": np.stack([rng.permutation(max(k, e // GMM_MESH["expert"]))[:k] for _ in range(m)]),
+                "empty": np.stack([rng.permutation(np.setdiff1d(np.arange(e), [0, 5, 15]))[:k] for _ in range(m)])}
+    tiling = {"gmm_tiling": (8, 128, 128)}
+    ref = jax.jit(jax.value_and_grad(lambda *a: loss(lambda *b, **kw: moe.dispatch(*b[:8], **tiling), *a),
+                                     argnums=(2, 3, 4, 5, 6), has_aux=True), static_argnums=(0, 1))
+    mesh = S.make_mesh(GMM_MESH)
+    with S.use_rules(mesh, S.DEFAULT_RULES):
+        p_sh = S.tree_shardings({"g": ("exp", "embed", "exp_mlp"), "d": ("exp", "exp_mlp", "embed")},
+                                {"g": wg.shape, "d": wd.shape}, mesh, S.DEFAULT_RULES)
+        placed = (x, w, jax.device_put(wg, p_sh["g"]), jax.device_put(wu, p_sh["g"]), jax.device_put(wd, p_sh["d"]))
+        ep = jax.jit(jax.value_and_grad(lambda *a: loss(lambda *b, **kw: moe.dispatch_ep(*b, **kw, **tiling), *a),
+                                        argnums=(2, 3, 4, 5, 6), has_aux=True), static_argnums=(0, 1))
+        traced = ep.trace("gmm", GMM_BUDGET, *placed, jnp.asarray(routings["balanced"], jnp.int32))
+        hlo, jaxpr = traced.lower().as_text(), str(traced.jaxpr)
+        n_dev = GMM_MESH["expert"]
+        chunks = -(-(-(-m // 8)) // (GMM_BUDGET // (n_dev * min(k, e // n_dev))))
+        for name, idx in routings.items():
+            idx = jnp.asarray(idx, jnp.int32)
+            (_, y_ref), g_ref = ref("tiled", None, *placed[:2], wg, wu, wd, idx)
+            (_, y), g = ep("gmm", GMM_BUDGET, *placed, idx)
+            print(json.dumps({
+                "kind": "dispatch_gmm", "routing": name, "pallas_call": "pallas_call" in jaxpr,
+                "all_to_all": "all_to_all" in hlo or "all-to-all" in hlo,
+                "chunks": chunks,
+                "out": _rel(y, y_ref), "grads": max(_rel(a, b) for a, b in zip(g, g_ref))}), flush=True)
+
+    # gmm without expert parallelism on a sharded mesh: per device (a Mosaic kernel cannot be SPMD-partitioned).
+    mesh = S.make_mesh({"data": 2, "fsdp": 2, "tensor": 2})
+    idx = jnp.asarray(routings["skewed"], jnp.int32)
+    (_, y_ref), g_ref = ref("tiled", None, *placed[:2], wg, wu, wd, idx)
+    with S.use_rules(mesh, S.DEFAULT_RULES):
+        per_device = jax.jit(jax.value_and_grad(
+            lambda *a: loss(lambda *b, **kw: moe.dispatch_per_device(*b[:8], **tiling), *a),
+            argnums=(2, 3, 4, 5, 6), has_aux=True), static_argnums=(0, 1))
+        (_, y), g = per_device("gmm", None, x, w, wg, wu, wd, idx)
+        jaxpr = str(per_device.trace("gmm", None, x, w, wg, wu, wd, idx).jaxpr)
+    print(json.dumps({"kind": "dispatch_gmm_per_device", "shard_map": "shard_map" in jaxpr,
+                      "pallas_call": "pallas_call" in jaxpr, "out": _rel(y, y_ref),
+                      "grads": max(_rel(a, b) for a, b in zip(g, g_ref))}), flush=True)
 
     cfg = M.get_preset("tiny_moe", aux_loss_alpha=0.01, remat="full", n_layers=2, mtp_depth=0, n_routed_experts=16,
                        n_group=4, topk_group=2)

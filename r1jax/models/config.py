@@ -59,8 +59,11 @@ class ModelConfig:
     norm_topk_prob: bool = True
     aux_loss_alpha: float = 0.0  # sequence-wise balance loss weight (V3 paper: 1e-4); 0 = off
     bias_update_rate: float = 0.0  # gamma of the aux-loss-free bias update; 0 = frozen (post-training)
-    moe_impl: str = "auto"  # grouped matmul: auto (ragged_dot on TPU/GPU, tiled on CPU) | ragged_dot | tiled
+    # grouped matmul: auto (gmm on TPU, ragged_dot on GPU, tiled on CPU) | gmm | ragged_dot | tiled; gmm = the
+    # Pallas megablox kernels (r1jax/models/gmm.py), in interpret mode off TPU (tests)
+    moe_impl: str = "auto"
     moe_tile: int = 128  # largest row tile of the tiled path
+    moe_gmm_tiling: tuple[int, int, int] = ()  # gmm's (Tm, Tk, Tn); () = gmm.TILING for the target chip
 
     # Norms, RoPE.
     rms_norm_eps: float = 1e-6
@@ -111,7 +114,11 @@ class ModelConfig:
             need(self.topk_group * (self.n_routed_experts // self.n_group) >= self.n_experts_per_tok,
                  "topk_group groups hold fewer experts than n_experts_per_tok")
             need(self.moe_d_ff > 0, "moe_d_ff must be > 0 for MoE layers")
-        need(self.moe_impl in ("auto", "ragged_dot", "tiled"), f"unknown moe_impl {self.moe_impl!r}")
+        need(self.moe_impl in ("auto", "gmm", "ragged_dot", "tiled"), f"unknown moe_impl {self.moe_impl!r}")
+        object.__setattr__(self, "moe_gmm_tiling", tuple(self.moe_gmm_tiling))  # a list from a config file
+        need(self.moe_gmm_tiling == () or (len(self.moe_gmm_tiling) == 3 and self.moe_gmm_tiling[0] % 8 == 0
+                                           and min(self.moe_gmm_tiling) > 0),
+             f"moe_gmm_tiling={self.moe_gmm_tiling} must be () or (Tm, Tk, Tn) > 0 with Tm a multiple of 8")
         need(self.mtp_depth in (0, 1), f"mtp_depth must be 0 or 1, got {self.mtp_depth}")
 
     # Derived sizes.

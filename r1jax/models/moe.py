@@ -12,8 +12,14 @@ Routing (DeepSeek-V3 §2.1.2, REFERENCE.md §1):
 
 Dispatch is dropless: the M*k (token, expert) pairs are sorted by expert, each expert's contiguous rows go
 through a grouped matmul (FLOPs ~ M*k, independent of E), and the results are unsorted and weighted. The grouped
-matmul is `jax.lax.ragged_dot` on TPU/GPU and, on CPU, where XLA's ragged_dot computes every expert densely, a loop
-over expert tiles that computes only the tiles holding rows (`_experts_tiled`).
+matmul (`moe_impl`, "auto" picks by the platform compiled for):
+  gmm         TPU: JAX's Pallas grouped-matmul kernels (megablox gmm / tgmm, r1jax/models/gmm.py), a grid over
+              the row tiles that hold routed rows, counted at run time from the group sizes
+  ragged_dot  GPU: `jax.lax.ragged_dot`
+  tiled       CPU, where XLA's ragged_dot computes every expert densely: a loop over expert tiles that computes
+              only the tiles holding rows (`_experts_tiled`)
+All three give the same values and gradients (tests/test_gmm.py, tests/test_model.py); gmm runs anywhere in
+Pallas interpret mode (slow: tests only).
 
 Expert parallelism (EP): when an active mesh (r1jax.sharding.use_rules) puts the `exp` axis of the expert weights on
 mesh axes of size > 1, `moe_layer` runs `dispatch_ep` instead: inside `jax.shard_map` every device sorts its own
@@ -23,9 +29,10 @@ of DeepSeek-V3 §3.2.2). Dropless with a proven bound, not a capacity factor: a 
 can receive at most P_e * c * min(k, E_loc) rows from c tokens per device (each token sends at most one row to
 each expert), and the receive buffer has exactly that many rows, so no row is ever dropped whatever the routing.
 That worst case is P_e times the balanced load: tokens go through the exchange in chunks of c per device, c chosen
-to keep the buffer under `EP_MAX_BUFFER_ROWS` rows, and the grouped matmul costs buffer-sized FLOPs unless its
-kernel skips the rows past the group sizes. Without an active mesh (or with `exp` unsharded) the single-device
-path above runs unchanged.
+to keep the buffer under `EP_MAX_BUFFER_ROWS` rows. The gmm and tiled paths compute only the buffer's filled
+rows (ragged_dot is counted, and as far as is known run by XLA, over all of it). Without an active mesh (or with
+`exp` unsharded) the single-device path above runs unchanged; gmm under a mesh runs it per device
+(`dispatch_per_device`: a Mosaic kernel cannot be partitioned by XLA's SPMD partitioner).
 
 Balancing is aux-loss-free: the layer reports each expert's load; `update_router_bias` (outside the gradient)
 moves b_i by gamma * sign(mean load - load_i). The optional sequence-wise balance loss is
@@ -42,6 +49,7 @@ import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
 from r1jax import sharding
+from r1jax.models import gmm
 from r1jax.models.config import ModelConfig
 from r1jax.models.layers import swiglu
 
@@ -233,35 +241,44 @@ def _unsorted_rows(y, order, rank):
     return _take_rows(y, rank, order[:, None])
 
 
-def _target_platform() -> str:
-    """The platform the code is compiled for: the active mesh's devices (an AOT topology from a CPU host is
-    "tpu"), else the default backend."""
+def _target_device():
+    """A device of the platform the code is compiled for: the active mesh's (an AOT topology from a CPU host is
+    a TPU), else the default backend's."""
     active = sharding._ACTIVE.get()
-    if active is not None:
-        return active[0].devices.flat[0].platform
-    return jax.default_backend()
+    return active[0].devices.flat[0] if active is not None else jax.devices()[0]
+
+
+def _target_platform() -> str:
+    return _target_device().platform
 
 
 def _resolve_impl(impl: str) -> str:
     if impl == "auto":
-        return "tiled" if _target_platform() == "cpu" else "ragged_dot"
-    if impl not in ("ragged_dot", "tiled"):
-        raise ValueError(f"unknown MoE dispatch impl {impl!r}; expected auto, ragged_dot or tiled")
+        return {"cpu": "tiled", "tpu": "gmm"}.get(_target_platform(), "ragged_dot")
+    if impl not in ("gmm", "ragged_dot", "tiled"):
+        raise ValueError(f"unknown MoE dispatch impl {impl!r}; expected auto, gmm, ragged_dot or tiled")
     return impl
 
 
-def dispatch(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", max_tile: int = 128):
+def _gmm_tiling(tiling) -> tuple[int, int, int]:
+    """The gmm kernel's (Tm, Tk, Tn): `tiling` if given, else the default for the chip compiled for."""
+    return tuple(tiling) if tiling else gmm.default_tiling(_target_device().device_kind)
+
+
+def dispatch(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", max_tile: int = 128, gmm_tiling=()):
     """Dropless expert computation. x [M,D], idx/weights [M,k], w_gate/w_up [E,D,F], w_down [E,F,D] -> [M,D].
 
-    impl: "ragged_dot", "tiled", or "auto" (ragged_dot on TPU/GPU, tiled on CPU)."""
+    impl: "gmm", "ragged_dot", "tiled", or "auto" (gmm on TPU, ragged_dot on GPU, tiled on CPU). max_tile:
+    the tiled path's largest row tile; gmm_tiling: the gmm kernel's (Tm, Tk, Tn), () = the chip's default."""
     m, k = idx.shape
     impl = _resolve_impl(impl)
     order, sizes = _sort_pairs(idx, w_gate.shape[0])
-    if impl == "ragged_dot":
-        rows, rank = _sorted_rows(x, order, k)  # [M*k, D] grouped by expert
-        y = _unsorted_rows(_experts_ragged(rows, sizes, w_gate, w_up, w_down), order, rank)  # [M, k, D]
-    else:  # the tiles read the tokens and write the (token, expert) pairs directly
+    if impl == "tiled":  # the tiles read the tokens and write the (token, expert) pairs directly
         y = _experts_tiled(x, order // k, order, sizes, w_gate, w_up, w_down, max_tile).reshape(m, k, -1)
+    else:
+        rows, rank = _sorted_rows(x, order, k)  # [M*k, D] grouped by expert
+        y = _grouped_swiglu(rows, sizes, w_gate, w_up, w_down, impl, max_tile, gmm_tiling)
+        y = _unsorted_rows(y, order, rank)  # [M, k, D]
     return jnp.einsum("mkd,mk->md", y, weights.astype(y.dtype))
 
 
@@ -322,11 +339,15 @@ def _exchange(rows, out_rows: int, input_offsets, send_sizes, output_offsets, re
     return out.at[dest.reshape(-1)].set(blocks.reshape((n_slices * cap,) + rows.shape[1:]), mode="drop")
 
 
-def _grouped_swiglu(rows, sizes, w_gate, w_up, w_down, impl: str, max_tile: int):
+def _grouped_swiglu(rows, sizes, w_gate, w_up, w_down, impl: str, max_tile: int, gmm_tiling=()):
     """Grouped SwiGLU over rows grouped by expert, where sum(sizes) may be less than the rows (the tail of the
-    receive buffer). ragged_dot leaves those rows zero; the tiled path gets a phantom zero expert for them."""
+    receive buffer). ragged_dot leaves those rows zero, gmm leaves them unwritten (nobody reads them); the
+    tiled path gets a phantom zero expert for them."""
     if impl == "ragged_dot":
         return _experts_ragged(rows, sizes, w_gate, w_up, w_down)
+    if impl == "gmm":
+        return gmm.grouped_swiglu(rows, sizes, w_gate, w_up, w_down, _gmm_tiling(gmm_tiling),
+                                  interpret=_target_platform() != "tpu")
     tail = (rows.shape[0] - sizes.sum())[None].astype(sizes.dtype)
     zero = lambda w: jnp.concatenate([w, jnp.zeros_like(w[:1])])  # noqa: E731
     every = jnp.arange(rows.shape[0])
@@ -334,7 +355,7 @@ def _grouped_swiglu(rows, sizes, w_gate, w_up, w_down, impl: str, max_tile: int)
                           max_tile)
 
 
-def _ep_chunk(x, idx, weights, w_gate, w_up, w_down, *, exp_axes, n_dev, impl, max_tile, platform):
+def _ep_chunk(x, idx, weights, w_gate, w_up, w_down, *, exp_axes, n_dev, impl, max_tile, gmm_tiling, platform):
     """One chunk on one device: x [c,D], idx/weights [c,k] -> [c,D] (partial over `exp_mlp` axes).
 
     Slice s*E_loc + l of an exchange is (device s of the EP group, its local expert l). C [P_e, E] holds every
@@ -357,13 +378,50 @@ def _ep_chunk(x, idx, weights, w_gate, w_up, w_down, *, exp_axes, n_dev, impl, m
     exchange = functools.partial(_exchange, axis=exp_axes, platform=platform, max_slice=c)  # a slice: <= 1 row/token
     buf = exchange(rows, buf_rows, _excl_cumsum(cnt, 0), cnt, block + src[me], recv)
     sizes = mine(counts).sum(0)  # [E_loc] rows per local expert
-    y = _grouped_swiglu(buf, sizes, w_gate, w_up, w_down, impl, max_tile)  # [buf_rows, D]
+    y = _grouped_swiglu(buf, sizes, w_gate, w_up, w_down, impl, max_tile, gmm_tiling)  # [buf_rows, D]
     home = (jax.lax.dynamic_slice_in_dim(block, me * e_loc, e_loc)[None] + mine(src)).reshape(-1)
     y = exchange(y, c * k, home, recv, mine(_excl_cumsum(counts, 1)).reshape(-1), cnt)
     return jnp.einsum("mkd,mk->md", _unsorted_rows(y, order, rank), weights.astype(y.dtype))
 
 
-def dispatch_ep(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", max_tile: int = 128,
+def _pad_tokens(x, idx, weights, rows: int):
+    """x [M,D], idx/weights [M,k] padded to `rows` tokens; padding tokens pick experts 0..k-1 with zero weight."""
+    pad, k = rows - x.shape[0], idx.shape[1]
+    if not pad:
+        return x, idx, weights
+    idx = jnp.concatenate([idx, jnp.broadcast_to(jnp.arange(k, dtype=idx.dtype), (pad, k))])
+    return jnp.pad(x, ((0, pad), (0, 0))), idx, jnp.pad(weights, ((0, pad), (0, 0)))
+
+
+def dispatch_per_device(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", max_tile: int = 128,
+                        gmm_tiling=()):
+    """`dispatch` of each device's own tokens under an active mesh that does not shard the experts: a shard_map
+    over the `act_batch` axes, the expert weights gathered whole at its boundary. The gmm kernels are Mosaic
+    custom calls, which XLA's SPMD partitioner cannot split, so they must run per device like this."""
+    mesh, rules = sharding._ACTIVE.get()
+    tok_axes = _mesh_axes(dict(rules), "act_batch", mesh)
+    n_tok = math.prod(mesh.shape[a] for a in tok_axes)
+    m = x.shape[0]
+    x, idx, weights = _pad_tokens(x, idx, weights, -(-m // n_tok) * n_tok)
+    tok = P(tok_axes or None, None)
+    run = functools.partial(dispatch, impl=impl, max_tile=max_tile, gmm_tiling=gmm_tiling)
+    y = jax.shard_map(lambda x, i, w, *experts: run(x, i, w, *experts), mesh=mesh,
+                      in_specs=(tok, tok, tok, P(), P(), P()), out_specs=tok, check_vma=False)(
+        x, idx, weights, w_gate, w_up, w_down)
+    return y[:m]
+
+
+def balanced_rows(n_rows: int, n_groups: int, cfg: ModelConfig) -> int:
+    """Rows of an n_rows grouped-matmul buffer over n_groups experts that hold routed rows when routing is
+    balanced: all of them on one device (n_groups = E); under EP (n_groups = E_loc = E / P_e) the receive
+    buffer of P_e * c * min(k, E_loc) rows (`_ep_chunk`) gets c * k, every device's share."""
+    k, n_exp = cfg.n_experts_per_tok, cfg.n_routed_experts
+    if n_groups >= n_exp:
+        return n_rows
+    return n_rows * k // ((n_exp // n_groups) * min(k, n_groups))
+
+
+def dispatch_ep(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", max_tile: int = 128, gmm_tiling=(),
                 max_buffer_rows: int | None = None):
     """`dispatch` under expert parallelism (module docstring); same arguments and result, global shapes.
 
@@ -385,13 +443,9 @@ def dispatch_ep(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", max_t
     m_dev = -(-m // n_tok)  # tokens per device
     n_chunks = -(-m_dev // max(1, budget // (n_dev * min(k, n_exp // n_dev))))
     chunk = -(-m_dev // n_chunks)
-    pad = n_tok * n_chunks * chunk - m
-    if pad:
-        x = jnp.pad(x, ((0, pad), (0, 0)))
-        idx = jnp.concatenate([idx, jnp.broadcast_to(jnp.arange(k, dtype=idx.dtype), (pad, k))])
-        weights = jnp.pad(weights, ((0, pad), (0, 0)))
+    x, idx, weights = _pad_tokens(x, idx, weights, n_tok * n_chunks * chunk)
     body = functools.partial(_ep_chunk, exp_axes=exp_axes, n_dev=n_dev, impl=impl, max_tile=max_tile,
-                             platform=platform)
+                             gmm_tiling=gmm_tiling, platform=platform)
 
     def per_device(x, idx, weights, w_gate, w_up, w_down):
         if n_chunks == 1:
@@ -404,8 +458,9 @@ def dispatch_ep(x, idx, weights, w_gate, w_up, w_down, impl: str = "auto", max_t
 
     tok = P(tok_axes, None)
     w_in, w_out = P(exp_axes, None, mlp_axes or None), P(exp_axes, mlp_axes or None, None)
-    y = jax.shard_map(per_device, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok)(
-        x, idx, weights, w_gate, w_up, w_down)
+    # The megablox kernels build their outputs without mesh types, which a type-checked shard_map refuses.
+    y = jax.shard_map(per_device, mesh=mesh, in_specs=(tok, tok, tok, w_in, w_in, w_out), out_specs=tok,
+                      check_vma=impl != "gmm")(x, idx, weights, w_gate, w_up, w_down)
     return y[:m]
 
 
@@ -414,8 +469,14 @@ def moe_layer(p, x, valid, cfg: ModelConfig):
     b, t, d = x.shape
     xf = x.reshape(b * t, d)
     w, idx, s = route(xf, p["router"], p["router_bias"], cfg)
-    experts = (xf, idx, w, p["w_gate"], p["w_up"], p["w_down"], cfg.moe_impl, cfg.moe_tile)
-    y = (dispatch_ep(*experts) if expert_parallel() else dispatch(*experts)).reshape(b, t, d)
+    experts = (xf, idx, w, p["w_gate"], p["w_up"], p["w_down"], cfg.moe_impl, cfg.moe_tile, cfg.moe_gmm_tiling)
+    if expert_parallel():
+        y = dispatch_ep(*experts)
+    elif sharding._ACTIVE.get() is not None and _resolve_impl(cfg.moe_impl) == "gmm":
+        y = dispatch_per_device(*experts)
+    else:
+        y = dispatch(*experts)
+    y = y.reshape(b, t, d)
     if cfg.n_shared_experts:
         sh = p["shared"]
         y = y + swiglu(x, sh["w_gate"], sh["w_up"], sh["w_down"])
