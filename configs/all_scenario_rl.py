@@ -14,7 +14,6 @@ tiny: init_from = a tiny SFT run. Default: the V3-sized SFT checkpoint, R1-Zero'
 """
 
 from configs import common, r1_zero
-from r1jax.rl import filters, reward_model  # noqa: F401 - register answer_accuracy, reward_model, by_source
 
 RULE_REWARDS = (("answer_accuracy", 1.0), ("language_consistency", 1.0))
 

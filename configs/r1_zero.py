@@ -31,7 +31,7 @@ def rl_block(*, group_size: int, prompts_per_rollout: int, max_new_tokens: int, 
              ref_dtype: str = "float32") -> mlc.ConfigDict:
     """config.rl: sampling, rewards and the GRPO loss (r1jax/stages/grpo.py documents every field).
 
-    rewards: (name, weight) or (name, weight, kwargs) with names from r1jax.rl.rewards.REGISTRY.
+    rewards: (name, weight) or (name, weight, kwargs) with names from r1jax.rl.rewards.BUILTINS, or plug-ins 'path/file.py:fn' / 'pkg.mod:fn'.
     prompts_per_rollout x group_size samples per rollout, split into mini_batches optimizer updates, mu times.
     Memory at long completions (r1jax/rl/trainer.py): micro_batches = gradient accumulation steps inside a
     mini-batch; score_chunk_rows = rows per forward of the log-prob pass (0 = the whole rollout at once);

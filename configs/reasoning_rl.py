@@ -15,7 +15,6 @@ Default: the V3-sized cold-start checkpoint with R1-Zero's settings (configs/r1_
 """
 
 from configs import common, r1_zero
-from r1jax.rl import filters  # noqa: F401 - registers the answer_accuracy reward
 
 REWARDS = (("answer_accuracy", 1.0), ("language_consistency", 1.0))
 # tiny: accuracy weighs 4x the language reward (cold-start samples are already ~0.93 one-language, so with equal

@@ -36,7 +36,6 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # the topology client 
 
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
 
 from r1jax import models  # noqa: E402
 from r1jax.models import gmm, moe  # noqa: E402

@@ -74,7 +74,6 @@ def test_pass_at_1_and_cons_at_k(math_file):
 
 def test_eval_stage_end_to_end_is_deterministic_and_resumes(tmp_path):
     """A fresh tiny model saved as an r1jax run, evaluated twice; the second run reuses the result files."""
-    import jax
 
     from configs import eval as eval_config
     from r1jax import models, stages

@@ -171,7 +171,6 @@ class _CharTokenizer:
 def test_readable_format_stage_measures_its_own_accuracy():
     """A stage rewarded by answer_accuracy answers in the readable format: its always-measured accuracy is that
     reward, not the R1-Zero-format `accuracy` as well (on the tiny world's readable answers it reads 0)."""
-    from r1jax.rl import filters, reward_model  # noqa: F401 - register answer_accuracy and by_source
     from r1jax.rl.sampler import Completions
     from r1jax.rl import rollouts as grpo
 

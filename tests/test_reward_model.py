@@ -13,7 +13,6 @@ import pytest
 
 from configs import reward_model as rm_config
 from r1jax import models
-from r1jax.rl import filters  # noqa: F401 - registers answer_accuracy
 from r1jax.rl import reward_model as rm_lib
 from r1jax.rl import rewards
 

@@ -4,7 +4,7 @@ before a change), side by side in one run.
     python -m r1jax.bench.sandbox [--programs 24] [--runs 3] [--workers 1,2] [--baseline PATH] \
         [--out bench_results.jsonl]
 
-The workload is the code reward's: the tiny world's code tasks (r1jax.data.synthetic_code), half with
+The workload is the code reward's: the tiny world's code tasks (r1jax.world.code), half with
 the right solution and half with the wrong one, each with its three `assert` tests, scored through
 `run_many` (one sandboxed run per distinct program and test). A row is one implementation at one
 worker count: the median over --runs of the batch's wall time divided by its number of runs (the
@@ -23,7 +23,7 @@ import sys
 import time
 
 from r1jax.bench import common
-from r1jax.data import synthetic_code
+from r1jax.world import code as synthetic_code
 from r1jax.rl import sandbox
 
 

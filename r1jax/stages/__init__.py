@@ -33,13 +33,6 @@ def get_stage(name: str):
     return importlib.import_module(STAGES[name])
 
 
-def register_rewards() -> None:
-    """Registers the rewards that stage configs may name: the config files import their modules, but a pipeline's
-    stages (and its child processes) get their configs without importing those files."""
-    import r1jax.rl.filters  # noqa: F401
-    import r1jax.rl.reward_model  # noqa: F401
-
-
 def run(config, workdir: str) -> StageResult:
     """Runs the stage `config.stage` in `workdir`: writes config.json first and result.json at the end."""
     import jax
@@ -54,4 +47,4 @@ def run(config, workdir: str) -> StageResult:
     return result
 
 
-__all__ = ["STAGES", "StageResult", "get_stage", "register_rewards", "run"]
+__all__ = ["STAGES", "StageResult", "get_stage", "run"]

@@ -101,7 +101,6 @@ def main(stage_dir: str, parent: int) -> None:
     logging.getLogger("r1jax").setLevel(logging.INFO)
     from r1jax import stages
 
-    stages.register_rewards()
     stages.run(config, stage_dir)
 
 

@@ -50,7 +50,6 @@ FINISHED = ("done", "data_exhausted")
 
 
 def run(config, workdir: str) -> StageResult:
-    stages.register_rewards()
     workdir = os.path.abspath(workdir)
     os.makedirs(workdir, exist_ok=True)
     order = list(config.order)
