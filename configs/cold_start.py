@@ -8,7 +8,7 @@ tiny: tiny_moe on the tiny world's cold_start.jsonl (init_from a tiny pretrain r
 Default: DeepSeek-V3 671B from the HF base checkpoint.
 """
 
-from configs import common
+from configs import common, mesh_presets
 
 
 def get_config(arg=None):
@@ -25,7 +25,7 @@ def get_config(arg=None):
     # epochs below are *unverified* choices (2 epochs as in the later 800k SFT).
     return common.sft_config(
         model_block=common.model("deepseek_v3_671b", bias_update_rate=0.0, mtp_loss_weight=0.1),
-        mesh_block=common.mesh(fsdp=-1, expert=8),
+        mesh_block=mesh_presets.get(mesh_presets.V5P_671B),
         init_from="/path/to/DeepSeek-V3-Base",  # HF directory of the base model
         data=common.sft_data(seq_len=32768, batch_size=64, train_files=("/path/to/cold_start.jsonl",),
                              template="chat", num_epochs=2, eval_holdout=0, eval_batches=0),

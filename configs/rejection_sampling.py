@@ -18,7 +18,7 @@ prompt are not published: *unverified* choices.
 import ml_collections as mlc
 from ml_collections.config_dict import placeholder
 
-from configs import common
+from configs import common, mesh_presets
 from configs.eval import sampling_block
 from r1jax.rl.judge import DEFAULT_PROMPT
 
@@ -79,4 +79,4 @@ def get_config(arg=None):
                                 prompt_buckets=(512, 1024, 2048), method="top_p", temperature=0.6, top_p=0.95),
         judge=judge_block(kind="generative", checkpoint="/path/to/DeepSeek-V3"),
         max_paragraph_chars=2000, per_prompt=4, pick="random",  # *unverified*
-        mesh_block=common.mesh(fsdp=-1, expert=8), chunk_prompts=4096)
+        mesh_block=mesh_presets.get(mesh_presets.V5P_671B), chunk_prompts=4096)

@@ -16,7 +16,7 @@ the two aspects (they come from the DeepSeek-V3 pipeline): sizes, data and optim
 import ml_collections as mlc
 from ml_collections.config_dict import placeholder
 
-from configs import common
+from configs import common, mesh_presets
 
 
 def data_block(*, seq_len: int, batch_size: int, train_files: tuple = (), eval_files: tuple = (),
@@ -60,7 +60,7 @@ def get_config(arg=None):
         raise ValueError(f"configs/reward_model.py: unknown preset {arg!r}; expected '' or 'tiny'")
     return rm_config(
         model_block=common.model("deepseek_v3_671b", bias_update_rate=0.0, mtp_depth=0),
-        mesh_block=common.mesh(fsdp=-1, expert=8),
+        mesh_block=mesh_presets.get(mesh_presets.V5P_671B),
         init_from="/path/to/DeepSeek-V3-Base",
         data=data_block(seq_len=8192, batch_size=256, train_files=("/path/to/preferences_train.jsonl",),
                         eval_files=("/path/to/preferences_heldout.jsonl",)),  # *unverified*

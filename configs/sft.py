@@ -8,7 +8,7 @@ Presets: default = DeepSeek-V3 671B from its HF base checkpoint; tiny = tiny_moe
 and non-reasoning sets (trained from scratch unless --config.init_from names a tiny pretrain run).
 """
 
-from configs import common
+from configs import common, mesh_presets
 
 
 def get_config(arg=None):
@@ -25,7 +25,7 @@ def get_config(arg=None):
     # batch size, sequence length and learning rate are not published: *unverified* choices below.
     return common.sft_config(
         model_block=common.model("deepseek_v3_671b", bias_update_rate=0.0, mtp_loss_weight=0.1),
-        mesh_block=common.mesh(fsdp=-1, expert=8),
+        mesh_block=mesh_presets.get(mesh_presets.V5P_671B),
         init_from="/path/to/DeepSeek-V3-Base",  # HF directory of the base model (REFERENCE.md §4.4)
         data=common.sft_data(seq_len=32768, batch_size=256, train_files=("/path/to/sft_800k.jsonl",),
                              eval_files=("/path/to/sft_eval.jsonl",), template="chat", num_epochs=2,
