@@ -63,6 +63,10 @@ def initialize_from_env(env=None) -> bool:
         if n == 1:
             return False
         jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU devices only; TPUs use ICI / DCN
+        if env.get("JAX_PLATFORMS") == "cpu":
+            # jax 0.10.2: a multi-process CPU job whose programs come from the persistent compilation cache (written
+            # by an earlier such job) hangs in its first collective; compiling afresh works (tests/test_multihost.py).
+            jax.config.update("jax_enable_compilation_cache", False)
         jax.distributed.initialize(coordinator_address=coordinator, num_processes=n, process_id=i,
                                    cluster_detection_method="deactivate")
         return True
