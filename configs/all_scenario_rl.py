@@ -1,4 +1,4 @@
-"""All-scenario RL (REFERENCE.md §4 step 5): GRPO on a mix of reasoning prompts (rule rewards) and general prompts
+"""All-scenario RL (docs/reference.md §4 step 5): GRPO on a mix of reasoning prompts (rule rewards) and general prompts
 (reward models: helpfulness judged on the final summary only, harmlessness on the whole response).
 
     python -m r1jax.main --config configs/all_scenario_rl.py:tiny,helpful=/tmp/rm_helpful,harmless=/tmp/rm_harmless \

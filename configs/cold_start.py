@@ -1,4 +1,4 @@
-"""Cold start (REFERENCE.md §4.2): SFT the base model on thousands of long-CoT samples in the readable
+"""Cold start (docs/reference.md §4.2): SFT the base model on thousands of long-CoT samples in the readable
 format `<|reasoning|>...<|summary|>...`, before reasoning-oriented RL.
 
     python -m r1jax.main --config configs/cold_start.py:tiny --workdir /tmp/cold_start \

@@ -1,4 +1,4 @@
-"""Distillation (REFERENCE.md §4.6): SFT a dense Qwen2.5 / Llama-3 student on the teacher's ~800k samples; no RL.
+"""Distillation (docs/reference.md §4.6): SFT a dense Qwen2.5 / Llama-3 student on the teacher's ~800k samples; no RL.
 
     python -m r1jax.main --config configs/distill.py:tiny --workdir /tmp/distill
     python -m r1jax.main --config configs/distill.py:qwen2.5_math_7b --workdir DIR \

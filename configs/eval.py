@@ -1,4 +1,4 @@
-"""Evaluation (REFERENCE.md §4): pass@1 over k samples at temperature 0.6, top-p 0.95, and cons@k (majority vote),
+"""Evaluation (docs/reference.md §4): pass@1 over k samples at temperature 0.6, top-p 0.95, and cons@k (majority vote),
 per model and benchmark, written as results.json and a markdown table.
 
     python -m r1jax.main --config configs/eval.py:tiny --workdir /tmp/eval --config.models.model.checkpoint=RUN_DIR

@@ -1,4 +1,4 @@
-"""R1-Zero (REFERENCE.md §4.1): GRPO straight from the base model, rule rewards only (accuracy + format), the
+"""R1-Zero (docs/reference.md §4.1): GRPO straight from the base model, rule rewards only (accuracy + format), the
 R1-Zero template.
 
     python -m r1jax.main --config configs/r1_zero.py:tiny --workdir /tmp/r1_zero
@@ -9,7 +9,7 @@ tiny: the tiny world's rl_train / rl_heldout arithmetic and countdown questions 
 R1-Zero prompt). The base model is `configs/pretrain.py:tiny`: with --config.init_from unset it is trained first
 in WORKDIR/base (skipped once finished); pass --config.init_from=DIR to start from an existing pretrain run
 (configs/r1.py chains the stages that way).
-Default: DeepSeek-V3 671B from its HF base checkpoint with the R1 settings of REFERENCE.md §3.
+Default: DeepSeek-V3 671B from its HF base checkpoint with the R1 settings of docs/reference.md §3.
 
 The same stage runs reasoning-oriented RL and all-scenario RL with other values, e.g. reasoning RL:
     rl.rewards = (("accuracy", 1.0), ("language_consistency", 1.0)), init_from = the cold-start run,
@@ -58,7 +58,7 @@ def eval_block(*, num_prompts: int, samples: int, batch_prompts: int, sampling: 
                temperature: float = 0.6, top_p: float = 0.95, top_k: int = 0, at_start: bool = True):
     """config.eval: held-out accuracy (pass@1 over `samples` per question) and format rate on the first
     num_prompts held-out prompts, every train.eval_every updates (and before the first with at_start).
-    R1 evaluates at temperature 0.6, top-p 0.95 (REFERENCE.md §4)."""
+    R1 evaluates at temperature 0.6, top-p 0.95 (docs/reference.md §4)."""
     return mlc.ConfigDict(dict(num_prompts=num_prompts, samples=samples, batch_prompts=batch_prompts,
                                sampling=sampling, temperature=temperature, top_p=top_p, top_k=top_k,
                                at_start=at_start))
@@ -109,14 +109,14 @@ def get_config(arg=None):
             train_block=common.train(90, log_every=1, eval_every=30, checkpoint_every=30, keep_checkpoints=2))
     if arg not in (None, ""):
         raise ValueError(f"configs/r1_zero.py: unknown preset {arg!r}; expected '' or 'tiny'")
-    # R1 settings (REFERENCE.md §3, from the later full paper; secondary sources, *unverified*): lr 3e-6,
+    # R1 settings (docs/reference.md §3, from the later full paper; secondary sources, *unverified*): lr 3e-6,
     # beta 0.001, G 16, 32 questions (512 samples) per update, temperature 1.0, max length 32768, ~10.4k
     # updates; each rollout of 8192 samples split into 16 mini-batches, one pass; reference replaced by the
     # policy every 400 steps; clip eps 10. Optimizer betas / decay / warmup are not published (*unverified*).
     return grpo_config(
         model_block=common.model("deepseek_v3_671b", bias_update_rate=0.0, mtp_depth=0),
         mesh_block=mesh_presets.get(mesh_presets.V5P_671B),
-        init_from="/path/to/DeepSeek-V3-Base",  # HF directory of the base model (REFERENCE.md §4.1)
+        init_from="/path/to/DeepSeek-V3-Base",  # HF directory of the base model (docs/reference.md §4.1)
         data=data_block(train_files=("/path/to/rl_prompts.jsonl",), eval_files=("/path/to/aime2024.jsonl",),
                         prompt_field="question", template="r1_zero"),
         rl=rl_block(group_size=16, prompts_per_rollout=512, mini_batches=16, mu=1, max_new_tokens=32768,

@@ -1,4 +1,4 @@
-"""Reasoning-oriented RL (REFERENCE.md §4 step 3): GRPO as in R1-Zero, from the cold-start model, with the
+"""Reasoning-oriented RL (docs/reference.md §4 step 3): GRPO as in R1-Zero, from the cold-start model, with the
 accuracy reward plus the language-consistency reward (share of target-language words in the chain of thought).
 
     python -m r1jax.main --config configs/reasoning_rl.py:tiny --workdir /tmp/reasoning_rl \
@@ -39,7 +39,7 @@ def get_config(arg=None):
     if arg not in (None, ""):
         raise ValueError(f"configs/reasoning_rl.py: unknown preset {arg!r}; expected '' or 'tiny'")
     config = r1_zero.get_config()
-    config.init_from = "/path/to/cold_start"  # the cold-start run (REFERENCE.md §4 step 3)
+    config.init_from = "/path/to/cold_start"  # the cold-start run (docs/reference.md §4 step 3)
     config.data = r1_zero.data_block(train_files=("/path/to/reasoning_prompts.jsonl",),
                                      eval_files=("/path/to/aime2024.jsonl",), prompt_field="question", template="chat")
     config.rl.rewards = REWARDS

@@ -1,4 +1,4 @@
-"""Rejection sampling (REFERENCE.md §4 step 4): sample k responses per prompt from the reasoning-RL checkpoint,
+"""Rejection sampling (docs/reference.md §4 step 4): sample k responses per prompt from the reasoning-RL checkpoint,
 keep the correct (rule checks, or a judge for prompts without a rule) and readable ones (no mixed languages, long
 paragraphs or code blocks in the reasoning), pick per prompt, and mix in non-reasoning SFT data -> one SFT JSONL.
 

@@ -1,4 +1,4 @@
-"""Reward model (REFERENCE.md §4.5): the decoder with a scalar head on the last token plus a weight on its own
+"""Reward model (docs/reference.md §4.5): the decoder with a scalar head on the last token plus a weight on its own
 mean log-likelihood of what it scores, Bradley-Terry on preference pairs; one run per aspect: helpful (scores the
 final summary only) or harmless (scores the whole response).
 

@@ -1,4 +1,4 @@
-"""SFT on the ~800k mix (REFERENCE.md §4.4): the *base* model, 2 epochs.
+"""SFT on the ~800k mix (docs/reference.md §4.4): the *base* model, 2 epochs.
 
     python -m r1jax.main --config configs/sft.py:tiny --workdir /tmp/sft
     python -m r1jax.main --config configs/sft.py --workdir gs://BUCKET/sft \
@@ -26,7 +26,7 @@ def get_config(arg=None):
     return common.sft_config(
         model_block=common.model("deepseek_v3_671b", bias_update_rate=0.0, mtp_loss_weight=0.1),
         mesh_block=mesh_presets.get(mesh_presets.V5P_671B),
-        init_from="/path/to/DeepSeek-V3-Base",  # HF directory of the base model (REFERENCE.md §4.4)
+        init_from="/path/to/DeepSeek-V3-Base",  # HF directory of the base model (docs/reference.md §4.4)
         data=common.sft_data(seq_len=32768, batch_size=256, train_files=("/path/to/sft_800k.jsonl",),
                              eval_files=("/path/to/sft_eval.jsonl",), template="chat", num_epochs=2,
                              eval_batches=16),  # seq_len, batch_size *unverified*

@@ -64,8 +64,16 @@ def _program(argv) -> tuple[str, ...]:
     return ("-m", argv[1]) if argv[0] == "-m" else (argv[0], argv[1])
 
 
+def _parts(argv) -> list[tuple[tuple[str, ...], list[str]]]:
+    """(program, its arguments) pairs: what follows `--` in a launcher's command is r1jax.main's."""
+    if "--" not in argv:
+        return [(_program(argv), argv)]
+    cut = argv.index("--")
+    return [(_program(argv), argv[:cut]), (("-m", "r1jax.main"), argv[cut + 1:])]
+
+
 def _flags(argv) -> list[str]:
-    return [a.split("=", 1)[0] for a in argv if a.startswith("--") and not a.startswith("--config.")]
+    return [a.split("=", 1)[0] for a in argv if a.startswith("--") and not a.startswith("--config.") and a != "--"]
 
 
 def _value(argv, flag):
@@ -89,7 +97,7 @@ def test_the_docs_have_commands():
 def helps():
     """Each program's --help text (started together, waited for together)."""
     procs = {}
-    for program in sorted({_program(argv) for _, argv, _ in COMMANDS}):
+    for program in sorted({program for _, argv, _ in COMMANDS for program, _ in _parts(argv)}):
         procs[program] = subprocess.Popen([sys.executable, *program, "--help"], cwd=REPO, env=subprocess_env(),
                                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     out = {}
@@ -103,12 +111,12 @@ def helps():
 
 @pytest.mark.parametrize("where,argv", [(w, a) for w, a, _ in COMMANDS], ids=[w for w, _, _ in COMMANDS])
 def test_command_parses(where, argv, helps):
-    program = _program(argv)
     assert os.path.exists(os.path.join(REPO, argv[0])) if argv[0] != "-m" else \
         importlib.util.find_spec(argv[1]) is not None, f"{where}: {argv[:2]} does not exist"
-    for flag in _flags(argv):
-        assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])|--\[no\]{re.escape(flag[2:])}", helps[program]), \
-            f"{where}: {' '.join(program)} has no flag {flag}"
+    for program, args in _parts(argv):
+        for flag in _flags(args):
+            assert re.search(rf"(?<![\w-]){re.escape(flag)}(?![\w-])|--\[no\]{re.escape(flag[2:])}",
+                             helps[program]), f"{where}: {' '.join(program)} has no flag {flag}"
     config = _value(argv, "--config")
     if config is not None:
         path, _, preset = config.partition(":")
