@@ -166,3 +166,43 @@ def test_count_prints_what_the_docs_show():
             shown = [l.lstrip("# ").strip() for l in after[:next(i for i, l in enumerate(after) if "```" in l)]]
             printed = out.stdout.strip().splitlines()[:len(shown)]
             assert shown and shown == printed, f"{where}: the docs show {shown}, the command prints {printed}"
+
+
+def _imported_distributions(paths, exclude=()) -> set[str]:
+    """Distributions (normalised names) of every third-party module imported by the .py files under `paths`
+    (not under `exclude`)."""
+    import ast
+    from importlib.metadata import packages_distributions
+
+    owners = packages_distributions()
+    names = set()
+    for path in paths:
+        for file in glob.glob(os.path.join(REPO, path, "**", "*.py"), recursive=True):
+            if any(file.startswith(os.path.join(REPO, x) + os.sep) for x in exclude):
+                continue
+            for node in ast.walk(ast.parse(open(file).read(), file)):
+                if isinstance(node, ast.Import):
+                    names.update(a.name.split(".")[0] for a in node.names)
+                elif isinstance(node, ast.ImportFrom) and node.level == 0:
+                    names.add(node.module.split(".")[0])
+    local = {"r1jax", "configs", "launch", "helpers", "sharding_worker"}
+    third_party = sorted(n for n in names - local - set(sys.stdlib_module_names))
+    unknown = [n for n in third_party if n not in owners]
+    assert not unknown, f"imported but not installed: {unknown}"
+    return {_normal(owners[n][0]) for n in third_party}
+
+
+def _normal(requirement: str) -> str:
+    return re.sub(r"[-_.]+", "-", re.split(r"[<>=\[;]", requirement)[0].strip()).lower()
+
+
+def test_setup_declares_exactly_what_is_imported():
+    text = open(os.path.join(REPO, "setup.py")).read()
+    section = lambda name: {_normal(r) for r in re.findall(r'"([^"]+)"', re.search(name + r".*?\]", text, re.S)[0])}
+    required, extras = section(r"install_requires=\["), section(r'"test": \[') | section(r'"bench": \[')
+    runtime = _imported_distributions(["r1jax", "configs", "launch"], exclude=["r1jax/bench"])
+    assert required - {"array-record"} == runtime, (  # array-record: imported by grain for our ArrayRecord source
+        f"declared but not imported: {sorted(required - runtime - {'array-record'})}; "
+        f"imported but not declared: {sorted(runtime - required)}")
+    others = _imported_distributions(["tests", "r1jax/bench"]) - required
+    assert others <= extras, f"tests / benchmarks import undeclared {sorted(others - extras)}"
