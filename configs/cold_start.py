@@ -3,9 +3,12 @@ format `<|reasoning|>...<|summary|>...`, before reasoning-oriented RL.
 
     python -m r1jax.main --config configs/cold_start.py:tiny --workdir /tmp/cold_start \
         --config.init_from=/tmp/pt
+    python -m r1jax.main --config configs/cold_start.py:hf --workdir W --config.init_from=DIR \
+        --config.data.train_files=F
 
 tiny: tiny_moe on the tiny world's cold_start.jsonl (init_from a tiny pretrain run; from scratch if unset).
-Default: DeepSeek-V3 671B from the HF base checkpoint.
+Default: DeepSeek-V3 671B from the HF base checkpoint. hf: any Hugging Face base checkpoint on one TPU host,
+long-CoT conversations in `messages`, open-r1's distillation SFT recipe (configs/common.py hf_sft_config).
 """
 
 from configs import common, mesh_presets
@@ -19,8 +22,10 @@ def get_config(arg=None):
                                  tiny_world=True, world_files=("cold_start",)),
             optimizer_block=common.optimizer(1e-3, 10, end_lr_ratio=0.1, weight_decay=0.0),
             train_block=common.tiny_train(150))
+    if arg == "hf":  # thousands of samples: the 5 epochs end the run long before 2000 steps
+        return common.hf_sft_config(train_files=("/path/to/cold_start.jsonl",))
     if arg not in (None, ""):
-        raise ValueError(f"configs/cold_start.py: unknown preset {arg!r}; expected '' or 'tiny'")
+        raise ValueError(f"configs/cold_start.py: unknown preset {arg!r}; expected '', 'tiny' or 'hf'")
     # The paper says "thousands" of samples and nothing about the optimizer: lr, batch, length and
     # epochs below are *unverified* choices (2 epochs as in the later 800k SFT).
     return common.sft_config(
