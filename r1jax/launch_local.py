@@ -67,15 +67,16 @@ def _exit_code(returncode: int) -> int:
 
 
 class Group:
-    """N processes started together; `wait` returns the group's exit code."""
+    """N processes of `command` started together, each with its JAX_* environment; `wait` returns the group's
+    exit code."""
 
-    def __init__(self, argv: Sequence[str], *, processes: int, devices: int, out=None, env=None):
+    def __init__(self, command: Sequence[str], *, processes: int, devices: int, out=None, env=None):
         out = sys.stdout if out is None else out
         port = free_port()
         base = dict(os.environ if env is None else env)
         # Own session: a terminal's Ctrl-C reaches the launcher once, which forwards it once to each process.
         self.procs = [subprocess.Popen(
-            [sys.executable, "-m", "r1jax.main", *argv], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+            list(command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
             env=process_env(base, process_id=i, processes=processes, devices=devices, port=port),
             preexec_fn=_die_with_launcher, start_new_session=True) for i in range(processes)]
         self._relays = [threading.Thread(target=_relay, args=(p.stdout, f"[{i}] ", out), daemon=True)
@@ -90,7 +91,7 @@ class Group:
 
     def kill_after(self, grace_s: float) -> None:
         deadline = time.monotonic() + grace_s
-        while any(p.poll() is None for p in self.procs) and time.monotonic() < deadline:
+        while any([p.poll() is None for p in self.procs]) and time.monotonic() < deadline:
             time.sleep(0.1)
         self.signal(signal.SIGKILL)
         for p in self.procs:
@@ -100,7 +101,7 @@ class Group:
         """Until every process has exited. The first failure stops the others (SIGTERM, then SIGKILL after
         grace_s); so does timeout_s > 0 running out (exit code 124)."""
         start, code = time.monotonic(), None
-        while any(p.poll() is None for p in self.procs):
+        while any([p.poll() is None for p in self.procs]):  # a list: poll every process, not up to the first
             failed = [p.returncode for p in self.procs if p.returncode not in (None, 0)]
             if failed and code is None:
                 code = _exit_code(failed[0])
@@ -138,7 +139,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not main_args:
         parser.error("give the arguments of python -m r1jax.main after --, e.g. -- --config configs/sft.py:tiny "
                      "--workdir /tmp/run")
-    group = Group(main_args, processes=args.processes, devices=args.devices_per_process)
+    group = Group([sys.executable, "-m", "r1jax.main", *main_args], processes=args.processes,
+                  devices=args.devices_per_process)
 
     def forward(signum, frame):
         group.signal(signum)
