@@ -236,3 +236,21 @@ def test_launcher_forwards_sigterm_and_times_out(tmp_path):
         p.send_signal(signal.SIGSTOP)
     assert group.wait(timeout_s=0.5, grace_s=1) == 124
     assert time.monotonic() - start < 10 and all(p.returncode == -signal.SIGKILL for p in group.procs)
+
+
+def test_which_environments_join_a_job():
+    from r1jax import distributed
+
+    env = {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    assert distributed._explicit_args(env) == ("127.0.0.1:1234", 2, 1)
+    for bad, message in (({**env, "JAX_PROCESS_ID": "2"}, "expected 0 <= id"),
+                         ({**env, "JAX_NUM_PROCESSES": "two"}, "must be integers"),
+                         ({k: v for k, v in env.items() if k != "JAX_COORDINATOR_ADDRESS"}, "missing")):
+        with pytest.raises(ValueError, match=message):
+            distributed._explicit_args(bad)
+    assert distributed._explicit_args({}) is None
+    assert not distributed._detected({})  # a laptop
+    assert not distributed._detected({"TPU_WORKER_HOSTNAMES": "localhost"})  # one TPU VM
+    assert distributed._detected({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"})  # a multi-host slice
+    assert distributed._detected({"TPU_WORKER_HOSTNAMES": "localhost", "MEGASCALE_COORDINATOR_ADDRESS": "h:8080"})
+    assert distributed.initialize_from_env({**env, "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}) is False
