@@ -1,16 +1,20 @@
-"""All-scenario RL (REFERENCE.md §4 step 5): GRPO on a mix of reasoning prompts (rule rewards) and general prompts
+"""All-scenario RL (docs/reference.md §4 step 5): GRPO on a mix of reasoning prompts (rule rewards) and general prompts
 (reward models: helpfulness judged on the final summary only, harmlessness on the whole response).
 
     python -m r1jax.main --config configs/all_scenario_rl.py:tiny,helpful=/tmp/rm_helpful,harmless=/tmp/rm_harmless \
         --workdir /tmp/all_scenario_rl --config.init_from=/tmp/sft --config.data.train_files=/tmp/mixed_prompts.jsonl
     (configs/r1.py wires the SFT run, the two reward-model runs and the prompt mix)
+    python -m r1jax.main --config configs/all_scenario_rl.py:hf,helpful=RM1,harmless=RM2 --workdir W \
+        --config.init_from=DIR --config.data.train_files=F
 
 The reward source is chosen per sample from the dataset's `reward_source` field by the `by_source` reward
 (r1jax/rl/reward_model.py): `rule` samples get answer_accuracy + language_consistency, `reward_model` samples the
 helpful RM (summary only) plus the harmless RM (whole response), each loaded once from its run directory (the
 preset's `helpful=` / `harmless=` arguments). The prompt file must give every record the same columns
 (configs/r1.py writes such a mix of rl_train and general_prompts with `@mix:`; missing columns are null).
-tiny: init_from = a tiny SFT run. Default: the V3-sized SFT checkpoint, R1-Zero's GRPO settings.
+tiny: init_from = a tiny SFT run. Default: the V3-sized SFT checkpoint, R1-Zero's GRPO settings. hf: a Hugging
+Face checkpoint of the SFT model on one TPU host, prompts in its own chat template, R1-Zero's :hf settings
+(SimpleRL-Zoo's recipe, configs/r1_zero.py hf_config).
 """
 
 from configs import common, r1_zero
@@ -27,7 +31,7 @@ def rewards(helpful_rm: str, harmless_rm: str, *, helpful_weight: float = 1.0, h
 
 
 def get_config(arg=None):
-    """arg: "[tiny][,helpful=RM_DIR][,harmless=RM_DIR]"."""
+    """arg: "[tiny|hf][,helpful=RM_DIR][,harmless=RM_DIR]"."""
     preset, *pairs = (arg or "").split(",")
     paths = {"helpful": "/path/to/rm_helpful", "harmless": "/path/to/rm_harmless"}
     for pair in pairs:
@@ -45,8 +49,14 @@ def get_config(arg=None):
         config.optimizer = common.optimizer(1e-4, 5, schedule="constant", weight_decay=0.0)
         config.train = common.train(40, log_every=1, eval_every=20, checkpoint_every=10, keep_checkpoints=2)
         return config
+    if preset == "hf":
+        config = r1_zero.hf_config(template=common.CHECKPOINT_TEMPLATE, rewards=rewards(paths["helpful"],
+                                                                                      paths["harmless"]))
+        config.data.prompt_field = "question"
+        config.rl.stop_strings = ()
+        return config
     if preset:
-        raise ValueError(f"configs/all_scenario_rl.py: unknown preset {preset!r}; expected '' or 'tiny'")
+        raise ValueError(f"configs/all_scenario_rl.py: unknown preset {preset!r}; expected '', 'tiny' or 'hf'")
     config = r1_zero.get_config()
     config.init_from = "/path/to/sft"  # the 800k-SFT run
     config.data = r1_zero.data_block(train_files=("/path/to/all_scenario_prompts.jsonl",),

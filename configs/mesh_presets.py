@@ -1,8 +1,9 @@
 """Mesh and sharding-rule presets for DeepSeek-V3 671B on TPU slices (docs/sharding.md has the measured numbers).
 
 A preset is a `config.mesh` block (the format of configs/common.py `mesh()`): ICI axis sizes per slice, DCN sizes
-across slices, and the logical -> mesh axis rules. Stage configs use one with `mesh_block=mesh_presets.get(NAME)`;
-`python -m r1jax.aot --config ... --mesh_preset NAME` checks a preset against a config without editing it.
+across slices, and the logical -> mesh axis rules. The real-scale 671B stage configs use `V5P_671B` (the plan
+docs/sharding.md measured) through `mesh_block=get(V5P_671B)`; `python -m r1jax.aot --config ... --mesh_preset NAME`
+checks another preset against a config without editing it.
 
 The plan (per slice; slices are pure data parallel over DCN, each holds the whole model state):
   * experts: expert parallelism (EP) over `expert`, the all-to-all exchange of r1jax/models/moe.py; each expert's
@@ -58,6 +59,10 @@ PRESETS = {
     # sharded); two slices with FSDP over DCN halve it. Tensor 4 keeps the vocab / heads activations in budget.
     "v6e_fsdp_ep8_tp4_dcn_fsdp": lambda: mesh_block(fsdp=-1, expert=8, tensor=4, dcn_data=1, dcn_fsdp=-1),
 }
+
+
+# The plan of docs/sharding.md: what every real-scale 671B stage config uses.
+V5P_671B = "v5p_fsdp_ep8_tp8"
 
 
 def get(name: str) -> mlc.ConfigDict:

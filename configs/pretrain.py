@@ -8,7 +8,7 @@ Default: DeepSeek-V3 671B with the paper's pre-training recipe (a reference poin
 the released V3-Base checkpoint, see configs/cold_start.py and configs/sft.py).
 """
 
-from configs import common
+from configs import common, mesh_presets
 
 
 def get_config(arg=None):
@@ -23,13 +23,13 @@ def get_config(arg=None):
             train_block=common.tiny_train(2400))
     if arg not in (None, ""):
         raise ValueError(f"configs/pretrain.py: unknown preset {arg!r}; expected '' or 'tiny'")
-    # DeepSeek-V3 report §4.2 (not in REFERENCE.md: *unverified* here): AdamW b1 0.9, b2 0.95, wd 0.1,
+    # DeepSeek-V3 report §4.2 (not in docs/reference.md: *unverified* here): AdamW b1 0.9, b2 0.95, wd 0.1,
     # clip 1.0; lr warmup 2k steps to 2.2e-4 then decay to 2.2e-5 (the paper holds it constant up to 10T
     # tokens before a cosine decay); batch 15360 x 4096 tokens (ramped from 3072); 14.8T tokens ~ 235k steps.
-    # From REFERENCE.md §1: bias update gamma 0.001, MTP weight 0.3 early (0.1 later).
+    # From docs/reference.md §1: bias update gamma 0.001, MTP weight 0.3 early (0.1 later).
     return common.sft_config(
         model_block=common.model("deepseek_v3_671b", bias_update_rate=1e-3, mtp_loss_weight=0.3),
-        mesh_block=common.mesh(fsdp=-1, expert=8),
+        mesh_block=mesh_presets.get(mesh_presets.V5P_671B),
         data=common.sft_data(seq_len=4096, batch_size=15360, text_field="text", template="raw",
                              train_files=("/path/to/pretrain.arrayrecord",),
                              eval_files=("/path/to/pretrain_eval.arrayrecord",), eval_batches=8),

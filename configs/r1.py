@@ -1,4 +1,4 @@
-"""The whole DeepSeek-R1 recipe (REFERENCE.md §4) as one pipeline: stages in order, each naming its inputs as
+"""The whole DeepSeek-R1 recipe (docs/reference.md §4) as one pipeline: stages in order, each naming its inputs as
 earlier stages' outputs (`@stage:output`, see r1jax/stages/pipeline.py).
 
     python -m r1jax.main --config configs/r1.py:tiny --workdir /tmp/r1

@@ -1,14 +1,18 @@
-"""R1-Zero (REFERENCE.md §4.1): GRPO straight from the base model, rule rewards only (accuracy + format), the
+"""R1-Zero (docs/reference.md §4.1): GRPO straight from the base model, rule rewards only (accuracy + format), the
 R1-Zero template.
 
     python -m r1jax.main --config configs/r1_zero.py:tiny --workdir /tmp/r1_zero --config.init_from=/tmp/base
     python -m r1jax.main --config configs/r1_zero.py --workdir gs://BUCKET/r1_zero \
         --config.init_from=/path/to/DeepSeek-V3-Base --config.data.train_files=/path/to/rl_prompts.jsonl
+    python -m r1jax.main --config configs/r1_zero.py:hf --workdir W --config.init_from=DIR --config.data.train_files=F
 
 tiny: the tiny world's rl_train / rl_heldout arithmetic and countdown questions (`prompt` already holds the
 R1-Zero prompt). The base model is a `configs/pretrain.py:tiny` run, given by --config.init_from (unset: a fresh
 init); configs/r1.py chains the two stages (the pipeline is the one way to chain stages).
-Default: DeepSeek-V3 671B from its HF base checkpoint with the R1 settings of REFERENCE.md §3.
+Default: DeepSeek-V3 671B from its HF base checkpoint with the R1 settings of docs/reference.md §3.
+hf: any Hugging Face base checkpoint (e.g. Qwen2.5-Math-1.5B / 7B) on one TPU host with SimpleRL-Zoo's recipe
+(hf_config below); MATH-style records by default (`problem`, reference in `solution`; GSM8K:
+--config.data.prompt_field=question --config.data.answer_field=answer).
 
 The same stage runs reasoning-oriented RL and all-scenario RL with other values, e.g. reasoning RL:
     rl.rewards = (("accuracy", 1.0), ("language_consistency", 1.0)), init_from = the cold-start run,
@@ -18,7 +22,7 @@ The same stage runs reasoning-oriented RL and all-scenario RL with other values,
 import ml_collections as mlc
 from ml_collections.config_dict import placeholder
 
-from configs import common
+from configs import common, mesh_presets
 
 
 def rl_block(*, group_size: int, prompts_per_rollout: int, max_new_tokens: int, prompt_buckets: tuple,
@@ -57,22 +61,26 @@ def eval_block(*, num_prompts: int, samples: int, batch_prompts: int, sampling: 
                temperature: float = 0.6, top_p: float = 0.95, top_k: int = 0, at_start: bool = True):
     """config.eval: held-out accuracy (pass@1 over `samples` per question) and format rate on the first
     num_prompts held-out prompts, every train.eval_every updates (and before the first with at_start).
-    R1 evaluates at temperature 0.6, top-p 0.95 (REFERENCE.md §4)."""
+    R1 evaluates at temperature 0.6, top-p 0.95 (docs/reference.md §4)."""
     return mlc.ConfigDict(dict(num_prompts=num_prompts, samples=samples, batch_prompts=batch_prompts,
                                sampling=sampling, temperature=temperature, top_p=top_p, top_k=top_k,
                                at_start=at_start))
 
 
 def data_block(*, train_files: tuple = (), eval_files: tuple = (), tokenizer: str | None = None,
-               prompt_field: str = "prompt", template: str = "", tiny_world: bool = False,
+               prompt_field: str = "prompt", answer_field: str = "answer", messages_field: str | None = None,
+               system_field: str | None = None, template: str = "", tiny_world: bool = False,
                world_files: tuple = ("rl_train",), eval_world_files: tuple = ("rl_heldout",), world_seed: int = 0):
     """config.data: prompt files (JSONL / Parquet / ArrayRecord), their other columns become reward fields.
     template: a name in r1jax.data.templates.TEMPLATES applied to prompt_field, or "" when the field already
-    holds the rendered prompt (the tiny world's rl files). tokenizer None = the initial checkpoint's."""
+    holds the rendered prompt (the tiny world's rl files). tokenizer None = the initial checkpoint's.
+    answer_field: the column the rewards read as the reference; messages_field (None = not read): a
+    conversation rendered as the prompt instead of prompt_field; system_field: an optional system prompt."""
     return mlc.ConfigDict(dict(
         train_files=tuple(train_files), eval_files=tuple(eval_files),
         tokenizer=tokenizer if tokenizer is not None else placeholder(str), prompt_field=prompt_field,
-        template=template, tiny_world=tiny_world, world_files=tuple(world_files),
+        answer_field=answer_field, messages_field=messages_field if messages_field is not None else placeholder(str),
+        system_field=system_field if system_field is not None else placeholder(str), template=template, tiny_world=tiny_world, world_files=tuple(world_files),
         eval_world_files=tuple(eval_world_files), world_seed=world_seed))
 
 
@@ -104,16 +112,18 @@ def get_config(arg=None):
             eval_=eval_block(num_prompts=96, samples=4, batch_prompts=32),
             optimizer_block=common.optimizer(1.5e-4, 5, schedule="constant", weight_decay=0.0),
             train_block=common.train(90, log_every=1, eval_every=30, checkpoint_every=30, keep_checkpoints=2))
+    if arg == "hf":
+        return hf_config()
     if arg not in (None, ""):
-        raise ValueError(f"configs/r1_zero.py: unknown preset {arg!r}; expected '' or 'tiny'")
-    # R1 settings (REFERENCE.md §3, from the later full paper; secondary sources, *unverified*): lr 3e-6,
+        raise ValueError(f"configs/r1_zero.py: unknown preset {arg!r}; expected '', 'tiny' or 'hf'")
+    # R1 settings (docs/reference.md §3, from the later full paper; secondary sources, *unverified*): lr 3e-6,
     # beta 0.001, G 16, 32 questions (512 samples) per update, temperature 1.0, max length 32768, ~10.4k
     # updates; each rollout of 8192 samples split into 16 mini-batches, one pass; reference replaced by the
     # policy every 400 steps; clip eps 10. Optimizer betas / decay / warmup are not published (*unverified*).
     return grpo_config(
         model_block=common.model("deepseek_v3_671b", bias_update_rate=0.0, mtp_depth=0),
-        mesh_block=common.mesh(fsdp=-1, expert=8),
-        init_from="/path/to/DeepSeek-V3-Base",  # HF directory of the base model (REFERENCE.md §4.1)
+        mesh_block=mesh_presets.get(mesh_presets.V5P_671B),
+        init_from="/path/to/DeepSeek-V3-Base",  # HF directory of the base model (docs/reference.md §4.1)
         data=data_block(train_files=("/path/to/rl_prompts.jsonl",), eval_files=("/path/to/aime2024.jsonl",),
                         prompt_field="question", template="r1_zero"),
         rl=rl_block(group_size=16, prompts_per_rollout=512, mini_batches=16, mu=1, max_new_tokens=32768,
@@ -126,3 +136,26 @@ def get_config(arg=None):
         optimizer_block=common.optimizer(3e-6, 0, schedule="constant", b2=0.95, weight_decay=0.1,
                                          clip_norm=1.0),  # betas / decay / clip *unverified*
         train_block=common.train(10400, log_every=1, eval_every=400, checkpoint_every=100))
+
+
+def hf_config(*, template: str = "r1_zero", rewards: tuple = R1_ZERO_REWARDS):
+    """The :hf preset: GRPO on a Hugging Face checkpoint on one TPU host, with the defaults of SimpleRL-Zoo's
+    training script (hkust-nlp/simpleRL-reason train_grpo_math_tune_ray.sh, verl, Qwen2.5-Math-7B; Zeng et al.,
+    arXiv:2503.18892): lr 5e-7 (constant), 8 samples per prompt, prompts up to 1024 tokens and completions up to
+    3072, temperature 1.0, clip 0.2, the k3 KL as a loss term with beta 0.001 (verl's low_var_kl), one policy
+    update per rollout (ppo_mini_batch_size = train_batch_size), verl's token-mean loss and AdamW defaults
+    (betas 0.9 / 0.999, weight decay 0.01, gradient clipping 1.0). Departures: 64 prompts per rollout instead of
+    256, so that the sampler's cache of 512 rows x 4096 tokens fits one v5p-8 with a 7B model; no entropy bonus
+    (the script's 0.001). Rewards and template are R1-Zero's (accuracy + format, docs/reference.md §4 step 1);
+    SimpleRL-Zoo rewards correctness only: --config.rl.rewards='(("accuracy", 1.0),)'."""
+    return grpo_config(
+        model_block=common.hf_model(), init_from=common.HF_CHECKPOINT,
+        data=data_block(train_files=("/path/to/train.jsonl",), prompt_field="problem", answer_field="solution",
+                        template=template),
+        rl=rl_block(group_size=8, prompts_per_rollout=64, max_new_tokens=3072, prompt_buckets=(256, 512, 1024),
+                    completion_buckets=(1024, 2048, 3072), rewards=rewards, temperature=1.0, beta=0.001,
+                    eps_low=0.2, eps_high=0.2, agg="token-mean", mu=1, mini_batches=1,
+                    micro_batches=32, score_chunk_rows=16, ref_dtype="bfloat16"),  # 16 rows per pass
+        eval_=eval_block(num_prompts=128, samples=4, batch_prompts=64),
+        optimizer_block=common.optimizer(5e-7, 0, schedule="constant", b2=0.999, weight_decay=0.01, clip_norm=1.0),
+        train_block=common.train(1000, log_every=1, eval_every=50, checkpoint_every=50))

@@ -1,4 +1,4 @@
-"""Rejection sampling (REFERENCE.md §4 step 4): sample k responses per prompt from the reasoning-RL checkpoint,
+"""Rejection sampling (docs/reference.md §4 step 4): sample k responses per prompt from the reasoning-RL checkpoint,
 keep the correct (rule checks, or a judge for prompts without a rule) and readable ones (no mixed languages, long
 paragraphs or code blocks in the reasoning), pick per prompt, and mix in non-reasoning SFT data -> one SFT JSONL.
 
@@ -6,6 +6,8 @@ paragraphs or code blocks in the reasoning), pick per prompt, and mix in non-rea
     python -m r1jax.main --config configs/rejection_sampling.py --workdir gs://BUCKET/rs --config.init_from=RL_DIR \
         --config.data.prompt_files=/path/to/reasoning_prompts.jsonl \
         --config.data.non_reasoning_files=/path/to/non_reasoning_sft.jsonl
+    python -m r1jax.main --config configs/rejection_sampling.py:hf --workdir W --config.init_from=DIR \
+        --config.data.prompt_files=F --config.data.non_reasoning_files=F2
 
 tiny: the tiny world's rl_train and code_train prompts (the cold-start template: raw question, readable output),
 8 samples each at temperature 0.7, up to 2 kept per prompt, and its non_reasoning set at 25% of the mix (R1: ~600k
@@ -13,12 +15,15 @@ reasoning + ~200k non-reasoning).
 Default: the V3-sized RL checkpoint; prompts whose answers rules cannot check go to DeepSeek-V3 as a generative
 judge (judge.kind = generative, judge.checkpoint = its directory). k, the readability thresholds and the judge
 prompt are not published: *unverified* choices.
+hf: a Hugging Face checkpoint (e.g. an RL run exported with `python -m r1jax.hf`) on one TPU host, prompts in its
+own chat template, R1's sampling settings (temperature 0.6, top-p 0.95, 32768 new tokens), k=16, rule checks only
+(no judge: set judge.kind and judge.checkpoint to add one), the default preset's readability and selection.
 """
 
 import ml_collections as mlc
 from ml_collections.config_dict import placeholder
 
-from configs import common
+from configs import common, mesh_presets
 from configs.eval import sampling_block
 from r1jax.rl.judge import DEFAULT_PROMPT
 
@@ -70,8 +75,17 @@ def get_config(arg=None):
             sampling=sampling_block(samples=8, max_new_tokens=96, batch_prompts=32, prompt_buckets=(64, 128),
                                     method="temperature", temperature=0.7, top_p=1.0),
             max_paragraph_chars=400, per_prompt=2, pick="shortest", chunk_prompts=256)
+    if arg == "hf":  # R1's sampling settings (docs/reference.md §4); selection as the default preset's
+        return rs_config(
+            data=data_block(prompt_files=("/path/to/reasoning_prompts.jsonl",),
+                            non_reasoning_files=("/path/to/non_reasoning_sft.jsonl",), prompt_field="problem",
+                            template=common.CHECKPOINT_TEMPLATE),
+            sampling=sampling_block(samples=16, max_new_tokens=32768, batch_prompts=4,
+                                    prompt_buckets=(512, 1024, 2048), method="top_p", temperature=0.6, top_p=0.95),
+            max_paragraph_chars=2000, per_prompt=4, pick="random", init_from=common.HF_CHECKPOINT,
+            chunk_prompts=512)
     if arg not in (None, ""):
-        raise ValueError(f"configs/rejection_sampling.py: unknown preset {arg!r}; expected '' or 'tiny'")
+        raise ValueError(f"configs/rejection_sampling.py: unknown preset {arg!r}; expected '', 'tiny' or 'hf'")
     return rs_config(
         data=data_block(prompt_files=("/path/to/reasoning_prompts.jsonl",),
                         non_reasoning_files=("/path/to/non_reasoning_sft.jsonl",)),
@@ -79,4 +93,4 @@ def get_config(arg=None):
                                 prompt_buckets=(512, 1024, 2048), method="top_p", temperature=0.6, top_p=0.95),
         judge=judge_block(kind="generative", checkpoint="/path/to/DeepSeek-V3"),
         max_paragraph_chars=2000, per_prompt=4, pick="random",  # *unverified*
-        mesh_block=common.mesh(fsdp=-1, expert=8), chunk_prompts=4096)
+        mesh_block=mesh_presets.get(mesh_presets.V5P_671B), chunk_prompts=4096)

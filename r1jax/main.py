@@ -92,9 +92,9 @@ def main(argv) -> int:
     if not flags.FLAGS["verbosity"].present:  # library INFO logs (orbax's, per save) only on --verbosity=0
         absl_logging.set_verbosity(absl_logging.WARNING)
     logging.getLogger("r1jax").setLevel(logging.INFO)
-    from r1jax import sharding, stages
+    from r1jax import distributed, stages
 
-    sharding.maybe_initialize_distributed()
+    distributed.initialize_from_env()  # before anything touches a device
     result = stages.run(_CONFIG.value, _WORKDIR.value)
     print(json.dumps(result.to_dict(), indent=1, default=str), file=sys.stderr)
     return 0

@@ -11,6 +11,7 @@ import sys
 import ml_collections as mlc
 import pytest
 
+from configs import common
 from r1jax import models, stages
 from r1jax.stages.common import model_config
 
@@ -51,6 +52,41 @@ def test_config_parses(name):
             assert models.count_params(cfg)["total"] > 0
     with pytest.raises(ValueError):
         module.get_config("no_such_preset")
+
+
+# The :hf preset (a Hugging Face checkpoint on one TPU host) of every stage config but these two.
+NO_HF = {"pretrain": "continued pre-training from an HF checkpoint has no published recipe to take settings from",
+         "r1": "the pipeline chains the 671B stages; its stages' configs have :hf presets of their own"}
+HF_ARGS = {"eval": "hf:math500,humaneval", "all_scenario_rl": "hf,helpful=/rm1,harmless=/rm2"}
+DATA_FIELDS = {"sft": ("prompt_field", "response_field", "messages_field", "system_field"),
+               "grpo": ("prompt_field", "answer_field", "messages_field", "system_field")}
+
+
+@pytest.mark.parametrize("name", [n for n in STAGE_CONFIGS if n not in NO_HF])
+def test_hf_preset(name):
+    """One TPU host (FSDP over every device, no expert or tensor axis), the HF checkpoint from init_from, the
+    one-line command in the docstring, the data-mapping fields present, locked like every preset."""
+    module = _module(name)
+    arg = HF_ARGS.get(name, "hf")
+    assert f"configs/{name}.py:{arg.split(',')[0].split(':')[0]}" in module.__doc__, f"configs/{name}.py: document :hf"
+    config = module.get_config(arg)
+    json.loads(config.to_json_best_effort())
+    config.lock()
+    assert dict(config.mesh.ici) == {"data": 1, "fsdp": -1, "expert": 1, "tensor": 1}
+    checkpoint = config.models.model.checkpoint if config.stage == "eval" else config.init_from
+    assert checkpoint == common.HF_CHECKPOINT
+    for field in DATA_FIELDS.get(config.stage, ()):
+        assert field in config.data, f"configs/{name}.py:hf has no data.{field}"
+    if "model" in config:
+        assert models.count_params(model_config(config.model))["total"] > 0
+
+
+def test_eval_hf_runs_only_the_named_benchmarks():
+    from configs import eval as eval_config
+    assert list(eval_config.get_config("hf:gsm8k").benchmarks) == ["gsm8k"]
+    for bad in ("hf", "hf:", "hf:mmlu"):
+        with pytest.raises(ValueError, match="name the benchmarks"):
+            eval_config.get_config(bad)
 
 
 SMOKE_WORKER = r"""

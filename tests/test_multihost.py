@@ -1,0 +1,256 @@
+"""Multi-host on one machine: a stage run as 2 processes x 4 CPU devices (`python -m r1jax.launch_local`, a real
+`jax.distributed` job: coordinator on 127.0.0.1, gloo collectives, orbax's multi-process checkpoints, the
+preemption sync manager) against the same stage as 1 process x 8 devices with the same mesh.
+
+Three runs per stage: the 1-process run, uninterrupted (the reference); the 2-process run, SIGTERMed mid-run
+through the launcher; the same 2-process command again, which resumes. They check that
+* per-step losses agree with the 1-process run (<= 1e-5 relative) before and after the preemption;
+* only process 0 writes metrics.jsonl and TensorBoard (every step logged exactly once);
+* the two processes read disjoint shards that together cover the data: the data runs out exactly at the last
+  step (num_epochs=1), each process's saved data state has consumed its half, and every step's loss equals the
+  1-process step's, whose batch is all of that step's records (a shard read twice or a record missed would change
+  a step's rows and its loss);
+* on SIGTERM both processes end as preempted with the same checkpoint step, and the rerun ends with the
+  uninterrupted run's per-step losses.
+Records are neither shuffled nor packed here, so the global batch of a step holds the same records (in another
+row order) whatever the process count; with shuffling or packing each process shuffles / packs its own shard,
+so the batches depend on the process count (as in every per-host input pipeline).
+
+A stage is a parameter (STAGES): GRPO and the reward model join once they run through the shared train loop.
+"""
+
+import glob
+import json
+import os
+import random
+import signal
+import struct
+import subprocess
+import sys
+import time
+
+import pytest
+
+from helpers import REPO, subprocess_env
+
+RECORDS, BATCH, DEVICES = 128, 8, 8
+STEPS = RECORDS // BATCH  # one epoch: the data ends at the last step
+
+
+def _sft_args(data: dict) -> list[str]:
+    return ["--config", "configs/sft.py:tiny", f"--config.train.steps={STEPS}", "--config.optimizer.warmup_steps=2",
+            "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.checkpoint_every=1000",
+            "--config.train.progress=False", "--config.data.seq_len=64", f"--config.data.batch_size={BATCH}",
+            "--config.data.num_epochs=1", "--config.data.shuffle=False", "--config.data.pack=False",
+            "--config.data.tiny_world=False", f"--config.data.train_files={data['train']}",
+            f"--config.data.eval_files={data['eval']}", f"--config.data.tokenizer={data['tokenizer']}"]
+
+
+STAGES = {"sft": _sft_args}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """Arithmetic prompt / response records (each distinct) and a SentencePiece tokenizer trained on them."""
+    root = tmp_path_factory.mktemp("multihost_data")
+    rng = random.Random(0)
+    files = {}
+    for split, n in (("train", RECORDS), ("eval", 16)):
+        files[split] = str(root / f"{split}.jsonl")
+        with open(files[split], "w") as f:
+            for i in range(n):
+                a, b = rng.randint(0, 999), rng.randint(0, 999)
+                f.write(json.dumps({"id": i, "prompt": f"What is {a} plus {b}?", "response": f"{a}+{b}={a + b}."})
+                        + "\n")
+    prefix = str(root / "tok")
+    subprocess.run([sys.executable, "-m", "r1jax.data.tokenizer", "--input", files["train"], "--field",
+                    "prompt,response", "--vocab_size", "300", "--output", prefix], check=True, cwd=REPO,
+                   env=subprocess_env(), capture_output=True, timeout=120)
+    return {**files, "tokenizer": prefix + ".model"}
+
+
+def _launch(args, workdir, processes, env, log_path):
+    cmd = [sys.executable, "-m", "r1jax.launch_local", "--processes", str(processes), "--devices-per-process",
+           str(DEVICES // processes), "--timeout", "400", "--grace", "30", "--", *args, "--workdir", str(workdir)]
+    log = open(log_path, "w")  # a file: a full pipe would stall the run
+    proc = subprocess.Popen(cmd, env=env, cwd=REPO, stdout=log, stderr=subprocess.STDOUT)
+    proc.log_path = log_path
+    return proc
+
+
+def _finish(proc, timeout=450) -> str:
+    proc.wait(timeout=timeout)
+    text = open(proc.log_path).read()
+    assert proc.returncode == 0, text[-4000:]
+    return text
+
+
+def _steps(workdir) -> list[dict]:
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        records = [json.loads(line) for line in f]
+    return [r for r in records if "loss" in r]
+
+
+def _results(output: str) -> dict[int, dict]:
+    """Each process's printed StageResult (JSON on stderr, lines prefixed `[i] ` by the launcher)."""
+    lines: dict[int, list[str]] = {}
+    for line in output.splitlines():
+        if line.startswith("[") and "] " in line:
+            i, text = line[1:].split("] ", 1)
+            if i.isdigit():
+                lines.setdefault(int(i), []).append(text)
+    results = {}
+    for i, text in lines.items():
+        start = max(k for k, t in enumerate(text) if t == "{")
+        results[i] = json.loads("\n".join(text[start:]))
+    return results
+
+
+def _tb_loss_steps(workdir) -> list[int]:
+    """Steps of every `loss` scalar in WORKDIR/tb's event files (TFRecord framing, tensorboardX's Event proto)."""
+    from tensorboardX.proto import event_pb2
+
+    steps = []
+    for path in glob.glob(os.path.join(workdir, "tb", "events.out.tfevents.*")):
+        with open(path, "rb") as f:
+            while header := f.read(12):
+                (length,) = struct.unpack("<Q", header[:8])
+                event = event_pb2.Event.FromString(f.read(length))
+                f.read(4)
+                steps += [event.step for v in event.summary.value if v.tag == "loss"]
+    return sorted(steps)
+
+
+@pytest.fixture(scope="module", params=list(STAGES))
+def runs(request, data, tmp_path_factory):
+    root = tmp_path_factory.mktemp(f"multihost_{request.param}")
+    env = subprocess_env(tmp_path_factory.getbasetemp() / "jax_cache")
+    args = STAGES[request.param](data)
+    single = _launch(args, root / "single", 1, env, root / "single.log")
+    first = _launch(args, root / "multi", 2, env, root / "multi_first.log")
+    metrics, deadline = root / "multi" / "metrics.jsonl", time.time() + 400
+    while not (metrics.exists() and len(_steps(root / "multi")) >= 3):
+        assert first.poll() is None, open(first.log_path).read()[-4000:]
+        assert time.time() < deadline, "the 2-process run logged no 3 steps in 400 s"
+        time.sleep(0.05)
+    first.send_signal(signal.SIGTERM)  # to the launcher, which forwards it to both processes
+    first_out = _finish(first)
+    preempted_steps = _steps(root / "multi")
+    resumed_out = _finish(_launch(args, root / "multi", 2, env, root / "multi_resumed.log"))
+    _finish(single)
+    return dict(root=root, single=_steps(root / "single"), preempted=preempted_steps, multi=_steps(root / "multi"),
+                first=_results(first_out), resumed=_results(resumed_out))
+
+
+def test_preemption_saves_the_same_step_on_both_processes(runs):
+    first = runs["first"]
+    assert sorted(first) == [0, 1]
+    assert {r["status"] for r in first.values()} == {"preempted"}, first
+    steps = {r["checkpoint"] for r in first.values()}
+    assert len(steps) == 1, steps
+    saved = int(os.path.basename(steps.pop()))
+    assert 3 <= saved < STEPS
+    assert [r["step"] for r in runs["preempted"]] == list(range(1, saved + 1))
+    step_dir = runs["root"] / "multi" / "checkpoints" / str(saved) / "data"
+    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir))
+
+
+def test_losses_agree_with_one_process_and_resume_ends_the_same(runs):
+    single, multi = runs["single"], runs["multi"]
+    assert [r["step"] for r in single] == list(range(1, STEPS + 1))
+    assert [r["step"] for r in multi] == list(range(1, STEPS + 1))  # once each: resumed after the saved step
+    for a, b in zip(single, multi):
+        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+        assert a["trained_tokens"] == b["trained_tokens"], a["step"]
+    assert {r["status"] for r in runs["resumed"].values()} == {"done"}
+
+
+def test_only_process_0_logs(runs):
+    assert _tb_loss_steps(runs["root"] / "multi") == list(range(1, STEPS + 1))
+    assert _tb_loss_steps(runs["root"] / "single") == list(range(1, STEPS + 1))
+
+
+def test_the_processes_read_disjoint_halves_that_cover_the_data(runs):
+    final = runs["root"] / "multi" / "checkpoints" / str(STEPS) / "data"
+    states = [json.load(open(final / f"process_{i}-of-2.json")) for i in range(2)]
+    consumed = [s["parent"]["parent"]["next_index"] for s in states]
+    assert consumed == [RECORDS // 2, RECORDS // 2], states
+    single_state = json.load(open(runs["root"] / "single" / "checkpoints" / str(STEPS) / "data" /
+                                  "process_0-of-1.json"))
+    assert single_state["parent"]["parent"]["next_index"] == RECORDS
+
+
+# ------------------------------------------------------------------------------- the launcher's watch (no JAX)
+
+CHILD = r"""
+import os, signal, sys, time
+i = int(os.environ["JAX_PROCESS_ID"])
+print("devices", os.environ["XLA_FLAGS"], os.environ["JAX_NUM_PROCESSES"], os.environ["JAX_COORDINATOR_ADDRESS"],
+      flush=True)
+signal.signal(signal.SIGTERM, lambda *_: (print("saved", flush=True), sys.exit(0)))
+if i == int(sys.argv[1]):
+    time.sleep(0.3)
+    sys.exit(3)
+time.sleep(60)
+"""
+
+
+def _group(fail: int, tmp_path):
+    from r1jax.launch_local import Group
+
+    out = open(tmp_path / "out.txt", "w+")
+    env = dict(os.environ, XLA_FLAGS="--xla_cpu_foo=1 --xla_force_host_platform_device_count=8")
+    group = Group([sys.executable, "-c", CHILD, str(fail)], processes=2, devices=4, out=out, env=env)
+    time.sleep(0.5)  # both children have set their SIGTERM handler
+    return group, out
+
+
+def _lines(out) -> list[str]:
+    out.flush()
+    out.seek(0)
+    return out.read().splitlines()
+
+
+def test_launcher_stops_the_group_when_one_fails(tmp_path):
+    group, out = _group(fail=1, tmp_path=tmp_path)
+    start = time.monotonic()
+    assert group.wait(grace_s=10) == 3  # process 1's code; process 0 was stopped, not waited for
+    assert time.monotonic() - start < 10
+    lines = _lines(out)
+    assert "[0] saved" in lines and "[1] saved" not in lines
+    for i in range(2):  # each process's own environment, its output prefixed
+        line = next(l for l in lines if l.startswith(f"[{i}] devices"))
+        other_flag, device_flag, count, address = line.split()[2:]
+        assert other_flag == "--xla_cpu_foo=1" and device_flag == "--xla_force_host_platform_device_count=4", line
+        assert count == "2" and address.startswith("127.0.0.1:"), line
+
+
+def test_launcher_forwards_sigterm_and_times_out(tmp_path):
+    group, out = _group(fail=-1, tmp_path=tmp_path)
+    group.signal(signal.SIGTERM)
+    assert group.wait(grace_s=10) == 0
+    assert sorted(l for l in _lines(out) if l.endswith("saved")) == ["[0] saved", "[1] saved"]
+    group, out = _group(fail=-1, tmp_path=tmp_path)
+    start = time.monotonic()
+    for p in group.procs:  # children that ignore SIGTERM: the grace period ends in SIGKILL
+        p.send_signal(signal.SIGSTOP)
+    assert group.wait(timeout_s=0.5, grace_s=1) == 124
+    assert time.monotonic() - start < 10 and all(p.returncode == -signal.SIGKILL for p in group.procs)
+
+
+def test_which_environments_join_a_job():
+    from r1jax import distributed
+
+    env = {"JAX_COORDINATOR_ADDRESS": "127.0.0.1:1234", "JAX_NUM_PROCESSES": "2", "JAX_PROCESS_ID": "1"}
+    assert distributed._explicit_args(env) == ("127.0.0.1:1234", 2, 1)
+    for bad, message in (({**env, "JAX_PROCESS_ID": "2"}, "expected 0 <= id"),
+                         ({**env, "JAX_NUM_PROCESSES": "two"}, "must be integers"),
+                         ({k: v for k, v in env.items() if k != "JAX_COORDINATOR_ADDRESS"}, "missing")):
+        with pytest.raises(ValueError, match=message):
+            distributed._explicit_args(bad)
+    assert distributed._explicit_args({}) is None
+    assert not distributed._detected({})  # a laptop
+    assert not distributed._detected({"TPU_WORKER_HOSTNAMES": "localhost"})  # one TPU VM
+    assert distributed._detected({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"})  # a multi-host slice
+    assert distributed._detected({"TPU_WORKER_HOSTNAMES": "localhost", "MEGASCALE_COORDINATOR_ADDRESS": "h:8080"})
+    assert distributed.initialize_from_env({**env, "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}) is False
