@@ -185,8 +185,8 @@ def _imported_distributions(paths, exclude=()) -> set[str]:
                     names.update(a.name.split(".")[0] for a in node.names)
                 elif isinstance(node, ast.ImportFrom) and node.level == 0:
                     names.add(node.module.split(".")[0])
-    local = {"r1jax", "configs", "launch", "helpers", "sharding_worker",
-             "_wire"}  # the sandbox child imports its sibling by file (python -I, no package)
+    local = {"r1jax", "configs", "launch", "_wire"}  # _wire: the sandbox child imports its sibling by file
+    local |= {os.path.basename(f)[:-3] for f in glob.glob(os.path.join(REPO, "tests", "*.py"))}  # test helpers
     third_party = sorted(n for n in names - local - set(sys.stdlib_module_names))
     unknown = [n for n in third_party if n not in owners]
     assert not unknown, f"imported but not installed: {unknown}"
