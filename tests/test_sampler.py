@@ -96,11 +96,12 @@ def test_top_p_keeps_exactly_the_nucleus():
     nucleus = {int(np.where(perm == k)[0][0]) for k in (0, 1, 2)}  # mass before the 3rd = .65 < .7 <= .8
     keep = np.asarray(S.TopP(p=0.7).keep(logits))
     assert {int(i) for i in np.where(keep[0])[0]} == nucleus and (keep[0] == keep[1]).all()
-    draws = np.asarray(jax.vmap(lambda k: S.TopP(p=0.7)(logits, k))(jax.random.split(jax.random.PRNGKey(0), 4000)))
+    draws = np.asarray(jax.vmap(lambda k: S.TopP(p=0.7)(logits, jax.random.split(k, 2)))(
+        jax.random.split(jax.random.PRNGKey(0), 4000)))
     assert set(np.unique(draws).tolist()) == nucleus
     freq = np.array([np.mean(draws == int(np.where(perm == k)[0][0])) for k in (0, 1, 2)])
     np.testing.assert_allclose(freq, probs[:3] / probs[:3].sum(), atol=0.02)  # renormalised nucleus
-    top_k = np.asarray(S.TopK(k=2)(logits, jax.random.PRNGKey(1)).tolist())
+    top_k = np.asarray(S.TopK(k=2)(logits, jax.random.split(jax.random.PRNGKey(1), 2)).tolist())
     keep_k = np.asarray(S.TopK(k=2).keep(logits))
     assert {int(i) for i in np.where(keep_k[0])[0]} == {int(np.where(perm == k)[0][0]) for k in (0, 1)}
     assert all(int(t) in np.where(keep_k[0])[0] for t in top_k)
