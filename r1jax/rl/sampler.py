@@ -258,12 +258,14 @@ def row_keys(rng, row_r, step_r):
     return jax.vmap(lambda r, j: jax.random.fold_in(jax.random.fold_in(rng, r), j))(row_r, step_r)
 
 
-def choose(rows: Rows, out: Completions, logits_rv, rng, spec: SamplerSpec) -> tuple[Rows, Completions]:
-    """Sample one token for every unfinished row from logits_rv [R, V], write it (and its log-prob) into row
-    `rows.row` of `out`, and update lengths / stops. Finished rows are left as they are."""
+def choose(rows: Rows, out: Completions, logits_rv, rng, spec: SamplerSpec, active_r=None
+           ) -> tuple[Rows, Completions]:
+    """Sample one token for every unfinished row (among active_r [R], default all) from logits_rv [R, V], write
+    it (and its log-prob) into row `rows.row` of `out`, and update lengths / stops. Other rows are left as they
+    are."""
     method = spec.method
     n, t = out.tokens.shape
-    live_r = ~rows.finished
+    live_r = ~rows.finished if active_r is None else ~rows.finished & active_r
     token_r = method(logits_rv, row_keys(rng, jnp.maximum(rows.row, 0), rows.length))
     logp_rv = jax.nn.log_softmax(logits_rv.astype(jnp.float32) / method.temperature, axis=-1)
     logp_r = jnp.take_along_axis(logp_rv, token_r[:, None], axis=-1)[:, 0]
