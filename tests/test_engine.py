@@ -29,13 +29,13 @@ def _model(name):
     return cfg, M.init(cfg, jax.random.PRNGKey(0))
 
 
-def _run(name, spec, slots=None, seed=0, limit_n=None, min_slots=0):
+def _run(name, spec, slots=None, seed=0, limit_n=None, drain=1):
     cfg, params = _model(name)
     prompts_bp, lengths_b = S.pad_prompts(PROMPTS, BUCKETS, pad_id=0)
     if slots is None:
         fn = S.make_sampler(cfg, spec)
     else:
-        fn = E.make_engine(cfg, spec, E.EngineSpec(slots=slots, chunk_steps=4, min_slots=min_slots))
+        fn = E.make_engine(cfg, spec, E.EngineSpec(slots=slots, chunk_steps=4, drain_divisor=drain))
     return jax.tree.map(np.asarray, fn(params, prompts_bp, lengths_b, jax.random.PRNGKey(seed), limit_n))
 
 
@@ -59,7 +59,7 @@ def test_sampled_rows_do_not_depend_on_slots_and_end_on_any_eos():
     spec = S.SamplerSpec(S.Temperature(1.0), group_size=G, max_new_tokens=T_NEW, eos_id=eos)
     ref = _run("tiny_moe", spec)
     for slots in (16, 4, 5):
-        out = _run("tiny_moe", spec, slots, min_slots=1 if slots == 4 else 0)
+        out = _run("tiny_moe", spec, slots, drain=4 if slots == 4 else 1)
         for field in ("tokens", "lengths", "truncated"):
             assert (getattr(out, field) == getattr(ref, field)).all(), (slots, field)
         np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5, rtol=0)
@@ -73,12 +73,12 @@ def test_sampled_rows_do_not_depend_on_slots_and_end_on_any_eos():
 
 
 def test_reused_slots_read_no_stale_cache():
-    """Two slots serve 16 rows of forced different lengths (rows enter slots other rows used, then the drain
+    """Four slots serve 16 rows of forced different lengths (rows enter slots other rows used, then the drain
     compacts them): each row's log-probs equal a fresh full forward over its prompt and completion."""
     cfg, params = _model("tiny_moe")
     spec = S.SamplerSpec(S.Temperature(1.0), group_size=G, max_new_tokens=T_NEW, eos_id=NO_EOS)
     limit_n = np.array([12, 3, 7, 1, 5, 12, 2, 9, 4, 11, 6, 8, 10, 2, 12, 5], np.int32)
-    out = _run("tiny_moe", spec, slots=4, limit_n=limit_n, min_slots=1)
+    out = _run("tiny_moe", spec, slots=4, limit_n=limit_n, drain=4)
     assert (out.lengths == limit_n).all() and (out.truncated == (limit_n == T_NEW)).all()
     prompts = [p for p in PROMPTS for _ in range(G)]
     batch = TR.build_batch(prompts, out.tokens, out.lengths, prompt_buckets=BUCKETS, completion_buckets=(T_NEW,),

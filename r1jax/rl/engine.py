@@ -21,7 +21,7 @@ the group's prompt prefilled once):
      finished.
   4. between chunks the host reads the slots' `finished` flags (S booleans), inserts waiting rows into the
      finished slots, and, once no row waits and at most half of the slots are live, compacts the live rows
-     into half as many slots (down to EngineSpec.min_slots), so the drain at the end of a rollout does not
+     into half as many slots (down to S / EngineSpec.drain_divisor), so the drain at the end of a rollout does not
      decode empty slots.
 
 Determinism: a row's tokens are drawn with keys derived from (row n, token index) only (`sampler.row_keys`),
@@ -50,16 +50,16 @@ from r1jax.sharding import constrain, use_rules
 
 @dataclasses.dataclass(frozen=True)
 class EngineSpec:
-    """slots: S decode slots; chunk_steps: K decode steps per jitted chunk; min_slots: the smallest slot count
-    the drain compacts into (0 = S, no compaction)."""
+    """slots: S decode slots (0 = one per row: no row waits); chunk_steps: K decode steps per jitted chunk;
+    drain_divisor: the drain compacts the live rows into halves down to S / drain_divisor slots (1 = never)."""
 
-    slots: int
+    slots: int = 0
     chunk_steps: int = 16
-    min_slots: int = 0
+    drain_divisor: int = 8
 
     def __post_init__(self):
-        if self.slots < 1 or self.chunk_steps < 1 or self.min_slots < 0:
-            raise ValueError(f"EngineSpec: need slots >= 1, chunk_steps >= 1, min_slots >= 0; got {self}")
+        if self.slots < 0 or self.chunk_steps < 1 or self.drain_divisor < 1:
+            raise ValueError(f"EngineSpec: need slots >= 0, chunk_steps >= 1, drain_divisor >= 1; got {self}")
 
 
 def cache_bytes_per_position(cfg: models.ModelConfig) -> int:
@@ -183,8 +183,8 @@ class Engine:
         b, p = prompts_bp.shape
         n, t = b * spec.group_size, spec.max_new_tokens
         limit_n = np.full((n,), t, np.int32) if limit_n is None else np.minimum(np.asarray(limit_n, np.int32), t)
-        slots = min(self.engine.slots, n)
-        min_slots = min(self.engine.min_slots or slots, slots)
+        slots = min(self.engine.slots or n, n)
+        min_slots = max(1, slots // self.engine.drain_divisor)
         prompt_cache, first_bv = self._prefill(params, prompts_bp, prompt_lengths_b, cache_len=p)
         state = self._init(slots, n, p + t)
         waiting, slot_steps, decode_steps, chunks = 0, 0, 0, 0
@@ -210,7 +210,7 @@ class Engine:
             if waiting == n and finished.all():
                 break
         self.stats = {"slot_steps": slot_steps, "decode_steps": decode_steps, "chunks": chunks,
-                      "peak_slots": min(self.engine.slots, n)}
+                      "peak_slots": min(self.engine.slots or n, n)}
         return state.out
 
 
