@@ -43,7 +43,7 @@ def _run(name, spec, slots=None, seed=0, limit_n=None, drain=1):
 def test_greedy_engine_equals_static_sampler(name):
     spec = S.SamplerSpec(S.Greedy(), group_size=G, max_new_tokens=T_NEW, eos_id=NO_EOS)
     ref = _run(name, spec)
-    for slots in (G * len(PROMPTS), 4, 5):  # S = N, N/4, not dividing N
+    for slots in (G * len(PROMPTS), 4, 5) if name == "tiny_moe" else (5,):  # S = N, N/4, not dividing N
         out = _run(name, spec, slots)
         assert (out.tokens == ref.tokens).all() and (out.lengths == ref.lengths).all(), slots
         if slots == G * len(PROMPTS):

@@ -1,4 +1,4 @@
-"""GRPO math: group advantages, the clipped policy loss with a k3 KL term, token entropy.
+"""GRPO math: group advantages, the clipped policy loss (token or GSPO sequence ratio) with a k3 KL term, token entropy.
 
 Pure, jittable functions; the RL train step composes them. Dimension letters: B prompts, G samples per
 prompt (group size), N = B*G sequences, T completion length (padded), V vocabulary.

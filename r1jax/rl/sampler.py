@@ -1,12 +1,14 @@
 """The group sampler: G completions for each of B prompts, decoded inside one jitted `lax.while_loop`.
 
     spec = SamplerSpec(method=Temperature(1.0), group_size=G, max_new_tokens=T, eos_id=tok.eos_id,
-                       pad_id=tok.pad_id, stop_sequences=stop_token_sequences(tok, ["</answer>"]))
+                       pad_id=tok.pad_id, stop_sequences=stops.stop_strings(tok, ("</answer>",)))
     sample = make_sampler(cfg, spec, mesh=mesh, rules=rules)       # jitted, cached per (cfg, spec, mesh)
     prompts_bp, lengths_b = pad_prompts(token_lists, buckets=(128, 256), pad_id=tok.pad_id)
     out = sample(params, prompts_bp, lengths_b, rng)               # Completions, rows [N = B*G]
 
-Row n = b*G + g is sample g of prompt b (the layout `grpo.group_advantages` expects).
+Row n = b*G + g is sample g of prompt b (the layout `grpo.group_advantages` expects). This is the static batch:
+every row is decoded until the longest one ends. The slot engine (r1jax.rl.engine) keeps a fixed number of
+slots busy instead and shares this module's per-row step (`choose`), so both draw the same rows.
 
 Algorithm (dimension letters: B prompts, G group size, N = B*G rows, P prompt bucket, T new tokens, V vocab,
 S = P + T cache slots):
@@ -18,9 +20,12 @@ S = P + T cache slots):
   3. first token: sampled from the prefill logits (`categorical`: the inverse CDF at one uniform per row).
   4. loop (`lax.while_loop`, no host round trip): decode the last token of every row (`models.decode_step`,
      which writes it at the slot right after that row's previous token, so the prompt's padding slots are
-     overwritten and never attended), sample the next one, until every row is done or T tokens are out.
-  A row is done after it emits EOS or completes one of the stop sequences (both kept in the completion);
-  after that it carries `pad_id` and log-prob 0. A row that is still running after T tokens is truncated.
+     overwritten and never attended), sample the next one (`choose`), until every row is finished.
+  A row is done after it emits any of the EOS ids or completes a stop string (r1jax.rl.stops: matched on the
+  text, however it was tokenised; both kept in the completion); after that it carries `pad_id` and log-prob 0.
+  A row still running after T tokens (or its own stop position `limit_n`) is truncated.
+  The uniform that draws token j of row n comes from fold_in(fold_in(rng, n), j) (`row_keys`): a row's samples
+  depend on the seed and its index only, not on the batch or slot it is decoded in.
 
 Log-probs: for a sampled token y the sampler records log softmax(logits / temperature)[y], the
 *untruncated* temperature distribution, whatever top-k / top-p filtering chose y. This is what the trainer
