@@ -1,6 +1,6 @@
 """Group sampler: temperature -> 0 equals greedy full-forward decoding, exact top-p nucleus / top-k, groups
 differ at temperature 1, stop sequences and EOS, sampler log-probs == the trainer's recompute, sharded ==
-unsharded on 8 fake devices (MLA latent cache and GQA cache)."""
+unsharded on 8 fake devices (MLA latent cache and GQA cache; the slot engine too)."""
 
 import functools
 import json
@@ -167,6 +167,9 @@ def test_sharded_sampler_matches_single_device():
     for r in rows:
         assert r["tokens_equal"] and r["rows_sharded"], r  # same samples from the same key
         assert r["logprob_diff"] < 1e-5 and r["sharded_params"] > 0, r
+        if "engine_tokens_equal" in r:  # the slot engine under the same mesh: the same rows
+            assert r["engine_tokens_equal"] and r["engine_rows_sharded"] and r["engine_logprob_diff"] < 1e-5, r
+    assert sum("engine_tokens_equal" in r for r in rows) == 2
 
 
 def _sharded_worker():
@@ -187,6 +190,14 @@ def _sharded_worker():
         row["rows_sharded"] = not got.tokens.sharding.is_fully_replicated
         row["logprob_diff"] = float(np.abs(np.asarray(ref.logprobs) - np.asarray(got.logprobs)).max())
         row["sharded_params"] = sum(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(sharded))
+        if ici != MESHES[1][1]:  # the MLA and the GQA cache
+            from r1jax.rl import engine as E
+
+            eng = E.make_engine(cfg, spec, E.EngineSpec(slots=4, chunk_steps=4), mesh=mesh, rules=rules)(
+                sharded, prompts_bp, lengths_b, jax.random.PRNGKey(3))
+            row["engine_tokens_equal"] = bool((np.asarray(ref.tokens) == np.asarray(eng.tokens)).all())
+            row["engine_rows_sharded"] = not eng.tokens.sharding.is_fully_replicated
+            row["engine_logprob_diff"] = float(np.abs(np.asarray(ref.logprobs) - np.asarray(eng.logprobs)).max())
         print(json.dumps(row), flush=True)
 
 
