@@ -11,18 +11,18 @@ the group's prompt prefilled once):
 
   1. prefill: the B prompts run once into a prompt cache of P slots (`sampler.prefill_prompts`); their
      next-token logits [B, V] are kept.
-  2. insert (jitted): waiting rows n = b*G + g, in order of n, go into the free slots: prompt b's cache is
-     copied into the slot's first P cache positions and the row's first token is sampled from prompt b's
-     logits. The rest of the slot is left as the previous row wrote it: the row writes its tokens from its
-     prompt length on, and attention masks every key past the query's slot, so a stale entry is overwritten
-     before it can be seen (tests/test_engine.py checks rows against a fresh full forward).
-  3. chunk (jitted `lax.while_loop`, no host round trip): up to K decode steps of all S slots
-     (`models.decode_step` + `sampler.choose`, the static sampler's own step), or fewer once every slot is
-     finished.
-  4. between chunks the host reads the slots' `finished` flags (S booleans), inserts waiting rows into the
-     finished slots, and, once no row waits and at most half of the slots are live, compacts the live rows
-     into half as many slots (down to S / EngineSpec.drain_divisor), so the drain at the end of a rollout does not
-     decode empty slots.
+  2. chunk (jitted `lax.while_loop`, no host round trip): up to K steps, each a decode step of all S slots
+     (`models.decode_step` + `sampler.choose`, the static sampler's own step) followed by `insert` when a slot
+     finished and rows wait (lax.cond): waiting rows n = b*G + g, in order of n, go into the finished slots;
+     prompt b's cache is copied into the slot's first P cache positions and the row's first token is sampled
+     from prompt b's logits. The rest of the slot is left as the previous row wrote it: the row writes its
+     tokens from its prompt length on, and attention masks every key past the query's slot, so a stale entry
+     is overwritten before it can be seen (tests/test_engine.py checks rows against a fresh full forward).
+     A slot that finishes is refilled at the next step, not at the end of the chunk.
+  3. between chunks the host reads the slots' `finished` flags (S booleans) and the queue position; once no
+     row waits and at most half of the slots are live, it compacts the live rows into half as many slots
+     (down to S / EngineSpec.drain_divisor), so the drain at the end of a rollout does not decode empty
+     slots.
 
 Determinism: a row's tokens are drawn with keys derived from (row n, token index) only (`sampler.row_keys`),
 so the same seed gives the same rows whatever S, K or the order in which rows finish, and the same rows as
@@ -87,7 +87,18 @@ class EngineState:
     rows: Rows  # [S] slots
     cache: dict  # the decode cache of S slots x (P + T) positions
     out: Completions  # [N] rows
+    next_row: jax.Array  # int32 []: the first row not yet inserted (rows wait in order of n)
     steps: jax.Array  # int32 []: decode steps of the last chunk
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+    """What insertion reads: the prefilled prompts and the rows' stop positions."""
+
+    cache: dict  # the prompt cache, B x P positions
+    first_logits: jax.Array  # [B, V] next-token logits at each prompt's last token
+    limit: jax.Array  # [N] int32: most tokens of each row
 
 
 def _length_axis(prompt_leaf, slot_leaf) -> int:
@@ -96,12 +107,15 @@ def _length_axis(prompt_leaf, slot_leaf) -> int:
     return next(i for i in range(2, slot_leaf.ndim) if prompt_leaf.shape[i] != slot_leaf.shape[i])
 
 
-def insert(state: EngineState, prompt_cache, first_bv, rows_s, limit_n, rng, *, spec: SamplerSpec) -> EngineState:
-    """Put output row rows_s[s] into slot s where rows_s[s] >= 0 (its prompt's cache, its first token)."""
-    g = spec.group_size
-    s = rows_s.shape[0]
-    new_s = rows_s >= 0
-    b_s = jnp.maximum(rows_s, 0) // g
+def insert(state: EngineState, prompts: Prompts, rng, *, spec: SamplerSpec) -> EngineState:
+    """Fill the finished slots, in slot order, with the next waiting rows: row n gets its prompt's cache
+    (prompt n // G) and its first token, sampled from that prompt's logits."""
+    s, n = state.rows.row.shape[0], prompts.limit.shape[0]
+    free_s = state.rows.finished
+    row_s = state.next_row + jnp.cumsum(free_s) - 1
+    new_s = free_s & (row_s < n)
+    rows_s = jnp.where(new_s, row_s, -1)
+    b_s = jnp.maximum(rows_s, 0) // spec.group_size
     target_s = jnp.where(new_s, jnp.arange(s), s)  # s: out of range, dropped
     cache = dict(state.cache)
     for key in ("dense", "moe"):
@@ -111,22 +125,30 @@ def insert(state: EngineState, prompt_cache, first_bv, rows_s, limit_n, rng, *, 
                 index = (slice(None), target_s) + (slice(None),) * (ax - 2) + (slice(0, prompt_leaf.shape[ax]),)
                 return slot_leaf.at[index].set(jnp.take(prompt_leaf, b_s, axis=1), mode="drop")
 
-            cache[key] = jax.tree.map(put, cache[key], prompt_cache[key])
-    seg = prompt_cache["segment_ids"][b_s]  # [S, P]
+            cache[key] = jax.tree.map(put, cache[key], prompts.cache[key])
+    seg = prompts.cache["segment_ids"][b_s]  # [S, P]
     seg = jnp.pad(seg, ((0, 0), (0, cache["segment_ids"].shape[1] - seg.shape[1])))  # the row's own positions only
     cache["segment_ids"] = cache["segment_ids"].at[target_s].set(seg, mode="drop")
     for key in ("length", "next_position", "segment"):
-        cache[key] = jnp.where(new_s, prompt_cache[key][b_s], cache[key])
-    fresh = sampler_lib.empty_rows(s, spec)
+        cache[key] = jnp.where(new_s, prompts.cache[key][b_s], cache[key])
+    fresh = sampler_lib.empty_rows(s, spec).replace(row=rows_s, limit=prompts.limit[jnp.maximum(rows_s, 0)])
     rows = jax.tree.map(lambda new, old: jnp.where(new_s.reshape((s,) + (1,) * (old.ndim - 1)), new, old),
-                        fresh.replace(row=rows_s, limit=limit_n[jnp.maximum(rows_s, 0)]), state.rows)
-    rows, out = sampler_lib.choose(rows, state.out, first_bv[b_s], rng, spec, active_r=new_s)
-    return EngineState(rows=rows, cache=cache, out=out, steps=state.steps)
+                        fresh, state.rows)
+    rows, out = sampler_lib.choose(rows, state.out, prompts.first_logits[b_s], rng, spec, active_r=new_s)
+    return dataclasses.replace(state, rows=rows, cache=cache, out=out,
+                               next_row=state.next_row + new_s.sum(dtype=jnp.int32))
 
 
-def chunk(params, state: EngineState, rng, *, cfg: models.ModelConfig, spec: SamplerSpec,
+def chunk(params, state: EngineState, prompts: Prompts, rng, *, cfg: models.ModelConfig, spec: SamplerSpec,
           steps: int) -> EngineState:
-    """Up to `steps` decode steps of every slot (one lax.while_loop), fewer once every slot is finished."""
+    """Up to `steps` decode steps of every slot (one lax.while_loop), each followed by the insertion of waiting
+    rows into the slots that finished (`insert`, skipped by lax.cond when none did); fewer steps once every row
+    is finished."""
+    n = prompts.limit.shape[0]
+
+    def refill(st):
+        return jax.lax.cond(jnp.any(st.rows.finished) & (st.next_row < n),
+                            functools.partial(insert, prompts=prompts, rng=rng, spec=spec), lambda x: x, st)
 
     def running(carry):
         st, i = carry
@@ -136,9 +158,9 @@ def chunk(params, state: EngineState, rng, *, cfg: models.ModelConfig, spec: Sam
         st, i = carry
         logits_sv, cache = models.decode_step(params, st.rows.token, cfg, st.cache)
         rows, out = sampler_lib.choose(st.rows, st.out, logits_sv, rng, spec)
-        return EngineState(rows=rows, cache=cache, out=out, steps=st.steps), i + 1
+        return refill(dataclasses.replace(st, rows=rows, cache=cache, out=out)), i + 1
 
-    state, i = jax.lax.while_loop(running, step, (state, jnp.zeros((), jnp.int32)))
+    state, i = jax.lax.while_loop(running, step, (refill(state), jnp.zeros((), jnp.int32)))
     return dataclasses.replace(state, steps=i)
 
 
@@ -146,14 +168,14 @@ def compact(state: EngineState, keep_s) -> EngineState:
     """The slots keep_s [S'] (live ones first) as a state of S' slots."""
     cache = {k: (jax.tree.map(lambda x: jnp.take(x, keep_s, axis=1), v) if k in ("dense", "moe")
                  else jnp.take(v, keep_s, axis=0)) for k, v in state.cache.items()}
-    return EngineState(rows=jax.tree.map(lambda x: jnp.take(x, keep_s, axis=0), state.rows), cache=cache,
-                       out=state.out, steps=state.steps)
+    return dataclasses.replace(state, rows=jax.tree.map(lambda x: jnp.take(x, keep_s, axis=0), state.rows),
+                               cache=cache)
 
 
 class Engine:
     """`engine(params, prompts_bp, prompt_lengths_b, rng, limit_n=None) -> Completions` (module docstring);
-    `stats` describes the last call: slot_steps (sum over chunks of slots x decode steps, plus one per inserted
-    row for its first token), decode_steps, chunks, peak_slots."""
+    `stats` describes the last call: slot_steps (sum over chunks of slots x decode steps, plus one per row for
+    its first token), decode_steps, chunks, peak_slots."""
 
     def __init__(self, cfg: models.ModelConfig, spec: SamplerSpec, engine: EngineSpec, *, mesh=None, rules=None):
         self.cfg, self.spec, self.engine, self.mesh, self.rules = cfg, spec, engine, mesh, rules
@@ -161,7 +183,6 @@ class Engine:
         # The params arrive in their model shardings (as the stage keeps them) and every jitted piece takes its
         # inputs' shardings; the slot arrays are sharded over `act_batch` / `cache_batch` by `constrain`.
         self._prefill = jax.jit(functools.partial(sampler_lib.prefill_prompts, cfg=cfg), static_argnames=("cache_len",))
-        self._insert = jax.jit(functools.partial(insert, spec=spec), donate_argnums=0)
         self._chunk = jax.jit(functools.partial(chunk, cfg=cfg, spec=spec, steps=engine.chunk_steps), donate_argnums=1)
         self._compact = jax.jit(compact)
         self._init = jax.jit(self._empty, static_argnums=(0, 1, 2))
@@ -171,8 +192,9 @@ class Engine:
         cache = {k: (jax.tree.map(lambda x: constrain(x, ("layers", "cache_batch") + (None,) * (x.ndim - 2)), v)
                      if k in ("dense", "moe") else constrain(v, ("cache_batch",) + (None,) * (v.ndim - 1)))
                  for k, v in cache.items()}
+        zero = jnp.zeros((), jnp.int32)
         return EngineState(rows=sampler_lib.empty_rows(slots, self.spec), cache=cache,
-                           out=sampler_lib.empty_completions(n, self.spec), steps=jnp.zeros((), jnp.int32))
+                           out=sampler_lib.empty_completions(n, self.spec), next_row=zero, steps=zero)
 
     def __call__(self, params, prompts_bp, prompt_lengths_b, rng, limit_n=None) -> Completions:
         with contextlib.nullcontext() if self.mesh is None else use_rules(self.mesh, self.rules):
@@ -186,29 +208,23 @@ class Engine:
         slots = min(self.engine.slots or n, n)
         min_slots = max(1, slots // self.engine.drain_divisor)
         prompt_cache, first_bv = self._prefill(params, prompts_bp, prompt_lengths_b, cache_len=p)
+        prompts = Prompts(cache=prompt_cache, first_logits=first_bv, limit=limit_n)
         state = self._init(slots, n, p + t)
-        waiting, slot_steps, decode_steps, chunks = 0, 0, 0, 0
-        finished = np.ones((slots,), bool)
+        slot_steps, decode_steps, chunks = n, 0, 0  # n: the first token of each row, drawn at its insertion
         while True:
-            if waiting < n and finished.any():
-                free = np.flatnonzero(finished)[:n - waiting]
-                rows_s = np.full((slots,), -1, np.int32)
-                rows_s[free] = np.arange(waiting, waiting + len(free), dtype=np.int32)
-                waiting += len(free)
-                slot_steps += len(free)  # the first token of each inserted row
-                state = self._insert(state, prompt_cache, first_bv, rows_s, limit_n, rng)
-            elif waiting == n and (~finished).sum() <= slots // 2 and slots // 2 >= min_slots:
-                live = np.flatnonzero(~finished)
-                keep = np.concatenate([live, np.flatnonzero(finished)])[:slots // 2].astype(np.int32)
-                state = self._compact(state, keep)
-                slots //= 2
-            state = self._chunk(params, state, rng)
-            steps, finished = jax.device_get((state.steps, state.rows.finished))
+            state = self._chunk(params, state, prompts, rng)
+            steps, finished, waiting = jax.device_get((state.steps, state.rows.finished, state.next_row))
             slot_steps += int(steps) * slots
             decode_steps += int(steps)
             chunks += 1
-            if waiting == n and finished.all():
+            if waiting < n:
+                continue
+            if finished.all():
                 break
+            if (~finished).sum() <= slots // 2 and slots // 2 >= min_slots:  # the drain: compact the live rows
+                keep = np.concatenate([np.flatnonzero(~finished), np.flatnonzero(finished)])[:slots // 2]
+                state = self._compact(state, keep.astype(np.int32))
+                slots //= 2
         self.stats = {"slot_steps": slot_steps, "decode_steps": decode_steps, "chunks": chunks,
                       "peak_slots": min(self.engine.slots or n, n)}
         return state.out
