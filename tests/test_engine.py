@@ -4,7 +4,6 @@ into a slot that earlier rows used reads none of their cache (checked against a 
 
 import functools
 import json
-import os
 
 import jax
 import numpy as np

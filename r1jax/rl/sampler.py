@@ -45,7 +45,7 @@ import contextlib
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
