@@ -29,7 +29,7 @@ def rl_block(*, group_size: int, prompts_per_rollout: int, max_new_tokens: int, 
              top_k: int = 0, top_p: float = 1.0, adv_scale: str = "group", adv_baseline: str = "mean",
              mask_truncated: bool = False, dynamic_sampling: bool = False, dynamic_max_batches: int = 3,
              ref_reset_every: int = 0, micro_batches: int = 1, score_chunk_rows: int = 0,
-             ref_dtype: str = "float32", engine: str = "slots", slots: int = 0, chunk_steps: int = 16,
+             ref_dtype: str = "float32", engine: str = "slots", slots: int = 0, chunk_steps: int = 256,
              ratio_level: str = "token", tis_cap: float = 0.0, is_mask_band: tuple = ()) -> mlc.ConfigDict:
     """config.rl: sampling, rewards and the GRPO loss (r1jax/stages/grpo.py documents every field).
 
@@ -39,8 +39,8 @@ def rl_block(*, group_size: int, prompts_per_rollout: int, max_new_tokens: int, 
     mini-batch; score_chunk_rows = rows per forward of the log-prob pass (0 = the whole rollout at once);
     ref_dtype = the frozen reference's dtype (bfloat16 halves it; the forward computes in the model's dtype).
     sampling: greedy | temperature | top_k | top_p (with top_k / top_p), always at `temperature`.
-    engine: "slots" (r1jax/rl/engine.py: `slots` decode slots, 0 = one per rollout row, `chunk_steps` decode
-      steps between insertions) or "static" (r1jax/rl/sampler.py, every row of a batch until the longest ends).
+    engine: "slots" (r1jax/rl/engine.py: `slots` decode slots, 0 = one per rollout row, at most `chunk_steps`
+      decode steps between host checks) or "static" (r1jax/rl/sampler.py, every row of a batch until the longest ends).
     ratio_level "token" | "sequence" (GSPO); tis_cap > 0: truncated importance sampling of the sampler's drift;
       is_mask_band (lo, hi): drop rows whose sampler ratio leaves it (r1jax/rl/grpo.py).
     prompt_buckets / completion_buckets: padded lengths; one compile per bucket; max_new_tokens is the

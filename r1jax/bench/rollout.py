@@ -11,7 +11,7 @@ log-normal with median T/4 and 5% of the rows reaching T (truncated); drawn once
   static   `rl.sampler.make_sampler` over the N rows in batches of --static_rows rows (whole groups): each batch
            decodes until its longest row ends, the next starts when it is done.
   engine   `rl.engine.make_engine` with as many slots as fit the static batch's cache memory (the prompt cache of
-           all B prompts counted: `engine.slots_for_budget`), chunks of --chunk steps, drain down to S/8 slots.
+           all B prompts counted: `engine.slots_for_budget`), chunks of at most --chunk steps, drain down to S/8 slots.
   generate transformers on the same weights (`save_hf_checkpoint`), `generate(do_sample=True, top_k=0,
            num_return_sequences=G)` over the same batches as static, each row stopped at its length by a
            per-row StoppingCriteria.
@@ -238,7 +238,7 @@ def main(argv=None):
     ap.add_argument("--prompt_len", type=int, default=32)
     ap.add_argument("--new", type=int, default=256, help="T, the most new tokens per row")
     ap.add_argument("--static_rows", type=int, default=32, help="rows per static batch (sets the cache memory)")
-    ap.add_argument("--chunk", type=int, default=16, help="engine decode steps per chunk")
+    ap.add_argument("--chunk", type=int, default=256, help="engine: most decode steps between host checks")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--step_runs", type=int, default=2)
     ap.add_argument("--hf_runs", type=int, default=1, help="generate runs (0 = skip)")

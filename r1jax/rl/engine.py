@@ -11,7 +11,8 @@ the group's prompt prefilled once):
 
   1. prefill: the B prompts run once into a prompt cache of P slots (`sampler.prefill_prompts`); their
      next-token logits [B, V] are kept.
-  2. chunk (jitted `lax.while_loop`, no host round trip): up to K steps, each a decode step of all S slots
+  2. chunk (jitted `lax.while_loop`, no host round trip): up to K steps (EngineSpec.chunk_steps; it ends
+     early when every row is finished or when the drain below can start), each a decode step of all S slots
      (`models.decode_step` + `sampler.choose`, the static sampler's own step) followed by `insert` when a slot
      finished and rows wait (lax.cond): waiting rows n = b*G + g, in order of n, go into the finished slots;
      prompt b's cache is copied into the slot's first P cache positions and the row's first token is sampled
@@ -19,7 +20,7 @@ the group's prompt prefilled once):
      tokens from its prompt length on, and attention masks every key past the query's slot, so a stale entry
      is overwritten before it can be seen (tests/test_engine.py checks rows against a fresh full forward).
      A slot that finishes is refilled at the next step, not at the end of the chunk.
-  3. between chunks the host reads the slots' `finished` flags (S booleans) and the queue position; once no
+  3. between chunks the host reads the slots' `finished` flags (S booleans) and the queue position; when no
      row waits and at most half of the slots are live, it compacts the live rows into half as many slots
      (down to S / EngineSpec.drain_divisor), so the drain at the end of a rollout does not decode empty
      slots.
@@ -50,11 +51,12 @@ from r1jax.sharding import constrain, use_rules
 
 @dataclasses.dataclass(frozen=True)
 class EngineSpec:
-    """slots: S decode slots (0 = one per row: no row waits); chunk_steps: K decode steps per jitted chunk;
-    drain_divisor: the drain compacts the live rows into halves down to S / drain_divisor slots (1 = never)."""
+    """slots: S decode slots (0 = one per row: no row waits); chunk_steps: the most decode steps between two
+    host checks (a chunk also ends when every row is finished or the drain can compact); drain_divisor: the drain
+    compacts the live rows into halves down to S / drain_divisor slots (1 = never)."""
 
     slots: int = 0
-    chunk_steps: int = 16
+    chunk_steps: int = 256
     drain_divisor: int = 8
 
     def __post_init__(self):
@@ -140,11 +142,11 @@ def insert(state: EngineState, prompts: Prompts, rng, *, spec: SamplerSpec) -> E
 
 
 def chunk(params, state: EngineState, prompts: Prompts, rng, *, cfg: models.ModelConfig, spec: SamplerSpec,
-          steps: int) -> EngineState:
+          steps: int, shrink: bool) -> EngineState:
     """Up to `steps` decode steps of every slot (one lax.while_loop), each followed by the insertion of waiting
-    rows into the slots that finished (`insert`, skipped by lax.cond when none did); fewer steps once every row
-    is finished."""
-    n = prompts.limit.shape[0]
+    rows into the slots that finished (`insert`, skipped by lax.cond when none did). Stops early once every row
+    is finished, or (shrink) once no row waits and at most half of the slots are live: the host compacts them."""
+    n, s = prompts.limit.shape[0], state.rows.row.shape[0]
 
     def refill(st):
         return jax.lax.cond(jnp.any(st.rows.finished) & (st.next_row < n),
@@ -152,7 +154,9 @@ def chunk(params, state: EngineState, prompts: Prompts, rng, *, cfg: models.Mode
 
     def running(carry):
         st, i = carry
-        return (i < steps) & ~jnp.all(st.rows.finished)
+        live = ~st.rows.finished
+        go = (i < steps) & jnp.any(live)
+        return go & ~((st.next_row >= n) & (live.sum() <= s // 2)) if shrink else go
 
     def step(carry):
         st, i = carry
@@ -183,7 +187,8 @@ class Engine:
         # The params arrive in their model shardings (as the stage keeps them) and every jitted piece takes its
         # inputs' shardings; the slot arrays are sharded over `act_batch` / `cache_batch` by `constrain`.
         self._prefill = jax.jit(functools.partial(sampler_lib.prefill_prompts, cfg=cfg), static_argnames=("cache_len",))
-        self._chunk = jax.jit(functools.partial(chunk, cfg=cfg, spec=spec, steps=engine.chunk_steps), donate_argnums=1)
+        self._chunk = jax.jit(functools.partial(chunk, cfg=cfg, spec=spec, steps=engine.chunk_steps),
+                              static_argnames=("shrink",), donate_argnums=1)
         self._compact = jax.jit(compact)
         self._init = jax.jit(self._empty, static_argnums=(0, 1, 2))
 
@@ -212,7 +217,7 @@ class Engine:
         state = self._init(slots, n, p + t)
         slot_steps, decode_steps, chunks = n, 0, 0  # n: the first token of each row, drawn at its insertion
         while True:
-            state = self._chunk(params, state, prompts, rng)
+            state = self._chunk(params, state, prompts, rng, shrink=slots // 2 >= min_slots)
             steps, finished, waiting = jax.device_get((state.steps, state.rows.finished, state.next_row))
             slot_steps += int(steps) * slots
             decode_steps += int(steps)

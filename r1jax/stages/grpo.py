@@ -299,7 +299,7 @@ def rollout_sampler(cfg, spec, rl, *, mesh, rules):
     if kind != "slots":
         raise ValueError(f"rl.engine={kind!r}: expected 'slots' or 'static'")
     return engine_lib.make_engine(cfg, spec, engine_lib.EngineSpec(
-        slots=int(rl.get("slots", 0)), chunk_steps=int(rl.get("chunk_steps", 16))), mesh=mesh, rules=rules)
+        slots=int(rl.get("slots", 0)), chunk_steps=int(rl.get("chunk_steps", 256))), mesh=mesh, rules=rules)
 
 
 def sampler_spec(rl, *, eos_id: int, pad_id: int, stop_sequences=(), max_new_tokens: int | None = None):
