@@ -11,7 +11,7 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 from r1jax.bench import compile as compile_bench  # noqa: E402
-from r1jax.bench import moe, peak, sampler, train_step  # noqa: E402
+from r1jax.bench import moe, peak, rollout, sampler, train_step  # noqa: E402
 
 
 def _records(path):
@@ -46,6 +46,16 @@ def test_sampler(tmp_path):
     for row in rows:
         assert row["r1jax_tok_s"] > 0 and row["hf_tok_s"] > 0
         assert row["cache_ok"], row  # MLA caches the latent (kv_lora_rank + rope dims), GQA the KV heads
+
+
+def test_rollout(tmp_path):
+    out = tmp_path / "r.jsonl"
+    rows = rollout.main(["--prompts", "4", "--group", "2", "--prompt_len", "8", "--new", "16", "--static_rows", "4",
+                         "--chunk", "4", "--runs", "1", "--step_runs", "1", "--out", str(out)])
+    (record,) = _records(out)
+    assert record["bench"] == "rollout" and [r["sampler"] for r in rows] == ["static", "engine", "generate"]
+    assert all(r["tok_s"] > 0 and 0 < r["useful_share"] <= 1 for r in rows)
+    assert rows[1]["cache_MiB"] <= rows[0]["cache_MiB"] and rows[1]["grpo_step_s"] > 0  # equal memory at most
 
 
 def test_compile(tmp_path):

@@ -398,3 +398,111 @@ def test_scorer_row_chunks_and_bf16_reference():
     assert {str(d) for p, d in dtypes if p[-1].key not in ("router", "router_bias")} == {"bfloat16"}
     score = trainer.make_scorer(moe, 1.0, mesh=mesh, rules=rules)
     np.testing.assert_array_equal(score(ref, batch)[0], score(moe_params, batch)[0])
+
+
+# ---------------------------------------------------------------- sequence ratio (GSPO), rollout correction
+
+def np_corrected_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, agg, level, sampler, tis_cap, band):
+    """Loops in float64: GSPO's sequence ratio or the token ratio, TIS weights min(π_old/μ, C), rows whose
+    geometric-mean ratio π_old/μ leaves the band dropped from the loss and its normaliser."""
+    n, t = logp.shape
+    mask = mask.copy()
+    for i in range(n):
+        m = int(mask[i].sum())
+        if band and m:
+            g = math.exp(sum(old[i, j] - sampler[i, j] for j in range(m)) / m)
+            if not band[0] <= g <= band[1]:
+                mask[i] = 0
+    tok = np.zeros((n, t))
+    for i in range(n):
+        m = int((np.arange(t) < (mask[i] > 0).sum()).sum())
+        seq = math.exp(sum(logp[i, j] - old[i, j] for j in range(m)) / max(m, 1))
+        for j in range(m):
+            rho = seq if level == "sequence" else math.exp(logp[i, j] - old[i, j])
+            rho_c = min(max(rho, 1 - eps_low), 1 + eps_high)
+            s = min(rho * adv[i], rho_c * adv[i])
+            w = min(math.exp(old[i, j] - sampler[i, j]), tis_cap) if tis_cap else 1.0
+            d = ref[i, j] - logp[i, j]
+            tok[i, j] = -(w * s - beta * (math.exp(d) - d - 1))
+    if agg == "token-mean":
+        return tok.sum() / max(mask.sum(), 1)
+    if agg == "seq-mean-token-sum-norm":
+        return tok.sum() / (n * t)
+    seq = [tok[i].sum() / mask[i].sum() for i in range(n) if mask[i].sum() > 0]
+    return sum(seq) / max(len(seq), 1)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+@pytest.mark.parametrize("level,tis_cap,band", [("sequence", 0.0, None), ("token", 1.5, None),
+                                                ("token", 0.0, (0.7, 1.3)), ("sequence", 2.0, (0.8, 1.25))])
+def test_sequence_ratio_and_rollout_correction_match_numpy(agg, level, tis_cap, band):
+    logp, old, ref, adv, mask = make_batch(5, spread=0.3)
+    sampler = old + np.random.default_rng(6).normal(0.0, 0.3, old.shape)
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, agg=agg)
+    loss, metrics = run_loss(logp, old, ref, adv, mask, ratio_level=level, sampler_logp=jnp.asarray(sampler),
+                             tis_cap=tis_cap, is_mask_band=band, **kw)
+    expected = np_corrected_loss(logp, old, ref, adv, mask, 0.2, 0.28, 0.04, agg, level, sampler, tis_cap, band)
+    assert float(loss) == pytest.approx(expected, rel=1e-5)
+    m = mask > 0
+    delta = old - sampler
+    assert float(metrics["sampler_logp_abs_diff"]) == pytest.approx(np.abs(delta)[m].mean(), rel=1e-5)
+    assert float(metrics["sampler_kl"]) == pytest.approx((np.exp(delta) - 1 - delta)[m].mean(), rel=1e-5)
+    if tis_cap:
+        assert 0 < float(metrics["tis_capped_frac"]) < 1
+    if band:
+        rows = mask.sum(1) > 0
+        g = np.exp((delta * mask).sum(1) / np.maximum(mask.sum(1), 1))
+        dropped = rows & ((g < band[0]) | (g > band[1]))
+        assert float(metrics["is_masked_frac"]) == pytest.approx(dropped.sum() / rows.sum(), rel=1e-6)
+        assert 0 < dropped.sum() < rows.sum()
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_corrections_are_exactly_todays_loss_when_sampler_equals_trainer(agg):
+    logp, old, ref, adv, mask = make_batch(7)
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, agg=agg)
+    f = lambda lp, **extra: run_loss(lp, old, ref, adv, mask, **kw, **extra)[0]  # noqa: E731
+    base, g_base = jax.value_and_grad(f)(jnp.asarray(logp, jnp.float32))
+    same, g_same = jax.value_and_grad(lambda lp: f(lp, sampler_logp=jnp.asarray(old, jnp.float32), tis_cap=2.0,
+                                                     is_mask_band=(0.5, 2.0)))(jnp.asarray(logp, jnp.float32))
+    assert float(same) == float(base) and (np.asarray(g_same) == np.asarray(g_base)).all()
+
+
+def test_gspo_clips_whole_sequences():
+    # row 0: token ratios 2 and 0.5 (sequence ratio 1: nothing clipped); row 1: 1.5 and 1.5 (clipped at 1.2)
+    logp = np.log(np.array([[2.0, 0.5], [1.5, 1.5]]))
+    old, mask, adv = np.zeros_like(logp), np.ones_like(logp), np.array([1.0, 1.0])
+    _, tok = run_loss(logp, old, None, adv, mask, beta=0.0)
+    _, seq = run_loss(logp, old, None, adv, mask, beta=0.0, ratio_level="sequence")
+    assert float(tok["clip_frac"]) == 0.75 and float(seq["clip_frac"]) == 0.5
+    with pytest.raises(ValueError, match="ratio_level"):
+        run_loss(logp, old, None, adv, mask, ratio_level="seq")
+    with pytest.raises(ValueError, match="sampler_logp"):
+        run_loss(logp, old, None, adv, mask, tis_cap=2.0)
+
+
+def test_update_reports_sampler_drift_and_corrects_it():
+    """The update takes the sampler's log-probs: with the trainer's own numbers the corrected update is the plain
+    one; shifted sampler log-probs show as drift, and rows whose ratio leaves the band are dropped."""
+    from r1jax.rl import trainer
+    from r1jax.train import state as state_lib
+
+    cfg, mesh, rules, opt, batch = _trainer_world()
+    adv = np.array([1.0, -1.0, 0.5, -0.5, 2.0, 0.0, -1.5, 1.0], np.float32)
+    plain = trainer.make_update(cfg, opt, 10, trainer.LossSpec(), mesh=mesh, rules=rules)
+    fixed = trainer.make_update(cfg, opt, 10, trainer.LossSpec(tis_cap=2.0, is_mask_band=(0.5, 2.0)), mesh=mesh,
+                                rules=rules)
+    params = state_lib.init_state(cfg, plain.tx, 0, plain.shardings).params
+    own = np.asarray(trainer.make_scorer(cfg, 1.0, mesh=mesh, rules=rules)(params, batch)[0])
+    fresh = lambda: state_lib.init_state(cfg, plain.tx, 0, plain.shardings)  # noqa: E731 (donated each call)
+    base = jax.device_get(plain(fresh(), batch, None, None, adv, jax.random.PRNGKey(0), own))
+    same = jax.device_get(fixed(fresh(), batch, None, None, adv, jax.random.PRNGKey(0), own))
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-7), same[0].params, base[0].params)
+    assert base[1]["sampler_logp_abs_diff"] <= 1e-6 and same[1]["is_masked_frac"] == 0
+    shifted = own + np.where(np.arange(8) % 2 == 0, 1.0, 0.05)[:, None]  # even rows: ratio e^-1 leaves the band
+    drift = jax.device_get(fixed(fresh(), batch, None, None, adv, jax.random.PRNGKey(0), shifted))[1]
+    real = batch["mask"] > 0
+    assert drift["sampler_logp_abs_diff"] == pytest.approx(np.abs(shifted - own)[real].mean(), rel=1e-4)
+    assert drift["is_masked_frac"] == pytest.approx(4 / 7, rel=1e-6)  # 7 rows with trained tokens, 4 even
+    with pytest.raises(ValueError, match="sampler_logp"):
+        fixed(fresh(), batch, None, None, adv, jax.random.PRNGKey(0))

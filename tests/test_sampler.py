@@ -1,6 +1,6 @@
 """Group sampler: temperature -> 0 equals greedy full-forward decoding, exact top-p nucleus / top-k, groups
 differ at temperature 1, stop sequences and EOS, sampler log-probs == the trainer's recompute, sharded ==
-unsharded on 8 fake devices (MLA latent cache and GQA cache)."""
+unsharded on 8 fake devices (MLA latent cache and GQA cache; the slot engine too)."""
 
 import functools
 import json
@@ -96,11 +96,12 @@ def test_top_p_keeps_exactly_the_nucleus():
     nucleus = {int(np.where(perm == k)[0][0]) for k in (0, 1, 2)}  # mass before the 3rd = .65 < .7 <= .8
     keep = np.asarray(S.TopP(p=0.7).keep(logits))
     assert {int(i) for i in np.where(keep[0])[0]} == nucleus and (keep[0] == keep[1]).all()
-    draws = np.asarray(jax.vmap(lambda k: S.TopP(p=0.7)(logits, k))(jax.random.split(jax.random.PRNGKey(0), 4000)))
+    draws = np.asarray(jax.vmap(lambda k: S.TopP(p=0.7)(logits, jax.random.split(k, 2)))(
+        jax.random.split(jax.random.PRNGKey(0), 4000)))
     assert set(np.unique(draws).tolist()) == nucleus
     freq = np.array([np.mean(draws == int(np.where(perm == k)[0][0])) for k in (0, 1, 2)])
     np.testing.assert_allclose(freq, probs[:3] / probs[:3].sum(), atol=0.02)  # renormalised nucleus
-    top_k = np.asarray(S.TopK(k=2)(logits, jax.random.PRNGKey(1)).tolist())
+    top_k = np.asarray(S.TopK(k=2)(logits, jax.random.split(jax.random.PRNGKey(1), 2)).tolist())
     keep_k = np.asarray(S.TopK(k=2).keep(logits))
     assert {int(i) for i in np.where(keep_k[0])[0]} == {int(np.where(perm == k)[0][0]) for k in (0, 1)}
     assert all(int(t) in np.where(keep_k[0])[0] for t in top_k)
@@ -166,6 +167,9 @@ def test_sharded_sampler_matches_single_device():
     for r in rows:
         assert r["tokens_equal"] and r["rows_sharded"], r  # same samples from the same key
         assert r["logprob_diff"] < 1e-5 and r["sharded_params"] > 0, r
+        if "engine_tokens_equal" in r:  # the slot engine under the same mesh: the same rows
+            assert r["engine_tokens_equal"] and r["engine_rows_sharded"] and r["engine_logprob_diff"] < 1e-5, r
+    assert sum("engine_tokens_equal" in r for r in rows) == 2
 
 
 def _sharded_worker():
@@ -186,6 +190,14 @@ def _sharded_worker():
         row["rows_sharded"] = not got.tokens.sharding.is_fully_replicated
         row["logprob_diff"] = float(np.abs(np.asarray(ref.logprobs) - np.asarray(got.logprobs)).max())
         row["sharded_params"] = sum(not leaf.sharding.is_fully_replicated for leaf in jax.tree.leaves(sharded))
+        if ici != MESHES[1][1]:  # the MLA and the GQA cache
+            from r1jax.rl import engine as E
+
+            eng = E.make_engine(cfg, spec, E.EngineSpec(slots=4, chunk_steps=4), mesh=mesh, rules=rules)(
+                sharded, prompts_bp, lengths_b, jax.random.PRNGKey(3))
+            row["engine_tokens_equal"] = bool((np.asarray(ref.tokens) == np.asarray(eng.tokens)).all())
+            row["engine_rows_sharded"] = not eng.tokens.sharding.is_fully_replicated
+            row["engine_logprob_diff"] = float(np.abs(np.asarray(ref.logprobs) - np.asarray(eng.logprobs)).max())
         print(json.dumps(row), flush=True)
 
 

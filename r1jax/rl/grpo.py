@@ -1,4 +1,4 @@
-"""GRPO math: group advantages, the clipped policy loss with a k3 KL term, token entropy.
+"""GRPO math: group advantages, the clipped policy loss (token or GSPO sequence ratio) with a k3 KL term, token entropy.
 
 Pure, jittable functions; the RL train step composes them. Dimension letters: B prompts, G samples per
 prompt (group size), N = B*G sequences, T completion length (padded), V vocabulary.
@@ -50,6 +50,27 @@ Aggregation of ℓ over masked tokens (m_it = 1 for real completion tokens, |o_i
                                (max_len = the configured max completion length, default T), no length
                                bias; usually paired with scale="none".
 
+Sequence-level ratio (GSPO, Zheng et al. 2025; ratio_level="sequence"): every token of o_i uses
+
+    s_i   = exp( 1/|o_i| Σ_t m_it (logp_it − old_logp_it) )      (the length-normalised sequence ratio)
+    S_it  = min(s_i Â_i, clip(s_i, 1 − ε_low, 1 + ε_high) Â_i)
+
+  so a sequence is clipped as a whole; with agg="seq-mean-token-mean" this is GSPO's objective exactly (its
+  paper uses ε of a few 1e-4). ratio_level="token" is the ρ_it above.
+
+Off-policy correction for the sampler (rollout correction, as verl and TRL apply it). The sampler's
+log-probs μ (sampler_logp) are not exactly π_old: other kernels, other batch shapes, bf16, the slot engine.
+With δ_it = old_logp_it − sampler_logp_it over masked tokens:
+
+    drift metrics    sampler_logp_abs_diff = mean |δ_it|,  sampler_kl = mean (e^δ_it − 1 − δ_it)
+                     (k3 estimate of KL(μ || π_old) from μ's samples; >= 0 token by token)
+    TIS (tis_cap C)  w_it = min(e^δ_it, C), no gradient;  ℓ_it = −(w_it S_it − β KL_it)
+                     (truncated importance sampling, Yao et al. 2025 / verl `rollout_is`)
+    masking (band)   ρ̄_i = exp( 1/|o_i| Σ_t m_it δ_it ); a row with ρ̄_i outside [lo, hi] is dropped from
+                     the loss and its normaliser (m_it = 0), counted as `is_masked_frac`
+
+  With sampler_logp == old_logp (δ = 0, C >= 1, 1 in the band) both are exactly today's loss.
+
 Departures from the paper, stated honestly:
   - eps in the advantage denominator (the paper divides by std alone; a zero-std group would be 0/0).
   - sample std (ddof=1), see above; the std choices "batch"/"none" and the "loo" baseline are variants.
@@ -67,6 +88,7 @@ import jax.numpy as jnp
 ADV_SCALES = ("group", "batch", "none")
 ADV_BASELINES = ("mean", "loo")
 AGG_MODES = ("seq-mean-token-mean", "token-mean", "seq-mean-token-sum-norm")
+RATIO_LEVELS = ("token", "sequence")
 
 
 def _sample_std(x, axis=None):
@@ -143,14 +165,25 @@ def _aggregate(loss_nt, mask_nt, agg: str, max_len: int):
     return total / aggregate_normaliser(mask_nt, agg, max_len)
 
 
+def _row_mean(x_nt, mask_nt):
+    """[N]: the mean of x over each row's masked tokens (0 for an empty row)."""
+    return (x_nt * mask_nt).sum(axis=1) / jnp.maximum(mask_nt.sum(axis=1), 1.0)
+
+
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low: float = 0.2, eps_high: float = 0.2,
-                beta: float = 0.04, agg: str = "seq-mean-token-mean", max_len: int | None = None):
+                beta: float = 0.04, agg: str = "seq-mean-token-mean", max_len: int | None = None,
+                ratio_level: str = "token", sampler_logp=None, tis_cap: float = 0.0,
+                is_mask_band: tuple[float, float] | None = None):
     """GRPO clipped surrogate + β·k3 KL loss (to minimise) and its metrics.
 
     logp, old_logp, ref_logp: [N, T] log-probs of the sampled tokens under π_θ, π_old, π_ref
     (ref_logp None skips the KL); advantages: [N]; mask: [N, T] (1 = completion token).
     beta must be a Python number (config, static under jit); beta == 0 skips the KL like ref_logp=None.
     max_len: normaliser of "seq-mean-token-sum-norm" (default T).
+    ratio_level: "token" (ρ_it) or "sequence" (GSPO's s_i), module docstring.
+    sampler_logp [N, T] (optional): the sampler's log-probs; then the drift metrics are reported, and
+    tis_cap > 0 weights tokens by min(π_old/μ, tis_cap), is_mask_band=(lo, hi) drops rows whose geometric
+    mean ratio π_old/μ leaves [lo, hi] (module docstring).
     Metrics: pg_loss (the surrogate part, aggregated like the loss), clip_frac, clip_frac_low,
     clip_frac_high (shares of masked tokens where the clipped branch is the strict minimum; low: ρ < 1−ε_low
     with Â < 0, high: ρ > 1+ε_high with Â > 0), ratio_mean (masked), and kl (masked token mean of k3)
@@ -165,21 +198,46 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low: float = 
         raise ValueError(f"policy_loss: ref_logp shape {ref_logp.shape} != logp shape {logp.shape}")
     if advantages.shape != logp.shape[:1]:
         raise ValueError(f"policy_loss: advantages must be [N]={logp.shape[:1]}, got {advantages.shape}")
+    if ratio_level not in RATIO_LEVELS:
+        raise ValueError(f"policy_loss: ratio_level={ratio_level!r}; expected one of {RATIO_LEVELS}")
+    if sampler_logp is not None and sampler_logp.shape != logp.shape:
+        raise ValueError(f"policy_loss: sampler_logp shape {sampler_logp.shape} != logp shape {logp.shape}")
+    if (tis_cap or is_mask_band) and sampler_logp is None:
+        raise ValueError("policy_loss: tis_cap / is_mask_band need the sampler's log-probs (sampler_logp)")
     max_len = logp.shape[1] if max_len is None else max_len
     mask_nt = mask.astype(jnp.float32)
     valid_nt = mask_nt > 0
     logp = logp.astype(jnp.float32)
     adv_n1 = advantages.astype(jnp.float32)[:, None]
+    metrics = {}
+
+    weight_nt = 1.0
+    if sampler_logp is not None:  # off-policy correction for the sampler (module docstring)
+        delta_nt = jax.lax.stop_gradient(jnp.where(valid_nt, old_logp.astype(jnp.float32)
+                                                   - sampler_logp.astype(jnp.float32), 0.0))
+        metrics["sampler_logp_abs_diff"] = _masked_mean(jnp.abs(delta_nt), mask_nt)
+        metrics["sampler_kl"] = _masked_mean(jnp.exp(delta_nt) - 1.0 - delta_nt, mask_nt)
+        if tis_cap:
+            weight_nt = jnp.minimum(jnp.exp(delta_nt), tis_cap)
+            metrics["tis_capped_frac"] = _masked_mean((jnp.exp(delta_nt) > tis_cap).astype(jnp.float32), mask_nt)
+        if is_mask_band:
+            seq_ratio_n = jnp.exp(_row_mean(delta_nt, mask_nt))
+            keep_n = (seq_ratio_n >= is_mask_band[0]) & (seq_ratio_n <= is_mask_band[1])
+            rows_n = (mask_nt.sum(axis=1) > 0).astype(jnp.float32)
+            metrics["is_masked_frac"] = (rows_n * ~keep_n).sum() / jnp.maximum(rows_n.sum(), 1.0)
+            mask_nt = mask_nt * keep_n[:, None]
 
     log_ratio_nt = jnp.where(valid_nt, logp - old_logp.astype(jnp.float32), 0.0)
+    if ratio_level == "sequence":  # GSPO: one length-normalised ratio per sequence, on every token
+        log_ratio_nt = jnp.broadcast_to(_row_mean(log_ratio_nt, mask.astype(jnp.float32))[:, None], logp.shape)
     ratio_nt = jnp.exp(log_ratio_nt)
     unclipped_nt = ratio_nt * adv_n1
     clipped_nt = jnp.clip(ratio_nt, 1.0 - eps_low, 1.0 + eps_high) * adv_n1
     surrogate_nt = jnp.minimum(unclipped_nt, clipped_nt)
-    pg_loss = _aggregate(-surrogate_nt, mask_nt, agg, max_len)
+    pg_loss = _aggregate(-weight_nt * surrogate_nt, mask_nt, agg, max_len)
     loss = pg_loss
 
-    metrics = {
+    metrics |= {
         "pg_loss": pg_loss,
         "clip_frac": _masked_mean((clipped_nt < unclipped_nt).astype(jnp.float32), mask_nt),
         "clip_frac_low": _masked_mean(((ratio_nt < 1.0 - eps_low) & (adv_n1 < 0)).astype(jnp.float32), mask_nt),

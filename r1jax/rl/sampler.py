@@ -1,12 +1,14 @@
 """The group sampler: G completions for each of B prompts, decoded inside one jitted `lax.while_loop`.
 
     spec = SamplerSpec(method=Temperature(1.0), group_size=G, max_new_tokens=T, eos_id=tok.eos_id,
-                       pad_id=tok.pad_id, stop_sequences=stop_token_sequences(tok, ["</answer>"]))
+                       pad_id=tok.pad_id, stop_sequences=stops.stop_strings(tok, ("</answer>",)))
     sample = make_sampler(cfg, spec, mesh=mesh, rules=rules)       # jitted, cached per (cfg, spec, mesh)
     prompts_bp, lengths_b = pad_prompts(token_lists, buckets=(128, 256), pad_id=tok.pad_id)
     out = sample(params, prompts_bp, lengths_b, rng)               # Completions, rows [N = B*G]
 
-Row n = b*G + g is sample g of prompt b (the layout `grpo.group_advantages` expects).
+Row n = b*G + g is sample g of prompt b (the layout `grpo.group_advantages` expects). This is the static batch:
+every row is decoded until the longest one ends. The slot engine (r1jax.rl.engine) keeps a fixed number of
+slots busy instead and shares this module's per-row step (`choose`), so both draw the same rows.
 
 Algorithm (dimension letters: B prompts, G group size, N = B*G rows, P prompt bucket, T new tokens, V vocab,
 S = P + T cache slots):
@@ -18,9 +20,12 @@ S = P + T cache slots):
   3. first token: sampled from the prefill logits (`categorical`: the inverse CDF at one uniform per row).
   4. loop (`lax.while_loop`, no host round trip): decode the last token of every row (`models.decode_step`,
      which writes it at the slot right after that row's previous token, so the prompt's padding slots are
-     overwritten and never attended), sample the next one, until every row is done or T tokens are out.
-  A row is done after it emits EOS or completes one of the stop sequences (both kept in the completion);
-  after that it carries `pad_id` and log-prob 0. A row that is still running after T tokens is truncated.
+     overwritten and never attended), sample the next one (`choose`), until every row is finished.
+  A row is done after it emits any of the EOS ids or completes a stop string (r1jax.rl.stops: matched on the
+  text, however it was tokenised; both kept in the completion); after that it carries `pad_id` and log-prob 0.
+  A row still running after T tokens (or its own stop position `limit_n`) is truncated.
+  The uniform that draws token j of row n comes from fold_in(fold_in(rng, n), j) (`row_keys`): a row's samples
+  depend on the seed and its index only, not on the batch or slot it is decoded in.
 
 Log-probs: for a sampled token y the sampler records log softmax(logits / temperature)[y], the
 *untruncated* temperature distribution, whatever top-k / top-p filtering chose y. This is what the trainer
@@ -36,10 +41,11 @@ not divide them.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import math
-from typing import Any, Sequence
+from typing import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -47,6 +53,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from r1jax import models
+from r1jax.rl import stops as stops_lib
 from r1jax.sharding import constrain, use_rules
 
 # ------------------------------------------------------------------------------------- sampling methods
@@ -64,8 +71,9 @@ def first_argmax(x_nv):
     return jnp.min(jnp.where(x_nv == max_n1, jnp.arange(x_nv.shape[-1]), x_nv.shape[-1]), axis=-1).astype(jnp.int32)
 
 
-def categorical(rng, logits_nv):
-    """One draw per row from softmax(logits_nv), -inf = excluded, by inverting the CDF at one uniform per row.
+def categorical(keys_n, logits_nv):
+    """One draw per row from softmax(logits_nv), -inf = excluded, by inverting the CDF at one uniform per row
+    (row n's uniform from its own key keys_n[n], so a row's draw does not depend on which rows it is batched with).
 
     jax.random.categorical draws V Gumbel variables per row and takes their argmax: 0.9 ms for [64, 512] on
     XLA:CPU (60 ms for [64, 32000]), against 0.1 ms (2 ms) here. Same distribution, different draws per key.
@@ -86,7 +94,7 @@ def categorical(rng, logits_nv):
 
     mass_nj = p_njb.sum(-1)
     cum_nj = jnp.cumsum(mass_nj, axis=-1)
-    u_n1 = jax.random.uniform(rng, (n, 1), jnp.float32) * cum_nj[:, -1:]
+    u_n1 = jax.vmap(lambda key: jax.random.uniform(key, (1,), jnp.float32))(keys_n) * cum_nj[:, -1:]
     j_n = first_exceeding(cum_nj, u_n1, mass_nj)
     block_nb = jnp.take_along_axis(p_njb, j_n[:, None, None], axis=1)[:, 0]
     before_n1 = jnp.take_along_axis(cum_nj - mass_nj, j_n[:, None], axis=1)  # mass of the blocks before j
@@ -100,7 +108,7 @@ class Greedy:
 
     temperature: float = 1.0
 
-    def __call__(self, logits_nv, rng):
+    def __call__(self, logits_nv, keys_n):
         return first_argmax(logits_nv)
 
 
@@ -113,12 +121,12 @@ class Temperature:
     def keep(self, scaled_nv):
         return None
 
-    def __call__(self, logits_nv, rng):
+    def __call__(self, logits_nv, keys_n):
         scaled_nv = logits_nv.astype(jnp.float32) / self.temperature
         keep_nv = self.keep(scaled_nv)
         if keep_nv is not None:
             scaled_nv = jnp.where(keep_nv, scaled_nv, -jnp.inf)
-        return categorical(rng, scaled_nv)
+        return categorical(keys_n, scaled_nv)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -176,38 +184,50 @@ def method_from_config(kind: str, temperature: float = 1.0, top_k: int = 0, top_
 
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
-    """Everything static about one sampler compile (hashable)."""
+    """Everything static about one sampler compile (hashable).
+
+    eos_id: one id or a tuple of ids (generation_config.json may name several); any of them ends a row.
+    stop_sequences: `stops.stop_strings(tokenizer, strings)` (text, however tokenised), or token-id sequences
+    (matched on ids); either way a row ends after the token that completes one (kept in the output)."""
 
     method: Method
     group_size: int
     max_new_tokens: int
-    eos_id: int
+    eos_id: int | tuple[int, ...]
     pad_id: int = 0
-    stop_sequences: tuple[tuple[int, ...], ...] = ()  # token sequences that end a row (kept in the output)
+    stop_sequences: stops_lib.Stops | tuple[tuple[int, ...], ...] | None = ()
 
     def __post_init__(self):
         if self.group_size < 1 or self.max_new_tokens < 1:
             raise ValueError(f"SamplerSpec: need group_size >= 1 and max_new_tokens >= 1, got {self}")
-        if any(len(s) == 0 for s in self.stop_sequences):
-            raise ValueError("SamplerSpec: empty stop sequence")
+        eos = (self.eos_id,) if isinstance(self.eos_id, (int, np.integer)) else tuple(self.eos_id)
+        if not eos:
+            raise ValueError("SamplerSpec: eos_id names no id")
+        object.__setattr__(self, "eos_id", tuple(int(i) for i in eos))
+        stop = self.stop_sequences
+        if stop is not None and not isinstance(stop, stops_lib.Stops):
+            stop = stops_lib.from_token_sequences(stop) if len(stop) else None
+        object.__setattr__(self, "stop_sequences", stop)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
-class SamplerState:
-    """The while_loop carry. `window` holds the completion tokens behind L-1 leading -1 columns (L = the longest
-    stop sequence), so the last L tokens of every row are one dynamic slice."""
+class Rows:
+    """Per-row decode state, R rows: the static batch's N rows, or the slot engine's S slots."""
 
-    step: jax.Array  # int32 []: tokens sampled so far (every row)
-    window: jax.Array  # [N, L-1+T] int32
-    logprobs: jax.Array  # [N, T] float32
-    done: jax.Array  # [N] bool
-    lengths: jax.Array  # [N] int32: tokens of each row, EOS / stop sequence included
-    cache: Any
-    rng: jax.Array
+    row: jax.Array  # [R] int32: the output row n = b*G + g decoded here; -1 = an empty slot
+    token: jax.Array  # [R] int32: the last token (the next decode step's input)
+    length: jax.Array  # [R] int32: tokens so far, EOS / stop string included
+    stopped: jax.Array  # [R] bool: ended by EOS or a stop string
+    limit: jax.Array  # [R] int32: most tokens this row may have (max_new_tokens, or a per-row stop position)
+    window: jax.Array  # [R, Wb] int32: the row's most recent stop symbols (stops.py; Wb = 0 without stops)
 
-    def replace(self, **kw) -> "SamplerState":
+    def replace(self, **kw) -> "Rows":
         return dataclasses.replace(self, **kw)
+
+    @property
+    def finished(self):
+        return (self.row < 0) | self.stopped | (self.length >= self.limit)
 
 
 @jax.tree_util.register_dataclass
@@ -221,39 +241,54 @@ class Completions:
     truncated: jax.Array  # [N] bool: hit max_new_tokens without EOS or a stop sequence
 
 
-def _stop_table(spec: SamplerSpec) -> np.ndarray:
-    """[n_stop, L] stop sequences right-aligned, -1 = any token (left fill)."""
-    width = max([len(s) for s in spec.stop_sequences], default=1)
-    table = np.full((len(spec.stop_sequences), width), -1, np.int32)
-    for i, seq in enumerate(spec.stop_sequences):
-        table[i, width - len(seq):] = seq
-    return table
+def empty_completions(n: int, spec: SamplerSpec) -> Completions:
+    t = spec.max_new_tokens
+    return Completions(tokens=constrain(jnp.full((n, t), spec.pad_id, jnp.int32), ("act_batch", None)),
+                       logprobs=constrain(jnp.zeros((n, t), jnp.float32), ("act_batch", None)),
+                       lengths=constrain(jnp.zeros((n,), jnp.int32), ("act_batch",)),
+                       truncated=constrain(jnp.zeros((n,), bool), ("act_batch",)))
 
 
-def _choose(state: SamplerState, logits_nv, spec: SamplerSpec) -> SamplerState:
-    """Sample one token per running row from logits_nv, record it, update done / lengths."""
+def empty_rows(r: int, spec: SamplerSpec) -> Rows:
+    """R empty rows (row = -1: finished, nothing to decode)."""
+    width = spec.stop_sequences.window_width if spec.stop_sequences else 0
+    zeros = constrain(jnp.zeros((r,), jnp.int32), ("act_batch",))
+    return Rows(row=zeros - 1, token=zeros, length=zeros, stopped=zeros > 0, limit=zeros,
+                window=constrain(jnp.full((r, width), -1, jnp.int32), ("act_batch", None)))
+
+
+def row_keys(rng, row_r, step_r):
+    """The key of token `step` of output row `row`: it depends on (row, step) only, never on where (which slot,
+    which batch) the row is decoded, so every engine draws the same samples from the same seed."""
+    return jax.vmap(lambda r, j: jax.random.fold_in(jax.random.fold_in(rng, r), j))(row_r, step_r)
+
+
+def choose(rows: Rows, out: Completions, logits_rv, rng, spec: SamplerSpec, active_r=None
+           ) -> tuple[Rows, Completions]:
+    """Sample one token for every unfinished row (among active_r [R], default all) from logits_rv [R, V], write
+    it (and its log-prob) into row `rows.row` of `out`, and update lengths / stops. Other rows are left as they
+    are."""
     method = spec.method
-    rng, key = jax.random.split(state.rng)
-    token_n = method(logits_nv, key)
-    logp_nv = jax.nn.log_softmax(logits_nv.astype(jnp.float32) / method.temperature, axis=-1)
-    logp_n = jnp.take_along_axis(logp_nv, token_n[:, None], axis=-1)[:, 0]
-    live_n = ~state.done
-    token_n = jnp.where(live_n, token_n, spec.pad_id)
-    logp_n = jnp.where(live_n, logp_n, 0.0)
-
-    stops = _stop_table(spec)
-    width = stops.shape[1]
-    window = jax.lax.dynamic_update_slice(state.window, token_n[:, None], (0, state.step + width - 1))
-    hit_n = token_n == spec.eos_id
-    if spec.stop_sequences:
-        last_nl = jax.lax.dynamic_slice(window, (0, state.step), (window.shape[0], width))  # last L tokens
-        stop_sl = jnp.asarray(stops)
-        match_ns = jnp.all((stop_sl[None] == -1) | (last_nl[:, None, :] == stop_sl[None]), axis=-1)
-        hit_n = hit_n | jnp.any(match_ns, axis=-1)
-    return state.replace(
-        step=state.step + 1, window=window, rng=rng,
-        logprobs=jax.lax.dynamic_update_slice(state.logprobs, logp_n[:, None], (0, state.step)),
-        done=state.done | (live_n & hit_n), lengths=state.lengths + live_n.astype(jnp.int32))
+    n, t = out.tokens.shape
+    live_r = ~rows.finished if active_r is None else ~rows.finished & active_r
+    token_r = method(logits_rv, row_keys(rng, jnp.maximum(rows.row, 0), rows.length))
+    logp_rv = jax.nn.log_softmax(logits_rv.astype(jnp.float32) / method.temperature, axis=-1)
+    logp_r = jnp.take_along_axis(logp_rv, token_r[:, None], axis=-1)[:, 0]
+    token_r = jnp.where(live_r, token_r, spec.pad_id)
+    hit_r = jnp.isin(token_r, jnp.asarray(spec.eos_id, jnp.int32))
+    window = rows.window
+    if spec.stop_sequences is not None:
+        window, count_r = stops_lib.push(spec.stop_sequences, window, token_r, live_r, logits_rv.shape[-1])
+        hit_r = hit_r | stops_lib.hit(spec.stop_sequences, window, count_r)
+    target_r = jnp.where(live_r, rows.row, n)  # n: out of range, dropped
+    length_r = rows.length + live_r.astype(jnp.int32)
+    stopped_r = rows.stopped | (live_r & hit_r)
+    out = Completions(tokens=out.tokens.at[target_r, rows.length].set(token_r, mode="drop"),
+                      logprobs=out.logprobs.at[target_r, rows.length].set(logp_r, mode="drop"),
+                      lengths=out.lengths.at[target_r].set(length_r, mode="drop"),
+                      truncated=out.truncated.at[target_r].set(~stopped_r & (length_r >= t), mode="drop"))
+    return rows.replace(token=jnp.where(live_r, token_r, rows.token), length=length_r, stopped=stopped_r,
+                        window=window), out
 
 
 def _repeat_rows(cache, g: int):
@@ -269,61 +304,65 @@ def _repeat_rows(cache, g: int):
     return out
 
 
-def sample(params, prompts_bp, prompt_lengths_b, rng, *, cfg: models.ModelConfig, spec: SamplerSpec) -> Completions:
+def prefill_prompts(params, prompts_bp, prompt_lengths_b, cfg: models.ModelConfig, cache_len: int):
+    """The B right-padded prompts (segment 0 = padding) run once into a cache of cache_len slots.
+    Returns (cache, next-token logits [B, V] at each prompt's last real token)."""
+    b, p = prompts_bp.shape
+    seg_bp = (jnp.arange(p)[None, :] < prompt_lengths_b[:, None]).astype(jnp.int32)
+    cache = models.init_cache(cfg, b, cache_len)
+    logits_bpv, cache = models.prefill(params, prompts_bp, cfg, cache, segment_ids=seg_bp)
+    first_bv = jnp.take_along_axis(logits_bpv, (prompt_lengths_b - 1)[:, None, None], axis=1)[:, 0]
+    return cache, first_bv
+
+
+def sample(params, prompts_bp, prompt_lengths_b, rng, limit_n=None, *, cfg: models.ModelConfig,
+           spec: SamplerSpec) -> Completions:
     """G = spec.group_size completions for each right-padded prompt (pure; `make_sampler` jits it).
 
-    prompts_bp [B, P] int32, right-padded (anything after the length); prompt_lengths_b [B] >= 1."""
+    prompts_bp [B, P] int32, right-padded (anything after the length); prompt_lengths_b [B] >= 1.
+    limit_n [N] (optional): a per-row stop position (at most max_new_tokens), e.g. a benchmark's forced lengths."""
     b, p = prompts_bp.shape
     g, t = spec.group_size, spec.max_new_tokens
     n = b * g
-    seg_bp = (jnp.arange(p)[None, :] < prompt_lengths_b[:, None]).astype(jnp.int32)
-    cache = models.init_cache(cfg, b, p + t)
-    logits_bpv, cache = models.prefill(params, prompts_bp, cfg, cache, segment_ids=seg_bp)
-    last_b = prompt_lengths_b - 1
-    first_bv = jnp.take_along_axis(logits_bpv, last_b[:, None, None], axis=1)[:, 0]  # next-token logits
+    cache, first_bv = prefill_prompts(params, prompts_bp, prompt_lengths_b, cfg, p + t)
     first_nv = constrain(jnp.repeat(first_bv, g, axis=0), ("act_batch", "act_vocab"))
-    width = _stop_table(spec).shape[1]
-    state = SamplerState(
-        step=jnp.zeros((), jnp.int32),
-        window=constrain(jnp.full((n, width - 1 + t), -1, jnp.int32), ("act_batch", None)),
-        logprobs=constrain(jnp.zeros((n, t), jnp.float32), ("act_batch", None)),
-        done=constrain(jnp.zeros((n,), bool), ("act_batch",)),
-        lengths=constrain(jnp.zeros((n,), jnp.int32), ("act_batch",)),
-        cache=_repeat_rows(cache, g), rng=rng)
-    state = _choose(state, first_nv, spec)
+    limit_n = jnp.full((n,), t, jnp.int32) if limit_n is None else jnp.minimum(limit_n, t)
+    rows = empty_rows(n, spec).replace(row=constrain(jnp.arange(n, dtype=jnp.int32), ("act_batch",)), limit=limit_n)
+    rows, out = choose(rows, empty_completions(n, spec), first_nv, rng, spec)
 
-    def running(state: SamplerState):
-        return (state.step < t) & ~jnp.all(state.done)
+    def running(carry):
+        return ~jnp.all(carry[0].finished)
 
-    def sample_step(state: SamplerState) -> SamplerState:
-        last_n = jax.lax.dynamic_index_in_dim(state.window, state.step + width - 2, axis=1, keepdims=False)
-        logits_nv, cache = models.decode_step(params, last_n, cfg, state.cache)
-        return _choose(state.replace(cache=cache), logits_nv, spec)
+    def sample_step(carry):
+        rows, out, cache = carry
+        logits_nv, cache = models.decode_step(params, rows.token, cfg, cache)
+        rows, out = choose(rows, out, logits_nv, rng, spec)
+        return rows, out, cache
 
-    state = jax.lax.while_loop(running, sample_step, state)
-    tokens_nt = state.window[:, width - 1:]
-    tokens_nt = jnp.where(jnp.arange(t)[None, :] < state.lengths[:, None], tokens_nt, spec.pad_id)
-    return Completions(tokens=constrain(tokens_nt, ("act_batch", None)), logprobs=state.logprobs,
-                       lengths=constrain(state.lengths, ("act_batch",)), truncated=constrain(~state.done, ("act_batch",)))
+    _, out, _ = jax.lax.while_loop(running, sample_step, (rows, out, _repeat_rows(cache, g)))
+    return out
 
 
 @functools.lru_cache(maxsize=32)
 def make_sampler(cfg: models.ModelConfig, spec: SamplerSpec, *, mesh=None, rules=None):
-    """`sample` jitted for (cfg, spec): `fn(params, prompts_bp, prompt_lengths_b, rng) -> Completions`.
+    """`sample` jitted for (cfg, spec): `fn(params, prompts_bp, prompt_lengths_b, rng, limit_n=None) -> Completions`.
 
     With a mesh, params are taken in their model shardings and the N rows are sharded over `act_batch`.
     Compiles once per prompt bucket P (and batch size B)."""
     fn = functools.partial(sample, cfg=cfg, spec=spec)
     if mesh is None:
-        return jax.jit(fn)
-    # Prompts arrive replicated (B x P ints); rows are sharded inside by `constrain`, which keeps a dimension
-    # replicated when it does not divide the mesh axes, so any B and G work.
-    replicated = NamedSharding(mesh, P())
-    jitted = jax.jit(fn, in_shardings=(models.param_shardings(cfg, mesh, rules), replicated, replicated, replicated))
+        jitted = jax.jit(fn)
+    else:
+        # Prompts arrive replicated (B x P ints); rows are sharded inside by `constrain`, which keeps a dimension
+        # replicated when it does not divide the mesh axes, so any B and G work.
+        replicated = NamedSharding(mesh, P())
+        jitted = jax.jit(fn, in_shardings=(models.param_shardings(cfg, mesh, rules),) + (replicated,) * 4)
 
-    def run(params, prompts_bp, prompt_lengths_b, rng):
-        with use_rules(mesh, rules):
-            return jitted(params, prompts_bp, prompt_lengths_b, rng)
+    def run(params, prompts_bp, prompt_lengths_b, rng, limit_n=None):
+        if limit_n is None:
+            limit_n = np.full((prompts_bp.shape[0] * spec.group_size,), spec.max_new_tokens, np.int32)
+        with contextlib.nullcontext() if mesh is None else use_rules(mesh, rules):
+            return jitted(params, prompts_bp, prompt_lengths_b, rng, limit_n)
 
     return run
 
@@ -358,11 +397,7 @@ def pad_prompts(token_lists: Sequence[Sequence[int]], buckets: Sequence[int], pa
     return out, np.asarray([len(r) for r in rows], np.int32)
 
 
-def stop_token_sequences(tokenizer, stop_strings: Sequence[str]) -> tuple[tuple[int, ...], ...]:
-    """Stop strings as token sequences. A stop string is matched on tokens, not characters: it stops a row
-    when the row emits exactly its encoding (`</answer>` is one token in the tiny world's tokenizer)."""
-    seqs = tuple(tuple(int(i) for i in tokenizer.encode(s)) for s in stop_strings)
-    empty = [s for s, seq in zip(stop_strings, seqs) if not seq]
-    if empty:
-        raise ValueError(f"stop strings {empty} encode to no tokens")
-    return seqs
+def stop_token_sequences(tokenizer, stop_strings: Sequence[str]) -> stops_lib.Stops | None:
+    """Stop strings matched on text, however they are tokenised (`stops.stop_strings`; the old name, kept for
+    the stages that call it)."""
+    return stops_lib.stop_strings(tokenizer, tuple(stop_strings))

@@ -68,10 +68,19 @@ class LossSpec:
     mu: int = 1  # passes over each rollout
     mini_batches: int = 1  # optimizer updates per pass
     micro_batches: int = 1  # gradient accumulation steps inside each mini-batch (same update, less memory)
+    ratio_level: str = "token"  # "token" (GRPO) or "sequence" (GSPO), grpo.policy_loss
+    tis_cap: float = 0.0  # truncated importance sampling cap for the sampler's drift; 0 = off
+    is_mask_band: tuple[float, float] | None = None  # drop rows whose sampler ratio leaves [lo, hi]; None = off
 
     def __post_init__(self):
         if self.agg not in grpo.AGG_MODES:
             raise ValueError(f"rl.agg={self.agg!r}: expected one of {grpo.AGG_MODES}")
+        if self.ratio_level not in grpo.RATIO_LEVELS:
+            raise ValueError(f"rl.ratio_level={self.ratio_level!r}: expected one of {grpo.RATIO_LEVELS}")
+        if self.tis_cap < 0 or (self.is_mask_band is not None and not 0 <= self.is_mask_band[0] <= 1
+                                <= self.is_mask_band[1]):
+            raise ValueError(f"rl.tis_cap={self.tis_cap} must be >= 0 (0 = off) and rl.is_mask_band="
+                             f"{self.is_mask_band} must be (lo, hi) with lo <= 1 <= hi")
         if self.mu < 1 or self.mini_batches < 1 or self.micro_batches < 1:
             raise ValueError(f"rl.mu={self.mu}, rl.mini_batches={self.mini_batches} and "
                              f"rl.micro_batches={self.micro_batches} must be >= 1")
@@ -214,8 +223,11 @@ def make_optimizer(cfg: models.ModelConfig, opt_key: tuple, total_steps: int):
 
 @functools.lru_cache(maxsize=16)
 def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss: LossSpec, *, mesh, rules):
-    """Jitted `update(state, batch, old_logp, ref_logp, advantages, key) -> (state, metrics, logp_before)`: μ
-    passes of `mini_batches` optimizer updates over one rollout (module docstring). The state is donated.
+    """Jitted `update(state, batch, old_logp, ref_logp, advantages, key, sampler_logp=None) -> (state, metrics,
+    logp_before)`: μ passes of `mini_batches` optimizer updates over one rollout (module docstring). The state
+    is donated. sampler_logp [N,T]: the sampler's log-probs; with them the metrics hold the sampler/trainer drift
+    (sampler_logp_abs_diff, sampler_kl) and loss.tis_cap / loss.is_mask_band correct for it
+    (grpo.policy_loss); they are required when either is set.
 
     metrics: means over the updates (loss, pg_loss, kl, clip_frac[_low/_high], ratio_mean, grad_norm, lr,
     aux_loss) plus `clip_frac_last` (the last update's, where the ratio has moved furthest from 1).
@@ -237,7 +249,9 @@ def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss:
         old_logp = jax.lax.stop_gradient(logp_nt) if fused else mb["old_logp"]
         value, metrics = grpo.policy_loss(
             logp_nt, old_logp, mb["ref_logp"] if loss.beta else None, mb["advantages"], mb["mask"],
-            eps_low=loss.eps_low, eps_high=loss.eps_high, beta=loss.beta, agg=loss.agg, max_len=loss.max_len)
+            eps_low=loss.eps_low, eps_high=loss.eps_high, beta=loss.beta, agg=loss.agg, max_len=loss.max_len,
+            ratio_level=loss.ratio_level, sampler_logp=mb.get("sampler_logp"), tis_cap=loss.tis_cap,
+            is_mask_band=loss.is_mask_band)
         metrics["aux_loss"] = aux["aux_loss"]
         if fused:
             mask_nt = mb["mask"]
@@ -271,13 +285,14 @@ def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss:
         load = None if load is None else jnp.mean(load, axis=0)
         return grads, jax.tree.map(lambda x: jnp.sum(x, axis=0), metrics), load, merge_rows(old_logp)
 
-    def update(state: TrainState, batch, old_logp, ref_logp, advantages, key):
+    def update(state: TrainState, batch, old_logp, ref_logp, advantages, key, sampler_logp):
         n = advantages.shape[0]
         if n % n_mb:
             raise ValueError(f"{n} rows are not divisible into rl.mini_batches={n_mb}")
         rows = {**batch, "advantages": advantages}
         rows.update({} if old_logp is None else {"old_logp": old_logp})
         rows.update({} if ref_logp is None else {"ref_logp": ref_logp})
+        rows.update({} if sampler_logp is None else {"sampler_logp": sampler_logp})
         order = jnp.stack([jax.random.permutation(jax.random.fold_in(key, e), n) for e in range(loss.mu)])
         order = order.reshape(loss.mu * n_mb, n // n_mb)  # [updates, rows per mini-batch]
 
@@ -299,14 +314,17 @@ def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss:
         logp_before = jnp.zeros_like(old_u[0]).at[order[0]].set(old_u[0]) if fused else old_logp
         return state.replace(params=params, opt_state=opt_state, step=step), metrics, logp_before
 
-    jitted = jax.jit(update, in_shardings=(shardings, batch_shardings(mesh, rules), rows2, rows2, rows1, replicated),
-                     out_shardings=(shardings, replicated, rows2), donate_argnums=0)
+    jitted = jax.jit(update, in_shardings=(shardings, batch_shardings(mesh, rules), rows2, rows2, rows1, replicated,
+                                           rows2), out_shardings=(shardings, replicated, rows2), donate_argnums=0)
 
-    def run(state, batch, old_logp, ref_logp, advantages, key):
+    def run(state, batch, old_logp, ref_logp, advantages, key, sampler_logp=None):
         if (old_logp is None) != fused:
             raise ValueError("make_update: pass old_logp=None exactly when mu = mini_batches = 1")
+        if sampler_logp is None and (loss.tis_cap or loss.is_mask_band):
+            raise ValueError("rl.tis_cap / rl.is_mask_band correct for the sampler: pass its log-probs "
+                             "(sampler_logp)")
         with use_rules(mesh, rules):
-            return jitted(state, batch, old_logp, ref_logp, advantages, key)
+            return jitted(state, batch, old_logp, ref_logp, advantages, key, sampler_logp)
 
     run.tx, run.schedule, run.shardings, run.fused = tx, schedule, shardings, fused
     return run

@@ -53,6 +53,7 @@ import jax
 import numpy as np
 
 from r1jax.eval.metrics import pass_at_1_mean
+from r1jax.rl import engine as engine_lib
 from r1jax.rl import grpo
 from r1jax.rl import sampler as sampler_lib
 from r1jax.rl import trainer as trainer_lib
@@ -124,8 +125,8 @@ def run(config, workdir: str) -> StageResult:
         train_spec, group_size=int(config.eval.samples),
         method=sampler_lib.method_from_config(config.eval.sampling, float(config.eval.temperature),
                                               config.eval.top_k, config.eval.top_p))
-    sample_train = sampler_lib.make_sampler(cfg, train_spec, mesh=mesh, rules=rules)
-    sample_eval = sampler_lib.make_sampler(cfg, eval_spec, mesh=mesh, rules=rules)
+    sample_train = rollout_sampler(cfg, train_spec, rl, mesh=mesh, rules=rules)
+    sample_eval = rollout_sampler(cfg, eval_spec, rl, mesh=mesh, rules=rules)
     rollout_kw = dict(tokenizer=tokenizer, reward_specs=tuple(tuple(s) for s in rl.rewards), prompt_buckets=buckets)
 
     def evaluate(params) -> dict[str, float]:
@@ -181,19 +182,20 @@ def run(config, workdir: str) -> StageResult:
             completion_buckets=tuple(rl.completion_buckets), pad_id=tokenizer.pad_id,
             train_mask_n=~truncated_n if rl.mask_truncated else None)
         batch = put_rows(host_batch, mesh, rules)
+        sampler_logp = trainer_lib.pad_columns(np.concatenate([g.logprobs for g in groups]),
+                                               host_batch["mask"].shape[1])
         old_logp, entropy = (None, None) if update.fused else scorer(state.params, batch)
         ref_logp = scorer(ref_params, batch)[0] if loss.beta else None
 
         # 7: μ x mini-batch updates (π_old inside the update when there is only one)
         t0 = time.perf_counter()
         state, update_metrics, logp_before = update(
-            state, batch, old_logp, ref_logp, put_rows({"a": np.asarray(adv_n)}, mesh, rules)["a"], shuffle_key)
+            state, batch, old_logp, ref_logp, put_rows({"a": np.asarray(adv_n)}, mesh, rules)["a"], shuffle_key,
+            put_rows({"s": sampler_logp}, mesh, rules)["s"])
         update_metrics = {k: float(v) for k, v in jax.device_get(update_metrics).items()}
         if entropy is not None:
             update_metrics["entropy"] = float(entropy)
         update_s = time.perf_counter() - t0
-        sampler_logp = trainer_lib.pad_columns(np.concatenate([g.logprobs for g in groups]),
-                                               host_batch["mask"].shape[1])
         real = host_batch["segment_ids"][:, -host_batch["mask"].shape[1]:] > 0
         step += per_rollout
 
@@ -236,7 +238,20 @@ def loss_spec(config) -> trainer_lib.LossSpec:
     return trainer_lib.LossSpec(temperature=float(rl.temperature), eps_low=float(rl.eps_low),
                                 eps_high=float(rl.eps_high), beta=float(rl.beta), agg=rl.agg,
                                 max_len=int(rl.max_new_tokens), mu=int(rl.mu), mini_batches=int(rl.mini_batches),
-                                micro_batches=int(rl.get("micro_batches", 1)))
+                                micro_batches=int(rl.get("micro_batches", 1)),
+                                ratio_level=rl.get("ratio_level", "token"), tis_cap=float(rl.get("tis_cap", 0.0)),
+                                is_mask_band=tuple(rl.get("is_mask_band", ())) or None)
+
+
+def rollout_sampler(cfg, spec, rl, *, mesh, rules):
+    """The slot engine (rl.engine = "slots", rl.slots slots, 0 = one per row) or the static sampler."""
+    kind = rl.get("engine", "static")
+    if kind == "static":
+        return sampler_lib.make_sampler(cfg, spec, mesh=mesh, rules=rules)
+    if kind != "slots":
+        raise ValueError(f"rl.engine={kind!r}: expected 'slots' or 'static'")
+    return engine_lib.make_engine(cfg, spec, engine_lib.EngineSpec(
+        slots=int(rl.get("slots", 0)), chunk_steps=int(rl.get("chunk_steps", 256))), mesh=mesh, rules=rules)
 
 
 def sampler_spec(rl, *, eos_id: int, pad_id: int, stop_sequences=(), max_new_tokens: int | None = None):

@@ -1,0 +1,241 @@
+"""The slot engine: continuous batching of the GRPO rollout inside the trainer's own JAX program.
+
+    engine = make_engine(cfg, spec, EngineSpec(slots=S, chunk_steps=K), mesh=mesh, rules=rules)
+    out = engine(params, prompts_bp, lengths_b, rng)     # Completions [N = B*G], the static sampler's layout
+    engine.stats                                          # slot-steps, decode steps, chunks of the last call
+
+The static sampler (r1jax.rl.sampler) decodes all N rows until the longest one ends; with R1's long-tailed
+lengths most of its slot-steps go to rows that have already finished. Here S decode slots (sized from a
+memory budget, `slots_for_budget`, not from N) are kept busy (JetStream's prefill / insert / generate, with
+the group's prompt prefilled once):
+
+  1. prefill: the B prompts run once into a prompt cache of P slots (`sampler.prefill_prompts`); their
+     next-token logits [B, V] are kept.
+  2. chunk (jitted `lax.while_loop`, no host round trip): up to K steps (EngineSpec.chunk_steps; it ends
+     early when every row is finished or when the drain below can start), each a decode step of all S slots
+     (`models.decode_step` + `sampler.choose`, the static sampler's own step) followed by `insert` when a slot
+     finished and rows wait (lax.cond): waiting rows n = b*G + g, in order of n, go into the finished slots;
+     prompt b's cache is copied into the slot's first P cache positions and the row's first token is sampled
+     from prompt b's logits. The rest of the slot is left as the previous row wrote it: the row writes its
+     tokens from its prompt length on, and attention masks every key past the query's slot, so a stale entry
+     is overwritten before it can be seen (tests/test_engine.py checks rows against a fresh full forward).
+     A slot that finishes is refilled at the next step, not at the end of the chunk.
+  3. between chunks the host reads the slots' `finished` flags (S booleans) and the queue position; when no
+     row waits and at most half of the slots are live, it compacts the live rows into half as many slots
+     (down to S / EngineSpec.drain_divisor), so the drain at the end of a rollout does not decode empty
+     slots.
+
+Determinism: a row's tokens are drawn with keys derived from (row n, token index) only (`sampler.row_keys`),
+so the same seed gives the same rows whatever S, K or the order in which rows finish, and the same rows as
+the static sampler. Greedy decoding gives the static sampler's tokens and log-probs.
+
+Memory: S x (P + T) cache positions plus the prompt cache B x P (the MLA latent or the GQA K/V, whichever the
+ModelConfig says); the static sampler holds N x (P + T).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from r1jax import models
+from r1jax.rl import sampler as sampler_lib
+from r1jax.rl.sampler import Completions, Rows, SamplerSpec
+from r1jax.sharding import constrain, use_rules
+
+
+@dataclasses.dataclass(frozen=True)
+class EngineSpec:
+    """slots: S decode slots (0 = one per row: no row waits); chunk_steps: the most decode steps between two
+    host checks (a chunk also ends when every row is finished or the drain can compact); drain_divisor: the drain
+    compacts the live rows into halves down to S / drain_divisor slots (1 = never)."""
+
+    slots: int = 0
+    chunk_steps: int = 256
+    drain_divisor: int = 8
+
+    def __post_init__(self):
+        if self.slots < 0 or self.chunk_steps < 1 or self.drain_divisor < 1:
+            raise ValueError(f"EngineSpec: need slots >= 0, chunk_steps >= 1, drain_divisor >= 1; got {self}")
+
+
+def cache_bytes_per_position(cfg: models.ModelConfig) -> int:
+    """Bytes one cache position of one row takes over all layers (read off `init_cache`'s arrays)."""
+    cache = jax.eval_shape(lambda: models.init_cache(cfg, 1, 1))
+    return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in jax.tree.leaves(cache))
+
+
+def slots_for_budget(cfg: models.ModelConfig, budget_bytes: float, prompt_len: int, max_new_tokens: int,
+                     prompts: int = 0, group_size: int = 1) -> int:
+    """The most slots (a multiple of group_size) whose cache, with the prompt cache of `prompts` prompts, fits
+    budget_bytes."""
+    per = cache_bytes_per_position(cfg)
+    slots = int((budget_bytes - prompts * prompt_len * per) // (per * (prompt_len + max_new_tokens)))
+    slots -= slots % group_size
+    if slots < 1:
+        raise ValueError(f"a cache budget of {budget_bytes / 2**20:.1f} MiB holds no decode slot of "
+                         f"{prompt_len}+{max_new_tokens} positions ({per} bytes each)")
+    return slots
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class EngineState:
+    rows: Rows  # [S] slots
+    cache: dict  # the decode cache of S slots x (P + T) positions
+    out: Completions  # [N] rows
+    next_row: jax.Array  # int32 []: the first row not yet inserted (rows wait in order of n)
+    steps: jax.Array  # int32 []: decode steps of the last chunk
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Prompts:
+    """What insertion reads: the prefilled prompts and the rows' stop positions."""
+
+    cache: dict  # the prompt cache, B x P positions
+    first_logits: jax.Array  # [B, V] next-token logits at each prompt's last token
+    limit: jax.Array  # [N] int32: most tokens of each row
+
+
+def _length_axis(prompt_leaf, slot_leaf) -> int:
+    """The cache-position axis of a layer cache leaf: the one (past the layer and batch axes) where the
+    prompt cache (P positions) and the slot cache (P + T) differ."""
+    return next(i for i in range(2, slot_leaf.ndim) if prompt_leaf.shape[i] != slot_leaf.shape[i])
+
+
+def insert(state: EngineState, prompts: Prompts, rng, *, spec: SamplerSpec) -> EngineState:
+    """Fill the finished slots, in slot order, with the next waiting rows: row n gets its prompt's cache
+    (prompt n // G) and its first token, sampled from that prompt's logits."""
+    s, n = state.rows.row.shape[0], prompts.limit.shape[0]
+    free_s = state.rows.finished
+    row_s = state.next_row + jnp.cumsum(free_s) - 1
+    new_s = free_s & (row_s < n)
+    rows_s = jnp.where(new_s, row_s, -1)
+    b_s = jnp.maximum(rows_s, 0) // spec.group_size
+    target_s = jnp.where(new_s, jnp.arange(s), s)  # s: out of range, dropped
+    cache = dict(state.cache)
+    for key in ("dense", "moe"):
+        if key in cache:
+            def put(slot_leaf, prompt_leaf):
+                ax = _length_axis(prompt_leaf, slot_leaf)
+                index = (slice(None), target_s) + (slice(None),) * (ax - 2) + (slice(0, prompt_leaf.shape[ax]),)
+                return slot_leaf.at[index].set(jnp.take(prompt_leaf, b_s, axis=1), mode="drop")
+
+            cache[key] = jax.tree.map(put, cache[key], prompts.cache[key])
+    seg = prompts.cache["segment_ids"][b_s]  # [S, P]
+    seg = jnp.pad(seg, ((0, 0), (0, cache["segment_ids"].shape[1] - seg.shape[1])))  # the row's own positions only
+    cache["segment_ids"] = cache["segment_ids"].at[target_s].set(seg, mode="drop")
+    for key in ("length", "next_position", "segment"):
+        cache[key] = jnp.where(new_s, prompts.cache[key][b_s], cache[key])
+    fresh = sampler_lib.empty_rows(s, spec).replace(row=rows_s, limit=prompts.limit[jnp.maximum(rows_s, 0)])
+    rows = jax.tree.map(lambda new, old: jnp.where(new_s.reshape((s,) + (1,) * (old.ndim - 1)), new, old),
+                        fresh, state.rows)
+    rows, out = sampler_lib.choose(rows, state.out, prompts.first_logits[b_s], rng, spec, active_r=new_s)
+    return dataclasses.replace(state, rows=rows, cache=cache, out=out,
+                               next_row=state.next_row + new_s.sum(dtype=jnp.int32))
+
+
+def chunk(params, state: EngineState, prompts: Prompts, rng, *, cfg: models.ModelConfig, spec: SamplerSpec,
+          steps: int, shrink: bool) -> EngineState:
+    """Up to `steps` decode steps of every slot (one lax.while_loop), each followed by the insertion of waiting
+    rows into the slots that finished (`insert`, skipped by lax.cond when none did). Stops early once every row
+    is finished, or (shrink) once no row waits and at most half of the slots are live: the host compacts them."""
+    n, s = prompts.limit.shape[0], state.rows.row.shape[0]
+
+    def refill(st):
+        return jax.lax.cond(jnp.any(st.rows.finished) & (st.next_row < n),
+                            functools.partial(insert, prompts=prompts, rng=rng, spec=spec), lambda x: x, st)
+
+    def running(carry):
+        st, i = carry
+        live = ~st.rows.finished
+        go = (i < steps) & jnp.any(live)
+        return go & ~((st.next_row >= n) & (live.sum() <= s // 2)) if shrink else go
+
+    def step(carry):
+        st, i = carry
+        logits_sv, cache = models.decode_step(params, st.rows.token, cfg, st.cache)
+        rows, out = sampler_lib.choose(st.rows, st.out, logits_sv, rng, spec)
+        return refill(dataclasses.replace(st, rows=rows, cache=cache, out=out)), i + 1
+
+    state, i = jax.lax.while_loop(running, step, (refill(state), jnp.zeros((), jnp.int32)))
+    return dataclasses.replace(state, steps=i)
+
+
+def compact(state: EngineState, keep_s) -> EngineState:
+    """The slots keep_s [S'] (live ones first) as a state of S' slots."""
+    cache = {k: (jax.tree.map(lambda x: jnp.take(x, keep_s, axis=1), v) if k in ("dense", "moe")
+                 else jnp.take(v, keep_s, axis=0)) for k, v in state.cache.items()}
+    return dataclasses.replace(state, rows=jax.tree.map(lambda x: jnp.take(x, keep_s, axis=0), state.rows),
+                               cache=cache)
+
+
+class Engine:
+    """`engine(params, prompts_bp, prompt_lengths_b, rng, limit_n=None) -> Completions` (module docstring);
+    `stats` describes the last call: slot_steps (sum over chunks of slots x decode steps, plus one per row for
+    its first token), decode_steps, chunks, peak_slots."""
+
+    def __init__(self, cfg: models.ModelConfig, spec: SamplerSpec, engine: EngineSpec, *, mesh=None, rules=None):
+        self.cfg, self.spec, self.engine, self.mesh, self.rules = cfg, spec, engine, mesh, rules
+        self.stats: dict = {}
+        # The params arrive in their model shardings (as the stage keeps them) and every jitted piece takes its
+        # inputs' shardings; the slot arrays are sharded over `act_batch` / `cache_batch` by `constrain`.
+        self._prefill = jax.jit(functools.partial(sampler_lib.prefill_prompts, cfg=cfg), static_argnames=("cache_len",))
+        self._chunk = jax.jit(functools.partial(chunk, cfg=cfg, spec=spec, steps=engine.chunk_steps),
+                              static_argnames=("shrink",), donate_argnums=1)
+        self._compact = jax.jit(compact)
+        self._init = jax.jit(self._empty, static_argnums=(0, 1, 2))
+
+    def _empty(self, slots: int, n: int, cache_len: int) -> EngineState:
+        cache = models.init_cache(self.cfg, slots, cache_len)
+        cache = {k: (jax.tree.map(lambda x: constrain(x, ("layers", "cache_batch") + (None,) * (x.ndim - 2)), v)
+                     if k in ("dense", "moe") else constrain(v, ("cache_batch",) + (None,) * (v.ndim - 1)))
+                 for k, v in cache.items()}
+        zero = jnp.zeros((), jnp.int32)
+        return EngineState(rows=sampler_lib.empty_rows(slots, self.spec), cache=cache,
+                           out=sampler_lib.empty_completions(n, self.spec), next_row=zero, steps=zero)
+
+    def __call__(self, params, prompts_bp, prompt_lengths_b, rng, limit_n=None) -> Completions:
+        with contextlib.nullcontext() if self.mesh is None else use_rules(self.mesh, self.rules):
+            return self._run(params, prompts_bp, prompt_lengths_b, rng, limit_n)
+
+    def _run(self, params, prompts_bp, prompt_lengths_b, rng, limit_n):
+        spec = self.spec
+        b, p = prompts_bp.shape
+        n, t = b * spec.group_size, spec.max_new_tokens
+        limit_n = np.full((n,), t, np.int32) if limit_n is None else np.minimum(np.asarray(limit_n, np.int32), t)
+        slots = min(self.engine.slots or n, n)
+        min_slots = max(1, slots // self.engine.drain_divisor)
+        prompt_cache, first_bv = self._prefill(params, prompts_bp, prompt_lengths_b, cache_len=p)
+        prompts = Prompts(cache=prompt_cache, first_logits=first_bv, limit=limit_n)
+        state = self._init(slots, n, p + t)
+        slot_steps, decode_steps, chunks = n, 0, 0  # n: the first token of each row, drawn at its insertion
+        while True:
+            state = self._chunk(params, state, prompts, rng, shrink=slots // 2 >= min_slots)
+            steps, finished, waiting = jax.device_get((state.steps, state.rows.finished, state.next_row))
+            slot_steps += int(steps) * slots
+            decode_steps += int(steps)
+            chunks += 1
+            if waiting < n:
+                continue
+            if finished.all():
+                break
+            if (~finished).sum() <= slots // 2 and slots // 2 >= min_slots:  # the drain: compact the live rows
+                keep = np.concatenate([np.flatnonzero(~finished), np.flatnonzero(finished)])[:slots // 2]
+                state = self._compact(state, keep.astype(np.int32))
+                slots //= 2
+        self.stats = {"slot_steps": slot_steps, "decode_steps": decode_steps, "chunks": chunks,
+                      "peak_slots": min(self.engine.slots or n, n)}
+        return state.out
+
+
+@functools.lru_cache(maxsize=16)
+def make_engine(cfg: models.ModelConfig, spec: SamplerSpec, engine: EngineSpec, *, mesh=None, rules=None) -> Engine:
+    """An Engine (its jitted pieces compile once per prompt bucket, batch size and slot count)."""
+    return Engine(cfg, spec, engine, mesh=mesh, rules=rules)
