@@ -61,9 +61,11 @@ def mesh(**ici) -> mlc.ConfigDict:
 
 def optimizer(lr: float, warmup_steps: int, *, schedule: str = "cosine", end_lr_ratio: float = 0.1,
               b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1,
-              clip_norm: float = 1.0) -> mlc.ConfigDict:
-    """config.optimizer: AdamW, linear warmup then `schedule` decay to lr * end_lr_ratio; clip_norm 0 = off."""
-    return mlc.ConfigDict(dict(lr=lr, warmup_steps=warmup_steps, schedule=schedule, end_lr_ratio=end_lr_ratio,
+              clip_norm: float = 1.0, warmup_ratio: float = 0.0) -> mlc.ConfigDict:
+    """config.optimizer: AdamW, linear warmup then `schedule` decay to lr * end_lr_ratio; clip_norm 0 = off.
+    warmup_ratio > 0 replaces warmup_steps by that share of train.steps (follows an overridden train.steps)."""
+    return mlc.ConfigDict(dict(lr=lr, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, schedule=schedule,
+                               end_lr_ratio=end_lr_ratio,
                                b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, clip_norm=clip_norm))
 
 
@@ -153,6 +155,6 @@ def hf_sft_config(*, train_files: tuple = ("/path/to/train.jsonl",), steps: int 
         data=sft_data(seq_len=32768, batch_size=128, train_files=train_files, prompt_field=None,
                       response_field=None, messages_field="messages", template=CHECKPOINT_TEMPLATE, num_epochs=5,
                       eval_batches=0),
-        optimizer_block=optimizer(1e-5, max(1, round(0.03 * steps)), schedule="cosine", end_lr_ratio=0.1,
+        optimizer_block=optimizer(1e-5, 0, warmup_ratio=0.03, schedule="cosine", end_lr_ratio=0.1,
                                   b2=0.999, weight_decay=0.0, clip_norm=0.2),
         train_block=train(steps, micro_batches=16, log_every=1, checkpoint_every=200))

@@ -4,7 +4,9 @@ The config file's `get_config(arg)` builds the config (arg = the text after ':')
 the locked config, so a misspelt field is an error: one line that names the full field and its close matches,
 before anything is loaded. `config.stage` picks the stage (r1jax.stages.STAGES). A config file may live
 anywhere (a researcher's fork outside the repository): the repository's `configs` package is importable from any
-working directory. Every host of a multi-host job runs the same command.
+working directory. Every host of a multi-host job runs the same command. Bad data, a missing checkpoint or a config
+that cannot work (r1jax.main.user_errors) end the run with exit code 1 and one message naming the file:line, field or
+path, without a traceback.
 """
 
 from __future__ import annotations
@@ -86,6 +88,20 @@ def check_overrides(argv: list[str]) -> None:
             raise SystemExit(error)
 
 
+def user_errors() -> tuple[type[BaseException], ...]:
+    """Errors about the user's data, checkpoint or config (each message names the file:line, field or path): main
+    prints them as one message and exits 1, without a traceback."""
+    from r1jax.data.chat import ChatTemplateError
+    from r1jax.data.sources import DataError
+    from r1jax.hf import CheckpointError, HFConfigError
+    from r1jax.sharding import ShardingError
+    from r1jax.train.loop import NonFiniteError
+    from r1jax.train.run import ConfigError
+
+    return (DataError, ChatTemplateError, CheckpointError, HFConfigError, ShardingError, NonFiniteError, ConfigError,
+            FileNotFoundError)
+
+
 def main(argv) -> int:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {argv[1:]}")
@@ -95,7 +111,10 @@ def main(argv) -> int:
     from r1jax import distributed, stages
 
     distributed.initialize_from_env()  # before anything touches a device
-    result = stages.run(_CONFIG.value, _WORKDIR.value)
+    try:
+        result = stages.run(_CONFIG.value, _WORKDIR.value)
+    except user_errors() as e:  # bad data or config: the message says what and where; a traceback would not help
+        raise SystemExit(f"error: {type(e).__name__}: {e}") from None
     print(json.dumps(result.to_dict(), indent=1, default=str), file=sys.stderr)
     return 0
 

@@ -50,6 +50,8 @@ from r1jax.data.fields import FieldMap
 from r1jax.data.sources import AllSkippedError, DataError, StopRequested, iterate_records  # noqa: F401 (public API)
 from r1jax.data.tokenizer import Tokenizer
 
+CHECKPOINT = "checkpoint"  # data.template: the checkpoint's own chat template (r1jax.data.chat.CHECKPOINT)
+
 # encode_messages(messages) -> {"tokens": [n] int32, "loss_mask": [n] int32} (templates.encode_sft_example's
 # format): a conversation rendered by a chat template, the assistant turns marked for training.
 EncodeMessages = Callable[[list[dict]], dict[str, np.ndarray]]
@@ -67,18 +69,25 @@ class _Encoder:
         used = fields.used()
         self.label = used.get("text") or used.get("messages") or f"{fields.prompt}+{fields.response}"
 
-    def _example(self, record: dict, record_index: int) -> dict:
+    def _example(self, record: dict, record_index: int, conversation: bool = False) -> dict:
         f = self.fields
         if f.text is not None:
             return templates.encode_sft_example(self.tokenizer, "", record[f.text])
-        if f.messages is not None:
+        if f.messages is not None or conversation:
+            field = f.messages or "messages"
             try:
-                return self.encode_messages(record[f.messages])
+                return self.encode_messages(record[field])
             except (ValueError, KeyError, TypeError) as e:  # the template refused the conversation
-                raise DataError("wrong_type", *self.source.location(record_index), f.messages,
+                raise DataError("wrong_type", *self.source.location(record_index), field,
                                 "a conversation the chat template renders", f"{type(e).__name__}: {e}") from None
-        prompt = templates.render_prompt(self.template, record[f.prompt],
-                                         system=record.get(f.system) if f.system else None)
+        system = record.get(f.system) if f.system else None
+        if self.template == CHECKPOINT:  # one user turn and one assistant turn, through the chat template
+            turns = [{"role": "user", "content": record[f.prompt]},
+                     {"role": "assistant", "content": record[f.response]}]
+            return self._example({f.messages or "messages": ([{"role": "system", "content": system}]
+                                                              if system is not None else []) + turns},
+                                 record_index, conversation=True)
+        prompt = templates.render_prompt(self.template, record[f.prompt], system=system)
         return templates.encode_sft_example(self.tokenizer, prompt, record[f.response])
 
     def _encode(self, record_index: int) -> dict:
@@ -212,6 +221,8 @@ def make_sft_dataset(
 
     SFT records give `prompt_field` (rendered with `template`, a name in templates.TEMPLATES, and
     the optional `system_field`) and `response_field`; only the response and EOS are trained.
+    `template="checkpoint"`: the record becomes a conversation (system, user, assistant) encoded by
+    `encode_messages` (the checkpoint's chat template; the assistant turn trained).
     With `messages_field` set, records are conversations encoded by `encode_messages` (the chat
     template's rendering, assistant turns trained); with `text_field` set, records are plain text
     and every token is trained (pretraining). `num_epochs=None` repeats forever. A sample longer
@@ -221,8 +232,11 @@ def make_sft_dataset(
     """
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index={process_index}: expected 0 <= index < {process_count}")
-    if template not in templates.TEMPLATES:
-        raise ValueError(f"template={template!r}: expected one of {sorted(templates.TEMPLATES)}")
+    if template not in templates.TEMPLATES and template != CHECKPOINT:
+        raise ValueError(f"template={template!r}: expected {CHECKPOINT!r} or one of {sorted(templates.TEMPLATES)}")
+    if template == CHECKPOINT and text_field is None and encode_messages is None:
+        raise ValueError(f"template={CHECKPOINT!r} needs encode_messages, the chat template's encoder of a "
+                         "conversation (prompt/response records become one user and one assistant turn)")
     if messages_field is not None and text_field is None and encode_messages is None:
         raise ValueError(f"messages_field={messages_field!r} needs encode_messages, the chat template's "
                          f"encoder of a conversation")

@@ -7,11 +7,20 @@ The only differences between those uses are data in the config: the files, the p
 from (`init_from`). One straight flow:
 
   1. run                WORKDIR, mesh, checkpoints, resume point (r1jax/train/run.py)
-  2. weights            resume WORKDIR/checkpoints, else config.init_from (r1jax run or HF dir), else a fresh init
-  3. data               tokenizer, train / eval datasets (files, or the tiny world; data.eval_holdout splits off
-                        an eval set)
-  4. optimizer + step   AdamW (router bias excluded), sharded, donated, one jitted update per batch
-  5. loop               r1jax/train/loop.py: metrics.jsonl, TensorBoard, eval, checkpoints, preemption, NaN guard
+  2. data check         the mapped record fields of a sample of every file (fields.check_sample): a missing or
+                        wrong-typed field fails here, with file:line and the config key, before any weight loads
+  3. weights            resume WORKDIR/checkpoints, else config.init_from (r1jax run, HF dir or a Hub id in the
+                        local HF cache: its architecture, tokenizer, EOS ids and chat template), else a fresh init
+  4. data               tokenizer, train / eval datasets (files, or the tiny world; data.eval_holdout holds out
+                        records of the same files, pipeline.holdout_split, so skips name the user's file:line)
+  5. optimizer + step   AdamW (router bias excluded), sharded, donated, one jitted update per batch
+  6. loop               r1jax/train/loop.py: metrics.jsonl, TensorBoard, eval, checkpoints, preemption (also while
+                        the data layer searches past skipped records), NaN guard
+
+Records (config.data): `text_field` (pretraining: every token trained); `messages_field` (conversations rendered
+with the checkpoint's chat template, the loss on exactly the assistant turns: r1jax/data/chat.py); or
+`prompt_field` + `response_field` (+ `system_field`), rendered with `data.template`: a plain template of
+r1jax/data/templates.py, or "checkpoint" = the checkpoint's chat template (one user turn, one assistant turn).
 
 Outputs (StageResult.outputs): checkpoint (the final step dir), tokenizer, metrics (metrics.jsonl).
 """
@@ -19,34 +28,48 @@ Outputs (StageResult.outputs): checkpoint (the final step dir), tokenizer, metri
 from __future__ import annotations
 
 import dataclasses
-import os
+import functools
 
 import jax
 import numpy as np
 
 from r1jax import models
-from r1jax.data.files import holdout_split
+from r1jax.data import chat, fields
 from r1jax.train import optimizer as opt_lib
 from r1jax.train import state as state_lib
 from r1jax.train import step as step_lib
+from r1jax.train.loop import StopFlag
 from r1jax.train.run import StageResult, data_files, mesh_and_rules, model_config, open_run
 
 
 def run(config, workdir: str) -> StageResult:
-    # ---------------------------------------------------------------- 1-2. run, weights
+    # ---------------------------------------------------------------- 1-2. run, data check
     run = open_run(config, workdir)
-    cfg, init = run.initial_policy()
-
-    # ---------------------------------------------------------------- 3. data
-    tokenizer_path, tokenizer = run.tokenizer(cfg, init)
     train_files = data_files(config.data, run.workdir, "train_files", "world_files")
     eval_files = data_files(config.data, run.workdir, "eval_files", required=False)
-    if not eval_files and config.data.eval_holdout > 0:
-        train_files, eval_files = holdout_split(train_files, os.path.join(run.workdir, "data"),
-                                                config.data.eval_holdout, config.seed)
-    train_iter = iter(make_dataset(config, tokenizer, train_files, train=True))
+    fields.check_sample(train_files + eval_files, field_map(config.data), skip_malformed=config.data.skip_malformed)
 
-    # ---------------------------------------------------------------- 4. optimizer, state, step
+    # ---------------------------------------------------------------- 3. weights
+    cfg, init = run.initial_policy()
+
+    # ---------------------------------------------------------------- 4. data
+    tokenizer_path, tokenizer = run.tokenizer(cfg, init)
+    if uses_chat_template(config.data) and tokenizer.chat_template is None:
+        raise chat.ChatTemplateError(
+            f"{tokenizer_path}: no chat template (a base model?), but data.messages_field or data.template="
+            f"{chat.CHECKPOINT!r} renders records with it; use prompt/response records with data.template='r1_zero' "
+            "(or 'raw'), or a checkpoint with a chat template")
+    train_indices = eval_indices = None
+    if not eval_files and config.data.eval_holdout > 0:
+        from r1jax.data.pipeline import holdout_split  # noqa: PLC0415
+
+        train_indices, eval_indices = holdout_split(train_files, int(config.data.eval_holdout), config.seed)
+        eval_files = train_files
+    stop = StopFlag()  # set by the loop's SIGTERM handler; the data layer polls it while skipping records
+    train_iter = iter(make_dataset(config, tokenizer, train_files, train=True, indices=train_indices,
+                                   should_stop=stop.requested))
+
+    # ---------------------------------------------------------------- 5. optimizer, state, step
     tx, shardings, update = build_step(config, cfg, run.mesh, run.rules)
     if run.resumed:
         state, restored = run.restore(state_lib.abstract_state(cfg, tx, shardings))
@@ -57,27 +80,40 @@ def run(config, workdir: str) -> StageResult:
         state = state_lib.init_state(cfg, tx, config.seed, shardings)
 
     def step_fn(state):
-        host_batch = next(train_iter)  # StopIteration: the data has ended
+        host_batch = next(train_iter)  # StopIteration: the data has ended; StopRequested: SIGTERM while searching
         state, metrics = update(state, step_lib.put_batch(host_batch, update.batch_shardings))
         return state, metrics, int(np.count_nonzero(host_batch["segment_ids"]))
 
-    eval_fn = make_eval(config, cfg, tokenizer, eval_files, run.mesh, run.rules, shardings, update) if eval_files \
-        else None
+    eval_fn = make_eval(config, cfg, tokenizer, eval_files, run.mesh, run.rules, shardings, update,
+                        indices=eval_indices) if eval_files else None
 
-    # ---------------------------------------------------------------- 5. loop
+    # ---------------------------------------------------------------- 6. loop
     result = run.loop(state, step_fn, meta_fn=lambda: {"model": dataclasses.asdict(cfg), "tokenizer": tokenizer_path},
                       data_state_fn=train_iter.get_state, eval_fn=eval_fn, data_metrics=train_iter.metrics,
-                      progress_keys=("loss", "tokens_per_s"))
+                      progress_keys=("loss", "tokens_per_s"), stop_flag=stop)
     return run.finish(result, tokenizer_path)
 
 
-def make_eval(config, cfg, tokenizer, eval_files, mesh, rules, shardings, update):
+def field_map(data) -> fields.FieldMap:
+    """The record fields the SFT stage reads (text, or messages, or prompt + response + an optional system prompt,
+    read from the `system` field unless data.system_field names another)."""
+    fmap = fields.FieldMap.from_config(data, "prompt", "response", "messages", "text", system="system")
+    return dataclasses.replace(fmap, system=fmap.system or "system")
+
+
+def uses_chat_template(data) -> bool:
+    """Whether records are rendered with the checkpoint's chat template (conversations, or template "checkpoint")."""
+    used = field_map(data).used()
+    return "text" not in used and ("messages" in used or data.template == chat.CHECKPOINT)
+
+
+def make_eval(config, cfg, tokenizer, eval_files, mesh, rules, shardings, update, indices=None):
     """eval_fn(params) -> {eval_loss[, eval_mtp_loss]} over data.eval_batches batches of the eval files."""
     eval_step = step_lib.make_eval_step(cfg, mesh=mesh, rules=rules, param_shardings=shardings.params)
 
     def eval_fn(params):
         totals: dict[str, float] = {}
-        batches = iter(make_dataset(config, tokenizer, eval_files, train=False))
+        batches = iter(make_dataset(config, tokenizer, eval_files, train=False, indices=indices))
         for _, host_batch in zip(range(config.data.eval_batches), batches):
             sums = eval_step(params, step_lib.put_batch(host_batch, update.batch_shardings))
             for k, v in jax.device_get(sums).items():
@@ -102,20 +138,24 @@ def build_step(config, cfg: models.ModelConfig, mesh, rules):
     return tx, shardings, step_fn
 
 
-def make_dataset(config, tokenizer, files: list[str], *, train: bool):
-    """The packed batch dataset of this host (its share of the global batch)."""
+def make_dataset(config, tokenizer, files: list[str], *, train: bool, indices=None, should_stop=None):
+    """The packed batch dataset of this host (its share of the global batch); `indices`: the records of `files`
+    to use (a holdout_split part), default all."""
     from r1jax.data.pipeline import make_sft_dataset
 
     data = config.data
     n_proc = jax.process_count()
     if data.batch_size % n_proc:
         raise ValueError(f"data.batch_size={data.batch_size} is not divisible by the {n_proc} processes")
+    fmap = field_map(data)
+    encode_messages = functools.partial(chat.encode_chat_sft, tokenizer) if uses_chat_template(data) else None
     return make_sft_dataset(
         files, tokenizer, seq_len=data.seq_len, batch_size=data.batch_size // n_proc, seed=config.seed,
         shuffle=data.shuffle and train, num_epochs=data.num_epochs if train else 1,
-        process_index=jax.process_index(), process_count=n_proc, prompt_field=data.prompt_field,
-        response_field=data.response_field, text_field=data.text_field, template=data.template,
-        skip_malformed=data.skip_malformed, pack=data.pack)
+        process_index=jax.process_index(), process_count=n_proc, prompt_field=fmap.prompt,
+        response_field=fmap.response, system_field=fmap.system, text_field=fmap.text, messages_field=fmap.messages,
+        encode_messages=encode_messages, template=data.template, skip_malformed=data.skip_malformed, pack=data.pack,
+        indices=indices, should_stop=should_stop)
 
 
 def smoke_step(config) -> dict:

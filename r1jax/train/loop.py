@@ -21,8 +21,12 @@ The loop owns, for every stage alike:
                  sets a flag. When True: save the checkpoint of that step, wait for it, return "preempted".
   exact resume   the stage restores its state (and data position, `data_state_fn` / meta) from the checkpoint;
                  metrics.jsonl and TensorBoard forget what was logged after the restored step
+                 A SIGTERM that arrives while step_fn waits for data (the data layer searching past skipped
+                 records) ends that search: the stage's data iterator polls `Preemption.requested` (its
+                 should_stop) and raises sources.StopRequested, which the loop treats as preemption (save the
+                 last step if unsaved, return "preempted"; nothing to save at step 0).
   data end       StopIteration from step_fn: save the last step, return "data_exhausted"; at step 0 (every
-                 record skipped) a ValueError with the skip counts per reason: the command exits non-zero
+                 record skipped) an AllSkippedError with the skip counts per reason: the command exits non-zero
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ from typing import Any, Callable
 
 import jax
 
+from r1jax.data.sources import AllSkippedError, StopRequested
 from r1jax.train.checkpoint import Checkpointer
 from r1jax.train.metrics import MetricsLogger
 
@@ -59,8 +64,8 @@ class Preemption:
     """Context manager; `check(step)` says whether to save and stop after `step` (the same answer on every
     process). See the module docstring."""
 
-    def __init__(self, checkpointer: Checkpointer):
-        self._set = False
+    def __init__(self, checkpointer: Checkpointer, flag: "StopFlag | None" = None):
+        self._flag = flag if flag is not None else StopFlag()
         self._previous = None
         self._checkpointer = checkpointer
         self._distributed = jax.process_count() > 1  # JAX's preemption sync manager owns SIGTERM then
@@ -71,16 +76,27 @@ class Preemption:
         return self
 
     def _handle(self, signum, frame):
-        self._set = True
+        self._flag.set = True
 
     def check(self, step: int) -> bool:
         if self._distributed:
             return bool(self._checkpointer.manager.reached_preemption(step))
-        return self._set
+        return self._flag.set
 
     def __exit__(self, *exc):
         if self._previous is not None:
             signal.signal(signal.SIGTERM, self._previous)
+
+
+@dataclasses.dataclass
+class StopFlag:
+    """Set by the loop's SIGTERM handler (one process). A stage creates it before its data iterator and hands
+    `requested` to the data layer as should_stop, so a SIGTERM also ends a search for a usable record."""
+
+    set: bool = False
+
+    def requested(self) -> bool:
+        return self.set
 
 
 def check_finite(fetched: list[tuple[int, dict]], checkpointer: Checkpointer) -> None:
@@ -117,11 +133,13 @@ def train_loop(
     after_save: Callable[[], None] | None = None,
     after_log: Callable[[int], None] | None = None,
     progress_keys: tuple[str, ...] = ("loss",),
+    stop_flag: StopFlag | None = None,
 ) -> LoopResult:
     """Runs `step_fn` until `steps`; see the module docstring. `meta_fn()` (JSON for the checkpoint's meta) and
     `data_state_fn()` (this process's data iterator state) are called right after the step whose checkpoint they
     go into; `start_fn(state)`, on a run that starts at step 0, gives a record logged at step 0 (e.g. an eval);
-    `after_save()` runs after each checkpoint save, `after_log(step)` after each record."""
+    `after_save()` runs after each checkpoint save, `after_log(step)` after each record; `stop_flag`: the flag the
+    SIGTERM handler sets (the one the stage's data iterator polls), a new one if None."""
     step = int(jax.device_get(state.step))
     saved_step = checkpointer.latest_step()
     pending: list[tuple[int, dict]] = []
@@ -141,15 +159,19 @@ def train_loop(
     if step == 0 and start_fn is not None and (record := start_fn(state)):
         logger.write(0, record)
         last_record = {"step": 0, **record}
-    with Preemption(checkpointer) as preemption:
+    with Preemption(checkpointer, stop_flag) as preemption:
         try:
             while step < steps:
                 try:
                     state, metrics, tokens = step_fn(state)
+                except StopRequested as e:  # SIGTERM while the data layer searched for a batch
+                    status = "preempted"
+                    log.warning("SIGTERM (preemption) while waiting for data at step %d (%s)", step, e)
+                    break
                 except StopIteration:
                     if step == 0:  # not one batch: every record was skipped (or there were none)
-                        raise ValueError(f"the training data gave no batch at all; records skipped, by reason: "
-                                         f"{data_metrics() or 'none counted'}") from None
+                        raise AllSkippedError(f"the training data gave no batch at all; records skipped, by "
+                                              f"reason: {data_metrics() or 'none counted'}", {}, {}, 0) from None
                     status = "data_exhausted"
                     log.warning("the data ended at step %d before train.steps=%d", step, steps)
                     break
@@ -191,7 +213,7 @@ def train_loop(
                     log.warning("SIGTERM (preemption): saved the checkpoint of step %d; rerun the same command to resume",
                                 step)
                     break
-            if status == "data_exhausted" and step != saved_step and step > 0:
+            if status in ("data_exhausted", "preempted") and step != saved_step and step > 0:
                 check_finite([(s, jax.device_get(m)) for s, m in pending], checkpointer)
                 save()
         finally:

@@ -1,8 +1,9 @@
 """AdamW with warmup + decay, global-norm clipping, and the router bias kept out of the optimizer.
 
 Configured by a `config.optimizer` block (see configs/common.py):
-  lr, warmup_steps, schedule ("cosine" | "linear" | "constant"), end_lr_ratio, b1, b2, eps,
-  weight_decay, clip_norm (0 = off).
+  lr, warmup_steps (or warmup_ratio > 0: that share of train.steps, as transformers' warmup_ratio, so a preset's
+  warmup follows an overridden train.steps), schedule ("cosine" | "linear" | "constant"), end_lr_ratio, b1, b2,
+  eps, weight_decay, clip_norm (0 = off).
 
 Two masks come from the model's single parameter declaration:
   * `models.trainable_mask` - the aux-loss-free router bias (DeepSeek-V3 §2.1.2) is moved by its own
@@ -12,6 +13,8 @@ Two masks come from the model's single parameter declaration:
 """
 
 from __future__ import annotations
+
+import math
 
 import jax
 import optax
@@ -23,10 +26,14 @@ SCHEDULES = ("cosine", "linear", "constant")
 
 
 def make_schedule(opt, total_steps: int) -> optax.Schedule:
-    """Linear warmup from 0 to `opt.lr` over `opt.warmup_steps`, then decay to `lr * end_lr_ratio` at total_steps."""
+    """Linear warmup from 0 to `opt.lr` over `opt.warmup_steps` (or ceil(warmup_ratio x total_steps), transformers'
+    rule, when warmup_ratio > 0), then decay to `lr * end_lr_ratio` at total_steps."""
     if opt.schedule not in SCHEDULES:
         raise ValueError(f"optimizer.schedule={opt.schedule!r}: expected one of {SCHEDULES}")
-    warmup = int(opt.warmup_steps)
+    ratio = float(getattr(opt, "warmup_ratio", 0.0) or 0.0)
+    if not 0.0 <= ratio < 1.0:
+        raise ValueError(f"optimizer.warmup_ratio={ratio} must be in [0, 1)")
+    warmup = math.ceil(ratio * total_steps) if ratio else int(opt.warmup_steps)
     if not 0 <= warmup <= total_steps:
         raise ValueError(f"optimizer.warmup_steps={warmup} must be in [0, train.steps={total_steps}]")
     peak, end = float(opt.lr), float(opt.lr) * float(opt.end_lr_ratio)

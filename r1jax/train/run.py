@@ -42,8 +42,15 @@ log = logging.getLogger(__name__)
 
 # ModelConfig fields that describe training numerics, not the architecture: a checkpoint brings its architecture,
 # the config brings these.
+# attn_block / logits_chunk / moe_gmm_tiling too: an HF config.json has none, and without them a 32k-token run would
+# materialise whole attention scores and logits.
 TRAINING_FIELDS = ("dtype", "param_dtype", "remat", "bias_update_rate", "aux_loss_alpha", "mtp_loss_weight",
-                   "moe_impl", "moe_tile", "init_std")
+                   "moe_impl", "moe_tile", "moe_gmm_tiling", "init_std", "attn_block", "logits_chunk")
+
+
+class ConfigError(ValueError):
+    """A config names something that is not there or cannot work (empty file list, no tokenizer, ...); main prints
+    it as one line, without a traceback."""
 
 
 @dataclasses.dataclass
@@ -109,33 +116,69 @@ class Policy(NamedTuple):
         return load_tokenizer(self.tokenizer_path)
 
 
-def load_policy(path: str, mesh, rules, numerics: models.ModelConfig | None = None) -> Policy:
-    """(model config, params laid out on `mesh`, tokenizer path) of an r1jax run (its directory, checkpoints/ or a
-    step dir: the saved ModelConfig and tokenizer) or a Hugging Face directory (config.json, *.safetensors, its
-    tokenizer files). The architecture always comes from the checkpoint; `numerics` (a stage's configured model),
-    when given, sets the TRAINING_FIELDS (dtype, remat, bias rate, ...)."""
+def resolve_policy_path(path: str) -> str:
+    """`path` itself when it holds an r1jax checkpoint (run dir, checkpoints/ or step dir); else the absolute
+    directory of the Hugging Face checkpoint it names: a directory, or a Hub id (`org/name[@rev]`) found in the
+    local Hugging Face cache (r1jax.hf.resolve_checkpoint: never a download; a clear error saying what to fetch)."""
+    if ckpt_lib.find_checkpoint(path) is not None:
+        return path
+    from r1jax import hf  # noqa: PLC0415
+
+    return hf.resolve_checkpoint(path)
+
+
+def with_numerics(cfg: models.ModelConfig, numerics: models.ModelConfig | None) -> models.ModelConfig:
+    """`cfg` (a checkpoint's architecture) with the TRAINING_FIELDS of `numerics` (a stage's configured model)."""
+    if numerics is None:
+        return cfg
+    return cfg.replace(**{name: getattr(numerics, name) for name in TRAINING_FIELDS})
+
+
+def policy_config(path: str, numerics: models.ModelConfig | None = None) -> models.ModelConfig:
+    """The model config of the checkpoint `path` names (see load_policy), read without loading a weight: an r1jax
+    checkpoint's saved ModelConfig, or a Hugging Face checkpoint's config.json (only that file is read: the AOT
+    fit check needs no weights), with `numerics`' TRAINING_FIELDS."""
     found = ckpt_lib.find_checkpoint(path)
     if found is not None:
-        reader = ckpt_lib.Checkpointer(found[0], read_only=True)
-        meta = reader.restore_meta(found[1])
-        reader.close()
-        if "model" not in meta:
-            raise ValueError(f"{path}: the checkpoint's meta has no model config (written by an old r1jax?)")
-        cfg = models.ModelConfig(**meta["model"])
-        if numerics is not None:
-            cfg = cfg.replace(**{name: getattr(numerics, name) for name in TRAINING_FIELDS})
+        return with_numerics(_saved_config(path, found), numerics)
+    directory = os.path.expanduser(path)
+    if not os.path.isfile(os.path.join(directory, "config.json")):
+        directory = resolve_policy_path(path)
+    from r1jax import hf  # noqa: PLC0415
+
+    with open(os.path.join(directory, "config.json")) as f:
+        return with_numerics(hf.config_from_hf(json.load(f)), numerics)
+
+
+def _saved_config(path: str, found: tuple[str, int]) -> models.ModelConfig:
+    reader = ckpt_lib.Checkpointer(found[0], read_only=True)
+    meta = reader.restore_meta(found[1])
+    reader.close()
+    if "model" not in meta:
+        raise ValueError(f"{path}: the checkpoint's meta has no model config (written by an old r1jax?)")
+    return models.ModelConfig(**meta["model"])
+
+
+def load_policy(path: str, mesh, rules, numerics: models.ModelConfig | None = None) -> Policy:
+    """(model config, params laid out on `mesh`, tokenizer path) of an r1jax run (its directory, checkpoints/ or a
+    step dir: the saved ModelConfig and tokenizer) or a Hugging Face checkpoint (a directory or a Hub id in the
+    local cache, resolve_policy_path: config.json, *.safetensors and its tokenizer files; the tokenizer path is
+    the checkpoint's absolute directory, which the run records so that `python -m r1jax.hf` can export it with
+    the source's tokenizer, chat template and EOS ids). The architecture always comes from the checkpoint;
+    `numerics` (a stage's configured model), when given, sets the TRAINING_FIELDS (dtype, remat, attention and
+    logits chunks, ...)."""
+    found = ckpt_lib.find_checkpoint(path)
+    if found is not None:
+        cfg = with_numerics(_saved_config(path, found), numerics)
         params, meta = ckpt_lib.load_params(path, cfg, models.param_shardings(cfg, mesh, rules))
         return Policy(cfg, params, meta.get("tokenizer"))
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise FileNotFoundError(f"{path!r}: neither an r1jax checkpoint (run dir, checkpoints/ or step dir) nor a "
-                                "Hugging Face directory (config.json + *.safetensors)")
+    directory = resolve_policy_path(path)
     from r1jax import hf  # noqa: PLC0415
 
     dtype = numerics.param_dtype if numerics is not None else "float32"
-    cfg, params = hf.load_hf_checkpoint(path, dtype=dtype, mesh=mesh, rules=rules)
-    if numerics is not None:
-        cfg = cfg.replace(**{name: getattr(numerics, name) for name in TRAINING_FIELDS})
-    return Policy(cfg, params, path if os.path.isfile(os.path.join(path, "tokenizer.json")) else None)
+    cfg, params = hf.load_hf_checkpoint(directory, dtype=dtype, mesh=mesh, rules=rules)
+    has_tokenizer = os.path.isfile(os.path.join(directory, "tokenizer.json"))
+    return Policy(with_numerics(cfg, numerics), params, directory if has_tokenizer else None)
 
 
 # ------------------------------------------------------------------------------------------ files
@@ -153,7 +196,7 @@ def data_files(data, workdir: str, field: str, world_field: str | None = None, *
 
         return world.world_files(workdir, int(data.world_seed), data[world_field])
     if required:
-        raise ValueError(f"config.data.{field} is empty (set it, or data.tiny_world=True at tiny scale)")
+        raise ConfigError(f"config.data.{field} is empty (set it, or data.tiny_world=True at tiny scale)")
     return []
 
 
@@ -187,7 +230,8 @@ class Run:
             return models.ModelConfig(**self.resume_meta["model"]), None
         if self.config.get("init_from"):
             policy = load_policy(self.config.init_from, self.mesh, self.rules, numerics=cfg)
-            log.info("initial weights from %s", self.config.init_from)
+            log.info("initial weights from %s (%s)", self.config.init_from,
+                     resolve_policy_path(self.config.init_from))
             return policy.cfg, policy
         return cfg, None
 
@@ -201,14 +245,16 @@ class Run:
                                  init.tokenizer_path if init else None) if p), None)
         if path is None:
             if not data.get("tiny_world"):
-                raise ValueError("no tokenizer: set config.data.tokenizer (a SentencePiece .model or an HF "
-                                 "tokenizer dir)")
+                raise ConfigError("no tokenizer: set config.data.tokenizer (a SentencePiece .model or an HF "
+                                  "tokenizer dir)")
             from r1jax import world  # noqa: PLC0415
 
             path = world.world_tokenizer(self.workdir, int(data.world_seed), model_config(self.config.model).vocab_size)
+        if os.path.exists(path):  # recorded in the run's meta: absolute, so export finds it from anywhere
+            path = os.path.abspath(path)
         tokenizer = load_tokenizer(path)
         if tokenizer.vocab_size > cfg.vocab_size:
-            raise ValueError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
+            raise ConfigError(f"tokenizer {path} has {tokenizer.vocab_size} tokens but the model's vocab_size is "
                              f"{cfg.vocab_size}; set config.model.overrides.vocab_size")
         return path, tokenizer
 
