@@ -2,6 +2,7 @@
 
     python -m r1jax.aot --config configs/sft.py --topology v5p-512
     python -m r1jax.aot --config configs/r1_zero.py --topology v5p-512 --num_slices 2 --config.rl.mini_batches=32
+    python -m r1jax.aot --config configs/r1_zero.py:hf --topology v5p-8 --config.init_from=DIR   # DIR/config.json only
 
 Needs libtpu (`pip install -e .[tpu]`): `jax.experimental.topologies.get_topology_desc` then gives the devices
 of the slice without any TPU attached, and `jax.jit(step).lower(abstract sharded inputs).compile()` gives XLA's
@@ -39,7 +40,7 @@ import jax.numpy as jnp  # noqa: E402
 
 from r1jax import models  # noqa: E402
 from r1jax.models import gmm, moe  # noqa: E402
-from r1jax.models.transformer import ParamSpec  # noqa: E402
+from r1jax.models.transformer import ParamSpec, count_params  # noqa: E402
 from r1jax.sharding import ShardingError, make_mesh  # noqa: E402
 
 GIB = 1024 ** 3
@@ -422,14 +423,28 @@ def _compile(run, args, donate=()):
 
 # ----------------------------------------------------------------------------------------------- stages
 
+def stage_model(config) -> tuple[models.ModelConfig, str]:
+    """(the model config a stage of `config` trains, where its architecture comes from). With config.init_from an
+    existing Hugging Face directory (only its config.json is read: no weights needed), a Hub id in the local cache
+    or an r1jax run, the checkpoint's architecture with the config's training fields (r1jax.train.run.policy_config,
+    as the stage itself builds it); else (no init_from, or a preset's placeholder path) config.model's preset."""
+    from r1jax.hf.hub import looks_like_hub_id
+    from r1jax.train.run import model_config, policy_config
+
+    numerics = model_config(config.model)
+    source = config.get("init_from")
+    if source and (os.path.exists(os.path.expanduser(source)) or looks_like_hub_id(source)):
+        return policy_config(source, numerics), f"init_from {source}"
+    return numerics, f"preset {config.model.preset}"
+
+
 def sft_reports(config, mesh, rules) -> list[StepReport]:
     """The SFT train step at (data.batch_size, data.seq_len) with train.micro_batches."""
-    from r1jax.stages.common import model_config
     from r1jax.train import optimizer as opt_lib
     from r1jax.train import state as state_lib
     from r1jax.train import step as step_lib
 
-    cfg = model_config(config.model)
+    cfg, _ = stage_model(config)
     tx, schedule = opt_lib.make_optimizer(config.optimizer, cfg, int(config.train.steps))
     shardings = state_lib.state_shardings(cfg, tx, mesh, rules)
     shape = (int(config.data.batch_size), int(config.data.seq_len))
@@ -453,11 +468,10 @@ def grpo_reports(config, mesh, rules) -> list[StepReport]:
 
     from r1jax.rl import sampler as sampler_lib
     from r1jax.rl import trainer as trainer_lib
-    from r1jax.stages.common import model_config
     from r1jax.train import state as state_lib
 
     rl = config.rl
-    cfg = model_config(config.model)
+    cfg, _ = stage_model(config)
     loss = trainer_lib.LossSpec(temperature=float(rl.temperature), eps_low=float(rl.eps_low),
                                 eps_high=float(rl.eps_high), beta=float(rl.beta), agg=rl.agg,
                                 max_len=int(rl.max_new_tokens), mu=int(rl.mu), mini_batches=int(rl.mini_batches),
@@ -530,7 +544,9 @@ def check(config, topology: str, num_slices: int = 1) -> tuple[bool, str, list[S
     chip = CHIPS[gen]
     mesh, rules = mesh_and_rules(config.mesh, devices)
     axes = ", ".join(f"{k}={v}" for k, v in mesh.shape.items() if v > 1) or "one device"
-    title = (f"AOT fit check: stage {config.stage}, model {config.model.preset}, {num_slices} x "
+    cfg, source = stage_model(config)
+    title = (f"AOT fit check: stage {config.stage}, model {source} ({count_params(cfg)['total'] / 1e9:.2f}B params), "
+             f"{num_slices} x "
              f"{parse_topology(topology)[1]} ({len(devices)} chips), mesh {axes}")
     try:
         reports = STAGES[config.stage](config, mesh, rules)
