@@ -94,6 +94,8 @@ def sft_data(*, seq_len: int, batch_size: int, train_files: tuple = (), eval_fil
     Record fields (None = not read): prompt_field + response_field, or messages_field (a conversation; SFT
       trains its assistant turns) with an optional system_field, or text_field (every token trained).
     batch_size: global rows of seq_len tokens per optimizer step (packed). num_epochs None = repeat.
+    skip_malformed: skip (and count) bad records instead of failing; max_skips_in_a_row: a search that skips this
+      many records in a row (or every record of two passes over the data) ends the run with the counts.
     tiny_world: with no train_files, write the tiny synthetic world into WORKDIR/world and train on its
       `world_files` (names without .jsonl).
     """
@@ -107,7 +109,8 @@ def sft_data(*, seq_len: int, batch_size: int, train_files: tuple = (), eval_fil
         messages_field=messages_field if messages_field is not None else placeholder(str),
         system_field=system_field if system_field is not None else placeholder(str), template=template,
         num_epochs=num_epochs if num_epochs is not None else placeholder(int),
-        shuffle=True, pack=pack, skip_malformed=True, eval_batches=eval_batches, eval_holdout=eval_holdout,
+        shuffle=True, pack=pack, skip_malformed=True, max_skips_in_a_row=10_000, eval_batches=eval_batches,
+        eval_holdout=eval_holdout,
         tiny_world=tiny_world, world_files=tuple(world_files), world_seed=world_seed))
 
 

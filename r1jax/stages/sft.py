@@ -155,7 +155,7 @@ def make_dataset(config, tokenizer, files: list[str], *, train: bool, indices=No
         process_index=jax.process_index(), process_count=n_proc, prompt_field=fmap.prompt,
         response_field=fmap.response, system_field=fmap.system, text_field=fmap.text, messages_field=fmap.messages,
         encode_messages=encode_messages, template=data.template, skip_malformed=data.skip_malformed, pack=data.pack,
-        indices=indices, should_stop=should_stop)
+        indices=indices, should_stop=should_stop, max_skips_in_a_row=int(data.get("max_skips_in_a_row", 10_000)))
 
 
 def smoke_step(config) -> dict:
