@@ -296,5 +296,8 @@ def test_cli_all_malformed_exits_nonzero_with_counts(tok_path, tmp_path):
            "--config.model.overrides.n_layers=1"]
     run = subprocess.run(cmd, cwd=REPO, env=subprocess_env(), capture_output=True, text=True, timeout=100)
     assert run.returncode != 0
-    assert f"no usable record in {path} ({N} records): read {2 * N} records" in run.stderr
-    assert "missing_field (60), e.g. at " in run.stderr and f"{path}:" in run.stderr
+    # The stage's sample check sees it before the model is built: one message, no traceback.
+    assert f"error: DataError: {path}:1: field 'prompt': expected a str" in run.stderr
+    assert f"mapped by data.prompt_field; all {N} records read from the start of this file are bad " \
+           f"(missing_field: {N})" in run.stderr
+    assert "Traceback" not in run.stderr
