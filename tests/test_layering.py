@@ -12,13 +12,15 @@ from helpers import REPO
 
 # Lower layers first; a package may import its own layer and the ones before it.
 LAYERS = (
-    ("r1jax.host", "r1jax.sharding", "r1jax.models"),
+    ("r1jax.host", "r1jax.distributed", "r1jax.sharding", "r1jax.models"),
     ("r1jax.data", "r1jax.hf"),
     ("r1jax.world",),
     ("r1jax.train", "r1jax.rl", "r1jax.eval"),
     ("r1jax.stages",),
-    ("r1jax.main", "r1jax.aot", "r1jax.bench"),
+    ("r1jax.main", "r1jax.aot", "r1jax.bench", "r1jax.launch_local"),
 )
+# Command-line entry points inside a lower package sit at the top (`python -m r1jax.hf` exports training runs).
+ENTRY_POINTS = {"r1jax.hf.__main__"}
 LAYER = {package: i for i, packages in enumerate(LAYERS) for package in packages}
 TRAINING_STAGES = ("sft", "grpo", "reward_model")
 
@@ -47,7 +49,7 @@ def _imports(path: str) -> set[str]:
 
 
 def _package(module: str) -> str:
-    return ".".join(module.split(".")[:2])
+    return "r1jax.main" if module in ENTRY_POINTS else ".".join(module.split(".")[:2])
 
 
 MODULES = _modules()
