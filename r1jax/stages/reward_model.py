@@ -7,9 +7,10 @@ summary only, harmlessness on the whole response. One run trains one aspect (con
 `kind` field equals it are used (config.rm.kinds widens that). r1jax/rl/reward_model.py holds the model, the loss
 and the rewards that load the result. One straight flow:
 
-  1. run              WORKDIR, mesh, checkpoints, resume point (r1jax/train/run.py)
-  2. weights          resume WORKDIR/checkpoints, else config.init_from (r1jax run or HF dir) + a zero head,
-                      else a fresh init
+  1. run              WORKDIR, mesh, checkpoints, resume point (r1jax/train/run.py); the preference records
+                      are read and checked here (file:line of a bad one), before any weight is loaded
+  2. weights          resume WORKDIR/checkpoints, else config.init_from (r1jax run, HF dir or a Hub id in the
+                      local HF cache) + a zero head, else a fresh init
   3. data             preference pairs -> (chosen, rejected) token rows: template(question) + scored part
   4. step             jitted Bradley-Terry update over [2B, T] rows (chosen then rejected); router bias frozen
   5. loop             r1jax/train/loop.py; batches are a pure function of the step (seeded permutation per
@@ -48,16 +49,18 @@ PAIR_SCHEMA = {"chosen": "str", "rejected": "str"}
 def run(config, workdir: str) -> StageResult:
     rm = config.rm
 
-    # ---------------------------------------------------------------- 1-2. run, weights (the decoder's)
+    # ---------------------------------------------------------------- 1-2. run, records, weights (the decoder's)
     run = open_run(config, workdir)
+    # the records first: a missing or wrong-typed field fails with file:line before any weight is loaded
+    train_pairs = load_pairs(config, data_files(config.data, run.workdir, "train_files", "world_files"))
+    eval_files = data_files(config.data, run.workdir, "eval_files", "eval_world_files", required=False)
+    heldout_pairs = load_pairs(config, eval_files) if eval_files else None
     cfg, init = run.initial_policy()
 
     # ---------------------------------------------------------------- 3. data
     tokenizer_path, tokenizer = run.tokenizer(cfg, init)
-    train = encode_pairs(load_pairs(config, data_files(config.data, run.workdir, "train_files", "world_files")),
-                         tokenizer, config)
-    eval_files = data_files(config.data, run.workdir, "eval_files", "eval_world_files", required=False)
-    heldout = encode_pairs(load_pairs(config, eval_files), tokenizer, config) if eval_files else None
+    train = encode_pairs(train_pairs, tokenizer, config)
+    heldout = encode_pairs(heldout_pairs, tokenizer, config) if heldout_pairs else None
     log.info("%d training pairs, %d held-out pairs (aspect %s)", len(train.chosen),
              0 if heldout is None else len(heldout.chosen), rm.aspect)
 
