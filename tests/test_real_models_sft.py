@@ -54,17 +54,37 @@ def chat_file(tmp_path_factory):
     return write_messages(str(tmp_path_factory.mktemp("data") / "chat.jsonl"), N_RECORDS)
 
 
+HUB_ID = "meta-llama/Llama-3.2-1B-Instruct"  # the Llama-3 fixture, as a Hub id in a local cache
+
+
+def hub_cache(root, repo_id, checkpoint):
+    """A Hugging Face cache at `root` laid out as huggingface_hub lays it out (refs/main -> snapshots/<commit>/)
+    holding `checkpoint` as `repo_id`; returns the snapshot directory."""
+    import shutil
+
+    commit = "89abcdef0123456789abcdef0123456789abcdef"
+    repo = root / ("models--" + repo_id.replace("/", "--"))
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(checkpoint, repo / "snapshots" / commit)
+    return str(repo / "snapshots" / commit)
+
+
 @pytest.fixture(scope="module")
 def sft_runs(hf_checkpoints, chat_file, env, tmp_path_factory):  # noqa: F811
-    """{family: (checkpoint dir, run dir, export dir)}: 3 SFT steps with the :hf preset, then the export."""
+    """{family: (checkpoint dir, run dir, export dir)}: 3 SFT steps with the :hf preset, then the export. The
+    Llama-3 run names its checkpoint by a Hub id, resolved through the local cache (HF_HUB_OFFLINE: no network)."""
     out = {}
     for family, preset in PRESETS.items():
-        ckpt = hf_checkpoints(family)
+        ckpt, init_from, run_env = hf_checkpoints(family), hf_checkpoints(family), env
         base = tmp_path_factory.mktemp(f"sft_{family}")
+        if family == "llama3":
+            ckpt = hub_cache(base / "hub", HUB_ID, ckpt)
+            init_from, run_env = HUB_ID, {**env, "HF_HUB_CACHE": str(base / "hub"), "HF_HUB_OFFLINE": "1"}
         workdir, export = base / "run", base / "export"
-        result = run(main_cmd(preset, workdir, f"--config.init_from={ckpt}",
+        result = run(main_cmd(preset, workdir, f"--config.init_from={init_from}",
                               f"--config.data.train_files=('{chat_file}',)", "--config.data.messages_field=messages",
-                              *SIZES), env)
+                              *SIZES), run_env)
         assert result.returncode == 0, result.stderr[-3000:]
         result = run([sys.executable, "-m", "r1jax.hf", "--in", str(workdir), "--out", str(export)], env)
         assert result.returncode == 0, result.stderr[-3000:]
@@ -93,6 +113,8 @@ def test_sft_run_records_the_source(sft_runs, family):
     result = json.load(open(os.path.join(workdir, "result.json")))
     assert result["status"] == "done" and result["metrics"]["step"] == 3
     assert result["outputs"]["tokenizer"] == os.path.abspath(ckpt)  # what export needs: the source's directory
+    if family == "llama3":  # the Hub id's snapshot in the local cache
+        assert "/snapshots/" in ckpt and f"models--{HUB_ID.replace('/', '--')}" in ckpt
     assert np.isfinite(result["metrics"]["loss"]) and result["metrics"]["data/skipped_total"] == 0
     saved = json.load(open(os.path.join(workdir, "config.json")))
     assert saved["model"]["preset"] == "qwen2.5_math_1.5b"  # the :hf preset's numerics; the size is the checkpoint's
@@ -228,14 +250,14 @@ def test_all_skipped_run_exits_nonzero_with_counts(hf_checkpoints, chat_file, en
 
 
 def test_sigterm_during_a_data_search_ends_preempted(hf_checkpoints, env, tmp_path):  # noqa: F811
-    """64 good conversations, then 10^6 wrong-typed records: once the good ones are trained on, the data layer
+    """64 good conversations, then 300,000 wrong-typed records: once the good ones are trained on, the data layer
     searches (no skip limit); SIGTERM then ends the run as preempted with its last step saved."""
     path = tmp_path / "chat.jsonl"
     good = [{"messages": [{"role": "user", "content": f"What is {i} + {i}?"},
                           {"role": "assistant", "content": f"<answer> {2 * i} </answer>"}]} for i in range(64)]
     with open(path, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in good)
-        f.write('{"messages": 7}\n' * 1_000_000)
+        f.write('{"messages": 7}\n' * 300_000)
     workdir = tmp_path / "w"
     proc = subprocess.Popen(
         main_cmd(PRESETS["qwen2"], workdir, f"--config.init_from={hf_checkpoints('qwen2')}",
