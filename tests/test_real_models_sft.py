@@ -169,6 +169,63 @@ def test_loss_mask_is_exactly_the_assistant_turns(sft_runs, chat_file, family):
     assert len(seen) == N_RECORDS  # every conversation trained once (one epoch, nothing skipped)
 
 
+def test_prompt_response_records_through_the_chat_template(hf_checkpoints, tmp_path):  # noqa: F811
+    """data.template="checkpoint" with prompt/response records (a system field too): each record is the chat
+    template's system + user + assistant conversation, and only the assistant turn is trained."""
+    import transformers
+
+    from r1jax.data.tokenizer import load_tokenizer
+    from r1jax.stages import sft
+
+    ckpt = hf_checkpoints("qwen2")
+    records = [{"problem": f"What is {i} + {i}?", "generation": f"<answer> {2 * i} </answer>", "sys": "Be brief."}
+               for i in range(6)]
+    path = _lines(tmp_path / "pairs.jsonl", records)
+    config = stage_config("qwen2", ckpt, path)
+    config.data.messages_field, config.data.prompt_field, config.data.response_field = "", "problem", "generation"
+    config.data.system_field = "sys"
+    hf_tok = transformers.AutoTokenizer.from_pretrained(ckpt)
+    want = {hf_tok.apply_chat_template([{"role": "system", "content": r["sys"]},
+                                        {"role": "user", "content": r["problem"]},
+                                        {"role": "assistant", "content": r["generation"]}], tokenize=False):
+            r["generation"] + "<|im_end|>\n" for r in records}
+    got = {}
+    for batch in sft.make_dataset(config, load_tokenizer(ckpt), [path], train=False):
+        for ids, runs in _segments(batch):
+            got[hf_tok.decode(ids)] = "".join(hf_tok.decode(r) for r in runs)
+    assert got == want
+
+
+def test_aot_reads_the_architecture_from_config_json(tmp_path):
+    """The AOT check with init_from a directory holding only config.json (Qwen2.5-7B's released numbers): the
+    checkpoint's architecture with the :hf preset's training numerics (chunked attention and logits, remat)."""
+    import importlib.util
+
+    from r1jax import aot
+    from r1jax.models.transformer import count_params
+
+    config_json = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu",
+                   "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+                   "num_attention_heads": 28, "num_key_value_heads": 4, "vocab_size": 152064,
+                   "max_position_embeddings": 131072, "rope_theta": 1000000.0, "rms_norm_eps": 1e-06,
+                   "tie_word_embeddings": False, "use_sliding_window": False}
+    (tmp_path / "config.json").write_text(json.dumps(config_json))
+    spec = importlib.util.spec_from_file_location("_r1_zero", os.path.join(REPO, "configs/r1_zero.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = module.get_config("hf")
+    preset, _ = aot.stage_model(config)  # the placeholder init_from: the preset itself
+    config.init_from = str(tmp_path)
+    cfg, source = aot.stage_model(config)
+    assert source == f"init_from {tmp_path}"
+    assert (cfg.d_model, cfg.n_layers, cfg.n_heads, cfg.n_kv_heads, cfg.vocab_size, cfg.tie_embeddings) == \
+        (3584, 28, 28, 4, 152064, False)
+    assert round(count_params(cfg)["total"] / 1e9, 2) == 7.62
+    for name in ("attn_block", "logits_chunk", "remat", "dtype", "param_dtype"):
+        assert getattr(cfg, name) == getattr(preset, name), name
+    assert cfg.attn_block > 0 and cfg.logits_chunk > 0  # an HF config.json has neither: they come from the preset
+
+
 @pytest.mark.parametrize("family", list(PRESETS))
 def test_export_loads_in_transformers(sft_runs, chat_file, family):
     import jax
