@@ -19,8 +19,6 @@ LAYERS = (
     ("r1jax.stages",),
     ("r1jax.main", "r1jax.aot", "r1jax.bench", "r1jax.launch_local"),
 )
-# Command-line entry points inside a lower package sit at the top (`python -m r1jax.hf` exports training runs).
-ENTRY_POINTS = {"r1jax.hf.__main__"}
 LAYER = {package: i for i, packages in enumerate(LAYERS) for package in packages}
 TRAINING_STAGES = ("sft", "grpo", "reward_model")
 
@@ -49,7 +47,9 @@ def _imports(path: str) -> set[str]:
 
 
 def _package(module: str) -> str:
-    return "r1jax.main" if module in ENTRY_POINTS else ".".join(module.split(".")[:2])
+    if module.endswith(".__main__"):  # a package's command line (e.g. `python -m r1jax.hf` export) is a command
+        return "r1jax.main"
+    return ".".join(module.split(".")[:2])
 
 
 MODULES = _modules()
