@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import os
 from typing import Mapping, Sequence
 
 import jax
