@@ -12,12 +12,12 @@ from helpers import REPO
 
 # Lower layers first; a package may import its own layer and the ones before it.
 LAYERS = (
-    ("r1jax.host", "r1jax.sharding", "r1jax.models"),
+    ("r1jax.host", "r1jax.distributed", "r1jax.sharding", "r1jax.models"),
     ("r1jax.data", "r1jax.hf"),
     ("r1jax.world",),
     ("r1jax.train", "r1jax.rl", "r1jax.eval"),
     ("r1jax.stages",),
-    ("r1jax.main", "r1jax.aot", "r1jax.bench"),
+    ("r1jax.main", "r1jax.aot", "r1jax.bench", "r1jax.launch_local"),
 )
 LAYER = {package: i for i, packages in enumerate(LAYERS) for package in packages}
 TRAINING_STAGES = ("sft", "grpo", "reward_model")
@@ -47,6 +47,8 @@ def _imports(path: str) -> set[str]:
 
 
 def _package(module: str) -> str:
+    if module.endswith(".__main__"):  # a package's command line (e.g. `python -m r1jax.hf` export) is a command
+        return "r1jax.main"
     return ".".join(module.split(".")[:2])
 
 
