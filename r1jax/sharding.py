@@ -14,7 +14,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import math
-import os
 from typing import Mapping, Sequence
 
 import jax
@@ -170,15 +169,3 @@ def constrain(x, axes: Sequence[str | None]):
                for i, s in enumerate(spec)])
     return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, spec))
 
-
-def maybe_initialize_distributed() -> bool:
-    """Call jax.distributed.initialize() when this is one process of a multi-process TPU/GPU job."""
-    markers = ("MEGASCALE_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "JAX_COORDINATOR_ADDRESS", "SLURM_NTASKS")
-    env = os.environ
-    multi = any(k in env for k in markers)
-    if "TPU_WORKER_HOSTNAMES" in env and "," not in env["TPU_WORKER_HOSTNAMES"]:
-        multi = "MEGASCALE_COORDINATOR_ADDRESS" in env
-    if not multi:
-        return False
-    jax.distributed.initialize()
-    return True
