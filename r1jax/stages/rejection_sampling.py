@@ -242,7 +242,7 @@ def make_judge(judge, mesh, rules):
         policy = load_policy(judge.checkpoint, mesh, rules)
         return judge_lib.GenerativeJudge(policy.cfg, policy.params, policy.tokenizer,
                                          prompt_template=judge.prompt_template,
-                                         yes=judge.yes, no=judge.no)
+                                         yes=judge.yes, no=judge.no, template=judge.get("template", ""))
     raise ValueError(f"config.judge.kind={judge.kind!r}: expected reward_model or generative")
 
 
