@@ -251,3 +251,34 @@ def test_encoded_prompts_equal_transformers_tokens(hf_checkpoints):  # noqa: F81
                                               tokenize=True)
         expected = list(expected["input_ids"] if hasattr(expected, "keys") else expected)
         assert encode_prompts(tok, [render("checkpoint", tok, question)], 512)[1] == [expected]
+
+
+def test_grpo_prompts_from_messages_and_system_fields_are_the_chat_template(hf_checkpoints, tmp_path):  # noqa: F811
+    """GRPO prompt records mapped by data.messages_field (the reference reply dropped) and data.system_field /
+    data.system render as apply_chat_template with that system turn; a field of the wrong type fails at its line."""
+    import ml_collections as mlc
+    import transformers
+
+    from r1jax.data.sources import DataError
+    from r1jax.data.tokenizer import load_tokenizer
+    from r1jax.rl import rollouts
+
+    path = hf_checkpoints("qwen2")
+    tok, hf_tok = load_tokenizer(path), transformers.AutoTokenizer.from_pretrained(path)
+    user = {"role": "user", "content": "What is 12 + 30?"}
+    records = tmp_path / "conversations.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in (
+        {"conversation": [user, {"role": "assistant", "content": "42"}], "ref": "#### 42", "sys": "Be brief."},
+        {"conversation": [user], "ref": 42})))
+    data = mlc.ConfigDict(dict(prompt_field=None, messages_field="conversation", answer_field="ref",
+                               system_field="sys", system="Think first.", template="checkpoint"))
+    out, dropped = rollouts.load_prompts(data, [str(records)], tok, max_tokens=512)
+    for record, system in zip(out, ("Be brief.", "Think first.")):
+        expected = hf_tok.apply_chat_template([{"role": "system", "content": system}, user],
+                                              add_generation_prompt=True, tokenize=False)
+        assert record["prompt_text"] == expected
+        assert record["tokens"] == hf_tok(expected, add_special_tokens=False)["input_ids"]  # Qwen2: no BOS
+    assert [r["answer"] for r in out] == ["#### 42", 42] and dropped == {"prompts_dropped/too_long": 0}
+    records.write_text(records.read_text() + json.dumps({"conversation": [user], "ref": [42]}) + "\n")
+    with pytest.raises(DataError, match=r"conversations.jsonl:3: field 'ref'"):
+        rollouts.read_prompt_records(data, [str(records)])
