@@ -8,7 +8,8 @@ MATH-shaped sets (different field names). One module-scope run per property:
     references are read (a right answer scores 1);
   - R1-Zero GRPO (configs/r1_zero.py:hf, 2 updates) on GSM8K fields with over-long prompts (dropped and counted),
     and a forked config outside the repository with a reward plug-in file outside it, run from a temporary cwd;
-  - bad input fails in seconds, before the model is loaded, naming file:line (or row), the field and its key.
+  - bad input fails in seconds, before the model is loaded, naming file:line (or row), the field and its key;
+  - GRPO prompt records from data.messages_field with a system turn (data.system_field / data.system), in process.
 The stop checks (either Llama-3 EOS id, a stop string split across tokens, no id beyond the tokenizer) run at the
 sampler's step with the real fixture tokenizer.
 These commands are the ones docs/real_models.md shows at small sizes.
