@@ -18,7 +18,7 @@ These commands are the ones docs/real_models.md shows at small sizes.
 from __future__ import annotations
 
 import json
-import os
+import re
 import subprocess
 import sys
 import textwrap
@@ -68,7 +68,7 @@ def chat_template_prompt(checkpoint, question):
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("sets")
     gsm8k = write_gsm8k(str(root / "gsm8k_test.jsonl"), 6)
-    with open(gsm8k, "a") as f:  # two questions longer than the prompt buckets (eval 96, GRPO 224 tokens): dropped and counted
+    with open(gsm8k, "a") as f:  # two questions over the prompt buckets (eval 96, GRPO 224 tokens): dropped
         for _ in range(2):
             f.write(json.dumps({"question": "How many clips? " * 60, "answer": "#### 1"}) + "\n")
     return {"gsm8k": gsm8k, "math": write_math(str(root / "math.parquet"), 6), "root": root}
@@ -114,7 +114,7 @@ def test_benchmark_references_are_read_in_gsm8k_and_math_forms(data):
     math = benchmarks.load("math", [data["math"]], question_field="problem", answer_field="solution")
     for problems in (gsm8k[:6], math):
         for p in problems:
-            a, b = (int(x) for x in __import__("re").findall(r"\d+", p.question)[:2])
+            a, b = (int(x) for x in re.findall(r"\d+", p.question)[:2])
             assert p.answer == str(a + b)
             assert benchmarks.score([p], [f"<think> </think> <answer> {a + b} </answer>"]) == [True]
 
