@@ -10,7 +10,7 @@ and the rewards that load the result. One straight flow:
   1. run              WORKDIR, mesh, checkpoints, resume point (r1jax/train/run.py)
   2. weights          resume WORKDIR/checkpoints, else config.init_from (r1jax run or HF dir) + a zero head,
                       else a fresh init
-  3. data             preference pairs -> (chosen, rejected) token rows: data.template(question) + scored part
+  3. data             preference pairs -> (chosen, rejected) token rows: template(question) + scored part
   4. step             jitted Bradley-Terry update over [2B, T] rows (chosen then rejected); router bias frozen
   5. loop             r1jax/train/loop.py; batches are a pure function of the step (seeded permutation per
                       epoch), so a resume replays exactly; eval = pairwise accuracy on the held-out pairs,
