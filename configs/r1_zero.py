@@ -75,18 +75,24 @@ def eval_block(*, num_prompts: int, samples: int, batch_prompts: int, sampling: 
 
 def data_block(*, train_files: tuple = (), eval_files: tuple = (), tokenizer: str | None = None,
                prompt_field: str = "prompt", answer_field: str = "answer", messages_field: str | None = None,
-               system_field: str | None = None, template: str = "", tiny_world: bool = False,
+               system_field: str | None = None, system: str | None = None, template: str = "",
+               tiny_world: bool = False,
                world_files: tuple = ("rl_train",), eval_world_files: tuple = ("rl_heldout",), world_seed: int = 0):
     """config.data: prompt files (JSONL / Parquet / ArrayRecord), their other columns become reward fields.
-    template: a name in r1jax.data.templates.TEMPLATES applied to prompt_field, or "" when the field already
-    holds the rendered prompt (the tiny world's rl files). tokenizer None = the initial checkpoint's.
-    answer_field: the column the rewards read as the reference; messages_field (None = not read): a
-    conversation rendered as the prompt instead of prompt_field; system_field: an optional system prompt."""
+    template: "checkpoint" (the checkpoint's own chat template), a name in r1jax.data.templates.TEMPLATES
+    ("r1_zero" for base models) applied to prompt_field, or "" when the field already holds the rendered prompt
+    (the tiny world's rl files). tokenizer None = the initial checkpoint's.
+    answer_field: the column the rewards read as the reference (as `answer`: GSM8K's "#### 72", MATH's solution
+    with \\boxed{}, or bare); messages_field (None = not read): a conversation rendered as the prompt instead of
+    prompt_field (up to its last non-assistant turn); system_field: a column with a system prompt; system: one
+    system prompt for every record (the column wins where it is set)."""
     return mlc.ConfigDict(dict(
         train_files=tuple(train_files), eval_files=tuple(eval_files),
         tokenizer=tokenizer if tokenizer is not None else placeholder(str), prompt_field=prompt_field,
         answer_field=answer_field, messages_field=messages_field if messages_field is not None else placeholder(str),
-        system_field=system_field if system_field is not None else placeholder(str), template=template, tiny_world=tiny_world, world_files=tuple(world_files),
+        system_field=system_field if system_field is not None else placeholder(str),
+        system=system if system is not None else placeholder(str), template=template, tiny_world=tiny_world,
+        world_files=tuple(world_files),
         eval_world_files=tuple(eval_world_files), world_seed=world_seed))
 
 

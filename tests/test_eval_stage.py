@@ -120,7 +120,7 @@ def test_eval_stage_end_to_end_is_deterministic_and_resumes(tmp_path):
         assert 1 <= r["length"] <= 12 and r["rewards"]["correct"] in (0.0, 1.0)
     assert rl_rows[0]["completion"] == json.loads(samples.splitlines()[0])["completions"][0]
     first_question = json.loads(samples.splitlines()[0])["question"]
-    assert rl_rows[0]["prompt"] == render(config.models.model.template, first_question)
+    assert rl_rows[0]["prompt"] == render(config.models.model.template, None, first_question)  # a plain template
     (tmp_path / "eval" / "results" / "model.rl_heldout.json").unlink()  # recomputed: the same samples again
     config.run_benchmarks = ("rl_heldout",)  # the user names the benchmarks to run; the others are left out
     stages.run(config, str(tmp_path / "eval"))

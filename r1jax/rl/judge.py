@@ -7,8 +7,9 @@ model's answer go into a prompt, and the judge says whether the answer is right.
   RewardModelJudge   a trained reward model (r1jax/rl/reward_model.py) of an aspect: its scalar score
   GenerativeJudge    any causal LM (an r1jax run or a Hugging Face directory): the score is
                      log p(yes | prompt) - log p(no | prompt), with the prompt rendered from `prompt_template`
-                     ({question}, {reference}, {response}); min_score 0 keeps what the judge thinks more likely
-                     right than wrong
+                     ({question}, {reference}, {response}), as is for a base LM (template "") or as one user
+                     turn in the judge's own chat template (template "checkpoint", an HF chat model); min_score 0
+                     keeps what the judge thinks more likely right than wrong
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax import models
+from r1jax.data import chat
 from r1jax.rl import answers
 from r1jax.rl import reward_model as rm_lib
 
@@ -49,6 +51,7 @@ class GenerativeJudge:
     no: str = " no"
     max_len: int = 1024
     batch_size: int = 16
+    template: str = ""  # "": the prompt text as is; "checkpoint" (or a plain template name): rendered as a user turn
 
     def prompt(self, question: str, reference: str | None, response: str) -> str:
         _, summary = answers.split_reasoning(response)
@@ -57,11 +60,13 @@ class GenerativeJudge:
 
     def __call__(self, questions: Sequence[str], references: Sequence[str | None], responses: Sequence[str]):
         """log p(yes) - log p(no) after each judge prompt [N]."""
-        bos = [] if self.tokenizer.bos_id is None else [self.tokenizer.bos_id]
         yes, no = self.tokenizer.encode(self.yes), self.tokenizer.encode(self.no)
         rows, starts = [], []
         for q, ref, resp in zip(questions, references, responses, strict=True):
-            head = (bos + self.tokenizer.encode(self.prompt(q, ref, resp)))[-(self.max_len - max(len(yes), len(no))):]
+            text = self.prompt(q, ref, resp)
+            if self.template:
+                text = chat.render(self.template, self.tokenizer, text)
+            head = chat.encode_prompt(self.tokenizer, text)[-(self.max_len - max(len(yes), len(no))):]
             rows += [head + yes, head + no]
             starts += [len(head), len(head)]
         logp = []

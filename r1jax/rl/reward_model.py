@@ -19,7 +19,8 @@ What it reads depends on its aspect (R1's all-scenario RL):
   helpful    the final summary only: the text after `<|summary|>` (or the `<answer>` content), so a long or
              odd chain of thought is neither rewarded nor punished by it
   harmless   the whole response, reasoning included: harm in the reasoning counts too
-The scored text is `render_prompt(template, question) + scored part`, the same in training and in use.
+The scored text is the question rendered with the template (chat.render: "checkpoint" = the checkpoint's own chat
+template) + the scored part, the same in training and in use.
 
 Two rewards are registered for GRPO (signature of r1jax.rl.rewards):
   reward_model   (kwargs: checkpoint, aspect=None) the RM run at `checkpoint` scores each (question, completion);
@@ -46,7 +47,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from r1jax import models
-from r1jax.data import templates
+from r1jax.data import chat
 from r1jax.rl import answers, rewards
 
 ASPECTS = ("helpful", "harmless")
@@ -109,8 +110,7 @@ def encode(tokenizer, question: str, response: str, aspect: str, template: str, 
     """(BOS + rendered prompt + scored part + EOS as tokens, keeping the last max_len; index of the first scored
     token). Prompt and scored part are tokenised apart, as the policy produced them. The EOS makes the likelihood
     term that of a *complete* response, so an empty or cut-off one is not the likeliest."""
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    head = bos + tokenizer.encode(templates.render_prompt(template, question))
+    head = chat.encode_prompt(tokenizer, chat.render(template, tokenizer, question))  # "checkpoint": its chat template
     row = head + tokenizer.encode(scored_part(response, aspect)) + [tokenizer.eos_id]
     cut = max(len(row) - max_len, 0)
     return row[cut:], max(len(head) - cut, 1)

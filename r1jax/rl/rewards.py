@@ -143,8 +143,9 @@ def check_specs(specs: Sequence[tuple], field_names) -> None:
     fields = dict.fromkeys(field_names, ())
     for name, _, kwargs in _parse_specs(specs):
         _check_arguments(name, get(name), kwargs, fields)
-        for route in dict(kwargs.get("routes") or {}).values():  # a routing reward's specs (by_source)
-            check_specs(route, fields)
+        for route in dict(kwargs.get("routes") or {}).values():  # a routing reward's specs (by_source), which it
+            for spec in route:  # scores one at a time: a name may come twice (two reward models, two aspects)
+                check_specs((spec,), fields)
 
 
 def score(specs: Sequence[tuple], prompts: Sequence[str], completions: Sequence[str],

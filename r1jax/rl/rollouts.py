@@ -1,6 +1,7 @@
 """GRPO rollouts on the host side: sample and score groups, the prompt stream, samples.jsonl, the reference store.
 
-    records, dropped = load_prompts(config.data, files, tokenizer, max(rl.prompt_buckets))
+    records = read_prompt_records(config.data, files)   # checked, before the model: file:line and field when bad
+    records, dropped = encode_prompt_records(config.data, records, tokenizer, max(rl.prompt_buckets))
     stream = PromptStream(records, seed)                 # seeded shuffle per epoch; its state goes in checkpoints
     groups = sample_groups(sample_fn, params, stream.take(B), rng, group_size=G, tokenizer=..., reward_specs=...)
     behaviour_metrics(groups)                            # rewards, accuracy, format, lengths, truncation, reflection
@@ -21,7 +22,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 
 from r1jax import models
-from r1jax.data import templates
+from r1jax.data import chat, fields as fields_lib
 from r1jax.data.sources import iterate_records
 from r1jax.rl import answers, rewards as rewards_lib
 from r1jax.rl import sampler as sampler_lib
@@ -66,7 +67,7 @@ def sample_groups(sample_fn, params, prompts: list[dict], rng, *, group_size: in
     out = jax.device_get(jax.tree.map(to_host, sample_fn(params, prompts_bp, lengths_b, rng)))
     n = len(prompts) * group_size  # rows beyond are batch padding
     texts = [tokenizer.decode(out.tokens[i, :out.lengths[i]]) for i in range(n)]
-    fields = {k: [r[k] for r in prompts for _ in range(group_size)] for k in prompts[0] if k not in ("tokens",)}
+    fields = {k: [r.get(k) for r in prompts for _ in range(group_size)] for k in prompts[0] if k != "tokens"}
     fields["lengths"] = [int(x) for x in out.lengths[:n]]
     prompt_texts = fields.pop("prompt_text")
     total, per_reward, errors = rewards_lib.score(reward_specs, prompt_texts, texts, fields)
@@ -122,29 +123,81 @@ def behaviour_metrics(groups: list[Group], prefix: str = "") -> dict[str, float]
 # ----------------------------------------------------------------------------------------------- data
 
 
-def load_prompts(data, files: list[str], tokenizer, max_tokens: int) -> tuple[list[dict], dict[str, int]]:
-    """(records, dropped counts): every record of `files` with `prompt_text` (data.template applied to
-    data.prompt_field, or the field verbatim when the template is empty) and `tokens` (BOS + its encoding). Prompts
-    longer than `max_tokens` (the largest prompt bucket) are dropped and counted, as TRL's max_prompt_length does;
-    a set in which nothing is left is an error that gives the counts."""
-    records, too_long = [], 0
-    bos = [] if tokenizer.bos_id is None else [tokenizer.bos_id]
-    for record in iterate_records(files, schema={data.prompt_field: "str"}):
-        text = record[data.prompt_field]
-        if data.template:
-            text = templates.render_prompt(data.template, text)
-        tokens = bos + tokenizer.encode(text)
+def prompt_fields(data) -> fields_lib.FieldMap:
+    """The record fields an RL prompt set maps (data.prompt_field or data.messages_field, data.answer_field,
+    data.system_field; None = not read)."""
+    return fields_lib.FieldMap.from_config(data, "prompt", "answer", "messages", "system")
+
+
+def read_prompt_records(data, files: list[str]) -> list[dict]:
+    """Every record of `files`, checked against the mapped fields before anything heavy runs, with the reference
+    answer (data.answer_field) also under `answer`, the field the rewards read (GSM8K's `#### 72`, MATH's worked
+    solution with `\\boxed{}` or a bare answer: the rewards extract it, answers.reference_answer).
+
+    A mapping that no record at the start of a file satisfies (a misnamed or wrong-typed field) fails first, naming
+    file:line, the field and its config key (fields.check_sample); then every record is read, and one without the
+    prompt, or with an answer that is neither a str nor a number, fails at its file:line. A record whose answer is
+    missing or null keeps answer None (all-scenario RL's general prompts, scored by other rewards)."""
+    fmap = prompt_fields(data)
+    fields_lib.check_sample(files, fmap, skip_malformed=True)
+    schema = {**fmap.schema(), **({fmap.answer: "scalar?"} if fmap.answer else {})}
+    records = []
+    for record in iterate_records(files, schema=schema):
+        if fmap.answer:
+            record = {**record, "answer": record.get(fmap.answer)}
+        records.append(record)
+    if not records:
+        raise ValueError(f"no prompt records in {files}")
+    return records
+
+
+def render_prompt(template: str, tokenizer, conversation, system: str | None = None) -> str:
+    """Prompt text: "checkpoint" = the tokenizer's chat template (r1jax.data.chat, as transformers'
+    apply_chat_template(..., add_generation_prompt=True)), another name = that plain template of
+    r1jax.data.templates ("r1_zero" for base models), "" = the prompt verbatim (already rendered)."""
+    if not template:
+        if not isinstance(conversation, str):
+            raise ValueError("data.template is empty (prompts verbatim), but the prompt is a conversation: name a "
+                             "template ('checkpoint' for the model's own chat template)")
+        return conversation
+    return chat.render(template, tokenizer, conversation, system)
+
+
+def encode_prompt_records(data, records: list[dict], tokenizer, max_tokens: int
+                          ) -> tuple[list[dict], dict[str, int]]:
+    """(records with `prompt_text` and `tokens`, dropped counts): the question (data.prompt_field) or conversation
+    (data.messages_field, up to its last non-assistant turn) rendered with data.template, with a system turn from
+    data.system_field or data.system when given; tokens = chat.encode_prompt (BOS unless the template wrote it).
+    Prompts longer than `max_tokens` (the largest prompt bucket) are dropped and counted, as TRL's
+    max_prompt_length does; a set in which nothing is left is an error that gives the counts."""
+    fmap = prompt_fields(data)
+    out, too_long = [], 0
+    for record in records:
+        if fmap.messages:
+            conversation = list(record[fmap.messages])
+            while conversation and conversation[-1]["role"] == "assistant":  # the reference reply is not a prompt
+                conversation.pop()
+        else:
+            conversation = record[fmap.prompt]
+        system = (record.get(fmap.system) if fmap.system else None) or data.get("system") or None
+        text = render_prompt(data.template, tokenizer, conversation, system)
+        tokens = chat.encode_prompt(tokenizer, text)
         if len(tokens) > max_tokens:
             too_long += 1
             continue
-        records.append({**record, "prompt_text": text, "tokens": tokens})
-    if not records:
-        raise ValueError(f"no usable prompt records in {files}: {too_long} longer than the largest prompt bucket "
+        out.append({**record, "prompt_text": text, "tokens": tokens})
+    if not out:
+        raise ValueError(f"no usable prompt records: {too_long} longer than the largest prompt bucket "
                          f"({max_tokens} tokens; raise rl.prompt_buckets), none left")
     if too_long:
-        log.warning("%d prompts of %s are longer than the largest prompt bucket (%d tokens): dropped", too_long,
-                    files, max_tokens)
-    return records, {"prompts_dropped/too_long": too_long}
+        log.warning("%d of %d prompts are longer than the largest prompt bucket (%d tokens): dropped", too_long,
+                    len(records), max_tokens)
+    return out, {"prompts_dropped/too_long": too_long}
+
+
+def load_prompts(data, files: list[str], tokenizer, max_tokens: int) -> tuple[list[dict], dict[str, int]]:
+    """read_prompt_records, then encode_prompt_records."""
+    return encode_prompt_records(data, read_prompt_records(data, files), tokenizer, max_tokens)
 
 
 def write_samples(path: str, step: int, groups: list[Group], n: int) -> None:

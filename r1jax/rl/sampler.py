@@ -23,7 +23,8 @@ S = P + T cache slots):
      overwritten and never attended), sample the next one (`choose`), until every row is finished.
   A row is done after it emits any of the EOS ids or completes a stop string (r1jax.rl.stops: matched on the
   text, however it was tokenised; both kept in the completion); after that it carries `pad_id` and log-prob 0.
-  A row still running after T tokens (or its own stop position `limit_n`) is truncated.
+  A row still running after T tokens (or its own stop position `limit_n`) is truncated. Ids >= spec.vocab_size
+  (the tokenizer's; a real checkpoint's embedding has padding rows beyond it) are never drawn.
   The uniform that draws token j of row n comes from fold_in(fold_in(rng, n), j) (`row_keys`): a row's samples
   depend on the seed and its index only, not on the batch or slot it is decoded in.
 
@@ -188,7 +189,10 @@ class SamplerSpec:
 
     eos_id: one id or a tuple of ids (generation_config.json may name several); any of them ends a row.
     stop_sequences: `stops.stop_strings(tokenizer, strings)` (text, however tokenised), or token-id sequences
-    (matched on ids); either way a row ends after the token that completes one (kept in the output)."""
+    (matched on ids); either way a row ends after the token that completes one (kept in the output).
+    vocab_size: ids >= vocab_size are never sampled (None = every id of the model): the tokenizer's size, since
+    real checkpoints pad their embedding (Qwen2.5: 151,936 rows for ~151,665 tokens) and a padding id has no text.
+    Like top-k / top-p, this filters the choice only; the recorded log-probs stay the model's distribution."""
 
     method: Method
     group_size: int
@@ -196,6 +200,7 @@ class SamplerSpec:
     eos_id: int | tuple[int, ...]
     pad_id: int = 0
     stop_sequences: stops_lib.Stops | tuple[tuple[int, ...], ...] | None = ()
+    vocab_size: int | None = None
 
     def __post_init__(self):
         if self.group_size < 1 or self.max_new_tokens < 1:
@@ -271,7 +276,10 @@ def choose(rows: Rows, out: Completions, logits_rv, rng, spec: SamplerSpec, acti
     method = spec.method
     n, t = out.tokens.shape
     live_r = ~rows.finished if active_r is None else ~rows.finished & active_r
-    token_r = method(logits_rv, row_keys(rng, jnp.maximum(rows.row, 0), rows.length))
+    allowed_rv = logits_rv
+    if spec.vocab_size is not None and spec.vocab_size < logits_rv.shape[-1]:  # the embedding's padding rows
+        allowed_rv = jnp.where(jnp.arange(logits_rv.shape[-1]) < spec.vocab_size, logits_rv, -jnp.inf)
+    token_r = method(allowed_rv, row_keys(rng, jnp.maximum(rows.row, 0), rows.length))
     logp_rv = jax.nn.log_softmax(logits_rv.astype(jnp.float32) / method.temperature, axis=-1)
     logp_r = jnp.take_along_axis(logp_rv, token_r[:, None], axis=-1)[:, 0]
     token_r = jnp.where(live_r, token_r, spec.pad_id)

@@ -7,14 +7,20 @@ correctness over the k samples, then over questions; cons@k = accuracy of the ma
 unbiased estimator) is reported too. config.models names the models ({name: checkpoint, template, stop
 strings}: a base model and an R1-Zero model answer in the R1-Zero template, the cold-start family in the readable
 format), config.benchmarks the benchmarks ({kind, files, fields, limit}: r1jax/eval/benchmarks.py), and
-config.run_benchmarks the ones to run (empty: all; `--config.run_benchmarks=math500` runs that one alone). One
+config.run_benchmarks the ones to run (empty: all; `--config.run_benchmarks=math500` runs that one alone). The
+model's template "checkpoint" renders each question with the checkpoint's own chat template (as transformers'
+apply_chat_template(..., add_generation_prompt=True)), with a system turn when models.<name>.system is set. One
 straight flow per model:
 
+  0. data        every selected benchmark is read and checked first (seconds): a missing or wrong-typed
+                 question / answer field fails naming file:line, the field and its config key; references are
+                 read in GSM8K's `#### 72`, MATH's `\\boxed{}` or bare form
   1. weights     the checkpoint (an r1jax run, its checkpoints/ or a step dir, or a Hugging Face directory)
   2. sample      k completions per question (r1jax/eval/generate.py: one prefill per question), seeded per
                  (benchmark, batch), so a rerun samples the same completions; questions longer than the largest
                  prompt bucket are left out and counted (`dropped_too_long`)
-  3. score       rule checks (math-verify; code and HumanEval in the sandbox), majority vote
+  3. score       rule checks (math-verify; code and HumanEval in the sandbox, its run counts in the results as
+                 sandbox/runs, sandbox/unsafe_runs), majority vote
   4. write       WORKDIR/results/<model>.<benchmark>.json, samples/<model>.<benchmark>.jsonl (every completion),
                  and a few readable rollouts per benchmark in WORKDIR/samples.jsonl (prompt, completion, reward,
                  length, truncated)
@@ -34,8 +40,10 @@ import numpy as np
 
 from r1jax import world
 from r1jax.data.files import expand
+from r1jax.data.sources import DataError
 from r1jax.eval import benchmarks, metrics as metrics_lib
 from r1jax.eval.generate import encode_prompts, generate, render, sampler_smoke_step
+from r1jax.rl import sandbox
 from r1jax.rl import sampler as sampler_lib
 from r1jax.train.metrics import append_jsonl
 from r1jax.train.run import StageResult, is_primary, load_policy, mesh_and_rules, write_json
@@ -49,9 +57,7 @@ def run(config, workdir: str) -> StageResult:
     os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
     mesh, rules = mesh_and_rules(config.mesh)
     sampling = config.sampling
-    suite = {name: benchmarks.load(b.kind, benchmark_files(config, workdir, name), question_field=b.question_field,
-                                   answer_field=b.answer_field, limit=int(b.limit))
-             for name, b in selected_benchmarks(config).items()}
+    suite = {name: load_benchmark(config, workdir, name) for name in selected_benchmarks(config)}
     samples_path = os.path.join(workdir, "samples.jsonl")
     results: dict[str, dict[str, dict]] = {}
     for model_name in config.order or list(config.models.keys()):
@@ -67,13 +73,13 @@ def run(config, workdir: str) -> StageResult:
             path = _result_path(workdir, model_name, bench_name)
             if bench_name in todo:
                 t0 = time.perf_counter()
-                kept, prompts = encode_prompts(tokenizer, [render(spec.template, p.question) for p in problems],
-                                               max(sampling.prompt_buckets))
+                texts = [render(spec.template, tokenizer, p.question, spec.get("system")) for p in problems]
+                kept, prompts = encode_prompts(tokenizer, texts, max(sampling.prompt_buckets))
                 if not kept:
                     raise ValueError(f"benchmark {bench_name}: all {len(problems)} questions are longer than the "
                                      f"largest prompt bucket ({max(sampling.prompt_buckets)} tokens; raise "
                                      "config.sampling.prompt_buckets)")
-                problems = [problems[i] for i in kept]
+                problems, texts = [problems[i] for i in kept], [texts[i] for i in kept]
                 out = generate(
                     policy.cfg, policy.params, tokenizer, prompts, mesh=mesh, rules=rules,
                     samples=int(sampling.samples), max_new_tokens=int(sampling.max_new_tokens),
@@ -81,13 +87,16 @@ def run(config, workdir: str) -> StageResult:
                                                           int(sampling.top_k), float(sampling.top_p)),
                     stop_strings=tuple(spec.stop_strings), batch_prompts=int(sampling.batch_prompts),
                     prompt_buckets=tuple(sampling.prompt_buckets), seed=_seed(config.seed, bench_name))
+                runs_before = sandbox.metrics()
                 scores = score_samples(problems, out.texts, out.truncated)
+                if problems[0].kind != "math":  # programs ran in the sandbox: how (unsafe = without namespaces)
+                    scores.update({k: v - runs_before.get(k, 0) for k, v in sandbox.metrics().items()})
                 scores["dropped_too_long"] = len(suite[bench_name]) - len(kept)
                 scores["eval_s"] = time.perf_counter() - t0
                 if is_primary():
                     _write_samples(os.path.join(workdir, "samples", f"{model_name}.{bench_name}.jsonl"),
                                    problems, out.texts)
-                    append_jsonl(samples_path, readable_samples(model_name, bench_name, spec.template, problems, out,
+                    append_jsonl(samples_path, readable_samples(model_name, bench_name, texts, problems, out,
                                                                 int(config.get("samples_per_benchmark", 4))))
                     write_json(path, scores)
                 log.info("%s on %s: %s", model_name, bench_name,
@@ -119,6 +128,19 @@ def selected_benchmarks(config) -> dict:
     return {n: config.benchmarks[n] for n in names}
 
 
+def load_benchmark(config, workdir: str, name: str) -> list[benchmarks.Problem]:
+    """Benchmark `name`'s problems, read and checked before any model is loaded: a DataError names file:line, the
+    field and the config key that maps it."""
+    b = config.benchmarks[name]
+    try:
+        return benchmarks.load(b.kind, benchmark_files(config, workdir, name), question_field=b.question_field,
+                               answer_field=b.answer_field, limit=int(b.limit))
+    except DataError as e:
+        keys = {b.question_field: "question_field", b.answer_field: "answer_field"}
+        hint = f"mapped by config.benchmarks.{name}.{keys[e.field]}" if e.field in keys else e.hint
+        raise DataError(e.kind, e.path, e.number, e.unit, e.field, e.expected, e.got, hint) from None
+
+
 def benchmark_files(config, workdir: str, name: str) -> list[str]:
     """Benchmark `name`'s files (paths, globs, directories); with config.tiny_world, a bare name (no '/') is the
     tiny world's file of that name, the world written into WORKDIR/world on demand."""
@@ -128,12 +150,13 @@ def benchmark_files(config, workdir: str, name: str) -> list[str]:
     return expand(entries, field=f"config.benchmarks.{name}.files") if entries else []
 
 
-def readable_samples(model: str, bench: str, template: str, problems, out, n: int) -> list[dict]:
+def readable_samples(model: str, bench: str, prompts: list[str], problems, out, n: int) -> list[dict]:
     """`n` rollouts for WORKDIR/samples.jsonl: the first completion of each of the first n questions, with the
-    rendered prompt, completion, correctness (the benchmark's reward), length in tokens and truncation."""
+    rendered prompt text (`prompts`), completion, correctness (the benchmark's reward), length in tokens and
+    truncation."""
     rows = list(range(min(n, len(problems))))
     correct = benchmarks.score([problems[i] for i in rows], [out.texts[i][0] for i in rows])
-    return [{"model": model, "benchmark": bench, "id": problems[i].id, "prompt": render(template, problems[i].question),
+    return [{"model": model, "benchmark": bench, "id": problems[i].id, "prompt": prompts[i],
              "completion": out.texts[i][0], "rewards": {"correct": float(c)}, "length": out.lengths[i][0],
              "truncated": out.truncated[i][0]} for i, c in zip(rows, correct)]
 

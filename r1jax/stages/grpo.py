@@ -2,10 +2,20 @@
 
     python -m r1jax.main --config configs/r1_zero.py:tiny --workdir /tmp/r1_zero --config.init_from=/tmp/base
 
+Before the model is loaded (seconds): every prompt record is read and its mapped fields checked (data.prompt_field
+or data.messages_field, data.answer_field, data.system_field: a missing or wrong-typed field fails naming
+file:line, the field and its config key), the reference answer is put where the rewards read it (`answer`), and
+rl.rewards are resolved against the records' fields (plug-ins imported, required fields present). Prompts are
+rendered with data.template ("checkpoint": the checkpoint's own chat template, as transformers'
+apply_chat_template(..., add_generation_prompt=True); "r1_zero" for base models), a system turn when the data
+(data.system_field) or the config (data.system) gives one.
+
 One rollout (an RL "iteration"; DeepSeekMath Algorithm 1, outer loop over batches):
-  1. prompts      B = rl.prompts_per_rollout records from the shuffled prompt stream (BOS + prompt tokens)
+  1. prompts      B = rl.prompts_per_rollout records from the shuffled prompt stream (rendered prompt tokens)
   2. sample       G = rl.group_size completions per prompt (r1jax.rl.sampler: one prefill per prompt, one
-                  jitted while_loop), temperature / top-k / top-p as configured, stop on EOS or rl.stop_strings
+                  jitted while_loop), temperature / top-k / top-p as configured, stop on any of the tokenizer's
+                  EOS ids (an HF checkpoint's generation_config.json may name several) or rl.stop_strings (on
+                  text, however tokenised); ids beyond the tokenizer's vocabulary (embedding padding) never drawn
   3. score        rl.rewards, (name, weight[, kwargs]) summed by r1jax.rl.rewards.score; the dataset's
                   columns are the reward fields, plus `lengths` (completion tokens)
   4. dynamic      optional (rl.dynamic_sampling, DAPO): groups whose rewards are all equal carry no gradient;
@@ -35,7 +45,8 @@ comes with the initial weights (an r1jax checkpoint's saved ModelConfig, an HF c
 sets the training numerics (dtype, remat, ...). The loop (steps, logging, checkpoints, preemption, NaN guard) is
 r1jax/train/loop.py's, one rollout per iteration; a few rollouts of every logged step go to WORKDIR/samples.jsonl
 (prompt, completion, rewards, length, truncated). Prompts longer than the largest rl.prompt_buckets are dropped and
-counted (`prompts_dropped/too_long`).
+counted (`prompts_dropped/too_long`). When rewards ran programs, the sandbox's counts are logged (sandbox/runs,
+sandbox/unsafe_runs: runs without namespaces, sandbox/memcg_runs).
 
 Departures from the papers, stated: old log-probs come from the trainer's forward before the first update,
 not from the sampler (the two are logged against each other as `logprob_diff_max`); the reference is a full
@@ -54,11 +65,12 @@ import numpy as np
 
 from r1jax.eval.metrics import pass_at_1_mean
 from r1jax.rl import engine as engine_lib
-from r1jax.rl import grpo
+from r1jax.rl import grpo, sandbox
+from r1jax.rl import rewards as rewards_lib
 from r1jax.rl import sampler as sampler_lib
 from r1jax.rl import trainer as trainer_lib
-from r1jax.rl.rollouts import (Group, PromptStream, ReferenceStore, behaviour_metrics, load_prompts, put_rows,
-                               sample_groups, to_host, write_samples)
+from r1jax.rl.rollouts import (Group, PromptStream, ReferenceStore, behaviour_metrics, encode_prompt_records,
+                               put_rows, read_prompt_records, sample_groups, to_host, write_samples)
 from r1jax.train import state as state_lib
 from r1jax.train.metrics import forget_after
 from r1jax.train.run import StageResult, data_files, is_primary, load_policy, mesh_and_rules, model_config, open_run
@@ -68,23 +80,28 @@ log = logging.getLogger(__name__)
 def run(config, workdir: str) -> StageResult:
     rl = config.rl
 
-    # ---------------------------------------------------------------- 1-2. run, weights
+    # ---------------------------------------------------------------- 1. run, data and rewards checked (seconds)
     run = open_run(config, workdir)
+    reward_specs = tuple(tuple(s) for s in rl.rewards)
+    records = read_prompt_records(config.data, data_files(config.data, run.workdir, "train_files", "world_files"))
+    eval_files = data_files(config.data, run.workdir, "eval_files", "eval_world_files", required=False)
+    eval_records = read_prompt_records(config.data, eval_files) if eval_files else []
+    rewards_lib.check_specs(reward_specs, set.intersection(*(set(r) for r in records)) | {"lengths"})
+
+    # ---------------------------------------------------------------- 2. weights
     cfg, init = run.initial_policy()
     if run.resumed and rl.beta and not run.resume_meta.get("reference_step") and config.init_from:
         init = load_policy(config.init_from, run.mesh, run.rules, numerics=cfg)  # the reference = the initial policy
 
-    # ---------------------------------------------------------------- 3. data
+    # ---------------------------------------------------------------- 3. prompts
     tokenizer_path, tokenizer = run.tokenizer(cfg, init)
     buckets = tuple(rl.prompt_buckets)
-    prompts, dropped = load_prompts(config.data, data_files(config.data, run.workdir, "train_files", "world_files"),
-                                    tokenizer, max(buckets))
+    prompts, dropped = encode_prompt_records(config.data, records, tokenizer, max(buckets))
     stream = PromptStream(prompts, seed=config.seed)
     if run.resumed:
         stream.set_state(run.resume_meta["prompts"])
-    eval_files = data_files(config.data, run.workdir, "eval_files", "eval_world_files", required=False)
-    heldout = load_prompts(config.data, eval_files, tokenizer, max(buckets))[0][:config.eval.num_prompts] \
-        if eval_files else []
+    heldout = encode_prompt_records(config.data, eval_records, tokenizer, max(buckets))[0][:config.eval.num_prompts] \
+        if eval_records else []
 
     # ---------------------------------------------------------------- 4. optimizer, state, reference, sampler
     steps = int(config.train.steps)
@@ -119,15 +136,16 @@ def run(config, workdir: str) -> StageResult:
                                              shardings.params, ref_dtype)
     scorer = trainer_lib.make_scorer(cfg, loss.temperature, mesh=mesh, rules=rules,
                                      chunk_rows=int(rl.get("score_chunk_rows", 0)))
-    train_spec = sampler_spec(rl, eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id,
-                              stop_sequences=sampler_lib.stop_token_sequences(tokenizer, tuple(rl.stop_strings)))
+    train_spec = sampler_spec(rl, eos_id=tuple(tokenizer.eos_ids), pad_id=tokenizer.pad_id,
+                              stop_sequences=sampler_lib.stop_token_sequences(tokenizer, tuple(rl.stop_strings)),
+                              vocab_size=tokenizer.vocab_size)
     eval_spec = dataclasses.replace(
         train_spec, group_size=int(config.eval.samples),
         method=sampler_lib.method_from_config(config.eval.sampling, float(config.eval.temperature),
                                               config.eval.top_k, config.eval.top_p))
     sample_train = rollout_sampler(cfg, train_spec, rl, mesh=mesh, rules=rules)
     sample_eval = rollout_sampler(cfg, eval_spec, rl, mesh=mesh, rules=rules)
-    rollout_kw = dict(tokenizer=tokenizer, reward_specs=tuple(tuple(s) for s in rl.rewards), prompt_buckets=buckets)
+    rollout_kw = dict(tokenizer=tokenizer, reward_specs=reward_specs, prompt_buckets=buckets)
 
     def evaluate(params) -> dict[str, float]:
         t0 = time.perf_counter()
@@ -215,6 +233,9 @@ def run(config, workdir: str) -> StageResult:
                   "epoch": stream.epoch, "rollout": step // per_rollout, "sample_s": sample_s, "update_s": update_s,
                   "sample_tokens_per_s": sampled_tokens / max(sample_s, 1e-9),
                   "rollout_s": time.perf_counter() - t_start, **dropped}
+        runs = sandbox.metrics()
+        if runs["sandbox/runs"]:  # rewards ran programs: how many, and how many without namespaces (unsafe)
+            record.update(runs)
         return state, record, int(host_batch["mask"].sum())
 
     def meta():
@@ -254,11 +275,12 @@ def rollout_sampler(cfg, spec, rl, *, mesh, rules):
         slots=int(rl.get("slots", 0)), chunk_steps=int(rl.get("chunk_steps", 256))), mesh=mesh, rules=rules)
 
 
-def sampler_spec(rl, *, eos_id: int, pad_id: int, stop_sequences=(), max_new_tokens: int | None = None):
+def sampler_spec(rl, *, eos_id: int | tuple[int, ...], pad_id: int, stop_sequences=(),
+                 max_new_tokens: int | None = None, vocab_size: int | None = None):
     return sampler_lib.SamplerSpec(
         method=sampler_lib.method_from_config(rl.sampling, float(rl.temperature), rl.top_k, rl.top_p),
         group_size=int(rl.group_size), max_new_tokens=int(max_new_tokens or rl.max_new_tokens), eos_id=eos_id,
-        pad_id=pad_id, stop_sequences=stop_sequences)
+        pad_id=pad_id, stop_sequences=stop_sequences, vocab_size=vocab_size)
 
 
 def smoke_step(config) -> dict:

@@ -9,7 +9,8 @@ paragraphs or code blocks (~600k reasoning samples), then add ~200k non-reasonin
   1. policy      config.init_from (an r1jax run or a Hugging Face directory) with its tokenizer
   2. prompts     data.prompt_files (at most data.max_prompts_per_file of each), shuffled (seeded); a prompt's
                  check is `code` when it has `tests`, `math` when it has `answer`, else `judge`
-  3. sample      sampling.samples completions per prompt (the group sampler), data.template on prompt_field
+  3. sample      sampling.samples completions per prompt (the group sampler), data.template on
+                 prompt_field ("checkpoint": the checkpoint's own chat template)
   4. filter      r1jax.rl.filters.reject_reason (truncated, no_reasoning, code_block, long_paragraph,
                  mixed_language), then correctness: math-verify against `answer`, the sandbox against `tests`,
                  or the judge (config.judge: a reward model or a generative judge model) with score >= min_score;
@@ -81,7 +82,7 @@ def run(config, workdir: str) -> StageResult:
             tokenizer = policy.tokenizer
             if needs_judge:
                 judge_fn = make_judge(config.judge, mesh, rules)
-        prompts_text = [render(config.data.template, r[config.data.prompt_field]) for r in chunk]
+        prompts_text = [render(config.data.template, tokenizer, r[config.data.prompt_field]) for r in chunk]
         kept_rows, prompts = encode_prompts(tokenizer, prompts_text, max(s.prompt_buckets))
         prompts_text = [prompts_text[i] for i in kept_rows]
         too_long = len(chunk) - len(kept_rows)
@@ -241,7 +242,7 @@ def make_judge(judge, mesh, rules):
         policy = load_policy(judge.checkpoint, mesh, rules)
         return judge_lib.GenerativeJudge(policy.cfg, policy.params, policy.tokenizer,
                                          prompt_template=judge.prompt_template,
-                                         yes=judge.yes, no=judge.no)
+                                         yes=judge.yes, no=judge.no, template=judge.get("template", ""))
     raise ValueError(f"config.judge.kind={judge.kind!r}: expected reward_model or generative")
 
 
