@@ -6,7 +6,7 @@
 
 Needs libtpu (`pip install -e .[tpu]`): `jax.experimental.topologies.get_topology_desc` then gives the devices
 of the slice without any TPU attached, and `jax.jit(step).lower(abstract sharded inputs).compile()` gives XLA's
-`memory_analysis()` and `cost_analysis()` for one chip (REFERENCE.md §5). Nothing is allocated: the state, the
+`memory_analysis()` and `cost_analysis()` for one chip (docs/reference.md §5). Nothing is allocated: the state, the
 batches and the caches are ShapeDtypeStructs carrying the shardings the trainers use.
 
 The steps are the trainers' own jitted functions, built by the trainers' own factories at the config's shapes:

@@ -84,7 +84,7 @@ def test_grouped_kernel_flops_from_the_kernels_tile_count():
 def test_activated_params_671b():
     cfg = M.get_preset("deepseek_v3_671b")
     main = M.count_params(cfg)["activated"]
-    assert 36e9 < main < 39e9  # ~37B (REFERENCE.md §1)
+    assert 36e9 < main < 39e9  # ~37B (docs/reference.md §1)
     assert aot.activated_params(cfg.replace(mtp_depth=0)) == main
     assert aot.activated_params(cfg) > main  # + the MTP module's shared and 8 routed experts
 

@@ -210,3 +210,19 @@ def test_setup_declares_exactly_what_is_imported():
         f"imported but not declared: {sorted(runtime - required)}")
     others = _imported_distributions(["tests", "r1jax/bench"]) - required
     assert others <= extras, f"tests / benchmarks import undeclared {sorted(others - extras)}"
+
+
+def test_citations_point_into_the_repository():
+    """The facts the code follows live in docs/reference.md: every `docs/reference.md §N` names one of its sections,
+    and no file cites a reference outside the repository."""
+    sections = set(re.findall(r"^## (\d+)\.", open(os.path.join(REPO, "docs", "reference.md")).read(), re.M))
+    files = [f for pattern in ("r1jax/**/*.py", "configs/*.py", "tests/*.py", "launch/*", "docs/*.md", "*.md")
+             for f in glob.glob(os.path.join(REPO, pattern), recursive=True)]
+    cited, outside = set(), []
+    for file in files:
+        text = open(file).read()
+        cited |= set(re.findall(r"docs/reference\.md §(\d+)", text))
+        if "REFERENCE" + ".md" in text:
+            outside.append(os.path.relpath(file, REPO))
+    assert not outside, f"cite docs/reference.md instead: {outside}"
+    assert cited and cited <= sections, f"cited sections missing from docs/reference.md: {sorted(cited - sections)}"

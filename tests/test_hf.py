@@ -400,7 +400,7 @@ def test_config_round_trip(preset):
 
 
 def test_released_deepseek_v3_config():
-    """The released config.json (REFERENCE.md §1; rope_scaling spelling, no rope_interleave) is the 671B preset."""
+    """The released config.json (docs/reference.md §1; rope_scaling spelling, no rope_interleave) is the 671B preset."""
     released = {
         "architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "vocab_size": 129280,
         "hidden_size": 7168, "intermediate_size": 18432, "moe_intermediate_size": 2048, "num_hidden_layers": 61,

@@ -1,6 +1,6 @@
 """Hugging Face `config.json` <-> ModelConfig, for DeepseekV3ForCausalLM, Qwen2ForCausalLM and LlamaForCausalLM.
 
-The HF names are the ones in REFERENCE.md §1-§2. RoPE parameters come in two spellings: `rope_scaling` +
+The HF names are the ones in docs/reference.md §1-§2. RoPE parameters come in two spellings: `rope_scaling` +
 top-level `rope_theta` (released checkpoints, transformers 4) and `rope_parameters` with `rope_theta` inside
 (transformers 5); both are read. Anything the model cannot represent (sliding windows, o_proj / MLP biases,
 softmax routing, other RoPE kinds, YaRN `attention_factor` / `truncate: false`) is an error naming the field,

@@ -1,4 +1,4 @@
-"""Block-wise FP8 dequantisation of DeepSeek-V3 checkpoints (REFERENCE.md §1).
+"""Block-wise FP8 dequantisation of DeepSeek-V3 checkpoints (docs/reference.md §1).
 
 A weight W [..., out, in] is stored as float8_e4m3fn next to `<name>_scale_inv` [..., ceil(out/b0), ceil(in/b1)]
 (fp32), b = quantization_config.weight_block_size (V3: [128, 128]); the real weight is each b0 x b1 block times

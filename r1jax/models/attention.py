@@ -7,7 +7,7 @@ Masking is by *slots* and *segments*: a query at slot t of segment g sees keys a
 segment. Packed rows (several documents) and padding (segment 0) need no special case, and the same rule works
 for the full forward pass (slots = 0..T-1) and for decoding over a cache (query slot = where it was written).
 
-MLA has two paths over the same weights (REFERENCE.md §1):
+MLA has two paths over the same weights (docs/reference.md §1):
 - full: expand the latent c_kv [B,S,C] to per-head keys/values with W_kv_b, then ordinary attention;
 - absorbed: fold W_kv_b's key half into the query (q_nope @ W_UK -> [B,T,N,C]) and its value half into the
   output, and attend directly over the cached latent [c_kv | k_pe] (C + R values per token), i.e. multi-query

@@ -4,7 +4,7 @@ The same type describes MLA + DeepSeekMoE (DeepSeek-V3/R1) and GQA + SwiGLU (Qwe
 branches on the config's *fields* (attention kind, expert count, rope kind), never on a model's name.
 It is passed to jitted functions as a static argument, so it must stay hashable (no lists or dicts).
 
-Presets carry the published hyperparameters (REFERENCE.md §1-§2) plus tiny ones for a 2-core CPU.
+Presets carry the published hyperparameters (docs/reference.md §1-§2) plus tiny ones for a 2-core CPU.
 """
 
 from __future__ import annotations
@@ -167,7 +167,7 @@ class ModelConfig:
 
 
 def yarn_mscale(factor: float, mscale: float = 1.0) -> float:
-    """YaRN attention temperature: 0.1 * mscale * ln(factor) + 1 for factor > 1 (REFERENCE.md §1)."""
+    """YaRN attention temperature: 0.1 * mscale * ln(factor) + 1 for factor > 1 (docs/reference.md §1)."""
     return 1.0 if factor <= 1 else 0.1 * mscale * math.log(factor) + 1.0
 
 
@@ -212,7 +212,7 @@ def _llama3(d, f, layers, heads, kv) -> ModelConfig:
 
 PRESETS = {
     "deepseek_v3_671b": _deepseek_v3_671b,
-    # R1's distillation students (REFERENCE.md §2).
+    # R1's distillation students (docs/reference.md §2).
     "qwen2.5_math_1.5b": lambda: _qwen25(1536, 8960, 28, 12, 2, 151936, True, theta=10000.0, max_pos=4096),
     "qwen2.5_math_7b": lambda: _qwen25(3584, 18944, 28, 28, 4, 152064, False, theta=10000.0, max_pos=4096),
     "qwen2.5_14b": lambda: _qwen25(5120, 13824, 48, 40, 8, 152064, False),

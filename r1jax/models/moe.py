@@ -2,7 +2,7 @@
 
 Dimension letters: M tokens (B*T flattened), D model, E routed experts, F expert width, k experts per token.
 
-Routing (DeepSeek-V3 §2.1.2, REFERENCE.md §1):
+Routing (DeepSeek-V3 §2.1.2, docs/reference.md §1):
   1. s = sigmoid(x W_gate) in fp32                                   [M, E]
   2. s_b = s + b   (b = e_score_correction_bias, used for *selection* only)
   3. group score = sum of the top-2 s_b in each of n_group groups; keep the topk_group best groups

@@ -1,6 +1,6 @@
 """Reading a completion: where its reasoning, its answer, its final result and its program are.
 
-The recipe has two output formats (REFERENCE.md §4):
+The recipe has two output formats (docs/reference.md §4):
 - R1-Zero tags: `<think>REASONING</think> <answer>ANSWER</answer>` (the paper's Table 1 template);
 - the cold-start readable format: `<|reasoning|>REASONING<|summary|>SUMMARY` (§4 step 2), whose
   summary plays the answer's part.

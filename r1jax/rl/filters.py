@@ -1,4 +1,4 @@
-"""What rejection sampling and evaluation check in a sampled response (REFERENCE.md §4, step 4).
+"""What rejection sampling and evaluation check in a sampled response (docs/reference.md §4, step 4).
 
 R1 keeps, per prompt, only the sampled responses that are correct and readable: "we filter out chain-of-thought
 with mixed languages, long paragraphs, and code blocks". Each check here is one small function of a

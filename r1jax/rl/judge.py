@@ -1,4 +1,4 @@
-"""Judges for responses that no rule can check (rejection sampling, REFERENCE.md §4 step 4).
+"""Judges for responses that no rule can check (rejection sampling, docs/reference.md §4 step 4).
 
 R1 judges such answers with DeepSeek-V3 as a generative reward model: the question, the reference and the
 model's answer go into a prompt, and the judge says whether the answer is right. Two judges share one interface,

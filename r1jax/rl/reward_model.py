@@ -1,6 +1,6 @@
 """Reward models: the decoder with a scalar head, the Bradley-Terry loss, and the rewards that use them.
 
-A reward model (REFERENCE.md §4.5) is `{"decoder": model params, "head": {"w_d": [D], "b": [], "w_lp": []}}`. Its
+A reward model (docs/reference.md §4.5) is `{"decoder": model params, "head": {"w_d": [D], "b": [], "w_lp": []}}`. Its
 score of a text = prompt + scored part is
 
     r = w_d . h_last + b + w_lp * mean log p(scored part | what precedes it)

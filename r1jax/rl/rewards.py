@@ -14,7 +14,7 @@ from the working directory) or an importable module; a plug-in that raises costs
 reward and is counted, exactly like a built-in. `check_specs(specs, field_names)` runs every config
 check (names resolve, kwargs known, required fields present) before anything heavy.
 
-The rewards (REFERENCE.md §3, §4):
+The rewards (docs/reference.md §3, §4):
 - `accuracy`: the final answer (answers.final_answer) equals the reference `answer` for
   math-verify (`1/2`, `\\frac{1}{2}` and `0.5` agree); the reference may be bare, GSM8K's `#### 72`
   or MATH's worked solution with `\\boxed{}` (answers.reference_answer). R1-Zero's accuracy reward.
@@ -347,7 +347,7 @@ def language_share(text: str, language: str) -> float | None:
 
 
 def language_consistency(prompts, completions, *, language, **_) -> list[float]:
-    """Share of target-language words in the reasoning (REFERENCE.md §4, step 3).
+    """Share of target-language words in the reasoning (docs/reference.md §4, step 3).
 
     `language` is a field (one code per sample) or a single code given as a kwarg. No reasoning
     section (or a blank one): 0.0; reasoning with no words at all (pure math): 1.0, as nothing in

@@ -2,7 +2,7 @@
 
     python -m r1jax.main --config configs/eval.py:tiny --workdir /tmp/eval --config.models.model.checkpoint=RUN_DIR
 
-R1's protocol (REFERENCE.md §4): k samples per question at temperature 0.6, top-p 0.95; pass@1 = mean
+R1's protocol (docs/reference.md §4): k samples per question at temperature 0.6, top-p 0.95; pass@1 = mean
 correctness over the k samples, then over questions; cons@k = accuracy of the majority answer. pass@k (the
 unbiased estimator) is reported too. config.models names the models ({name: checkpoint, template, stop
 strings}: a base model and an R1-Zero model answer in the R1-Zero template, the cold-start family in the readable

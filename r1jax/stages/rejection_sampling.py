@@ -2,7 +2,7 @@
 
     python -m r1jax.main --config configs/rejection_sampling.py:tiny --workdir /tmp/rs --config.init_from=RL_RUN
 
-R1 (REFERENCE.md §4 step 4): near RL convergence, sample several responses per prompt, keep the correct ones
+R1 (docs/reference.md §4 step 4): near RL convergence, sample several responses per prompt, keep the correct ones
 (rule checks; a generative judge where rules cannot check), drop chain-of-thought with mixed languages, long
 paragraphs or code blocks (~600k reasoning samples), then add ~200k non-reasoning samples. One straight flow:
 

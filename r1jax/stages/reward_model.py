@@ -2,7 +2,7 @@
 
     python -m r1jax.main --config configs/reward_model.py:tiny --workdir /tmp/rm
 
-R1's all-scenario RL (REFERENCE.md §4.5) uses reward models for general prompts: helpfulness judged on the final
+R1's all-scenario RL (docs/reference.md §4.5) uses reward models for general prompts: helpfulness judged on the final
 summary only, harmlessness on the whole response. One run trains one aspect (config.rm.aspect); the pairs whose
 `kind` field equals it are used (config.rm.kinds widens that). r1jax/rl/reward_model.py holds the model, the loss
 and the rewards that load the result. One straight flow:

@@ -2,7 +2,7 @@
 
 Every word the tiny world writes in reasoning, facts and dialogues comes from this one table, so the
 set of CJK characters stays small enough for a ~512-piece SentencePiece vocabulary, and the
-language-consistency reward of R1's reasoning-oriented RL (REFERENCE.md §4.3: "the share of
+language-consistency reward of R1's reasoning-oriented RL (docs/reference.md §4.3: "the share of
 target-language words in the CoT") has an exact, cheap definition:
 
 - a *word* is a maximal run of Latin letters (one English word) or a single CJK ideograph;

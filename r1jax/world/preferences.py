@@ -1,7 +1,7 @@
 """Reward-model data of the tiny world: preference pairs and the all-scenario RL general prompts.
 
 R1's all-scenario RL judges helpfulness on the final summary only and harmlessness on the whole
-response (REFERENCE.md §4.5), so:
+response (docs/reference.md §4.5), so:
 
 - `helpful` pairs compare two *summaries* for a benign question: right vs. a slipped computation
   (`wrong_answer`), right vs. wrong world fact (`wrong_fact`), an answer vs. a needless refusal
