@@ -80,7 +80,9 @@ def _tokenizer(specials: list[str], split: str):
     return tok
 
 
-def _randomise(model):
+def randomise(model):
+    """Seeded weights large enough that a mapping error shows in the logits: norms near 1, everything else N(0, 0.1),
+    DeepSeek-V3's selection bias small and positive (it changes which experts win)."""
     import torch
 
     torch.manual_seed(0)
@@ -90,6 +92,9 @@ def _randomise(model):
                 p.copy_(1 + 0.1 * torch.randn_like(p))
             else:
                 p.normal_(0.0, 0.1)
+        for name, b in model.named_buffers():
+            if name.endswith("e_score_correction_bias"):
+                b.copy_(0.1 * torch.rand_like(b))
     return model.eval()
 
 
@@ -105,7 +110,7 @@ def qwen2_checkpoint(path: str) -> str:
     eos, pad = tok.token_to_id("<|im_end|>"), tok.token_to_id("<|endoftext|>")
     config = transformers.Qwen2Config(**TINY, vocab_size=tok.get_vocab_size(), tie_word_embeddings=True,
                                       bos_token_id=pad, eos_token_id=eos, pad_token_id=pad)
-    model = _randomise(transformers.Qwen2ForCausalLM(config))
+    model = randomise(transformers.Qwen2ForCausalLM(config))
     model.generation_config = transformers.GenerationConfig(bos_token_id=pad, pad_token_id=pad,
                                                             eos_token_id=[eos, pad])
     model.save_pretrained(path)
@@ -128,7 +133,7 @@ def llama3_checkpoint(path: str) -> str:
     bos, end, eot = (tok.token_to_id(t) for t in ("<|begin_of_text|>", "<|end_of_text|>", "<|eot_id|>"))
     config = transformers.LlamaConfig(**TINY, head_dim=8, rope_scaling=LLAMA3_ROPE, vocab_size=tok.get_vocab_size(),
                                       bos_token_id=bos, eos_token_id=[end, eot])
-    model = _randomise(transformers.LlamaForCausalLM(config))
+    model = randomise(transformers.LlamaForCausalLM(config))
     model.generation_config = transformers.GenerationConfig(bos_token_id=bos, eos_token_id=[end, eot])
     model.save_pretrained(path)
     return path

@@ -29,7 +29,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 from safetensors.torch import load_file, save_file  # noqa: E402
 
-from hf_fixtures import hf_checkpoints  # noqa: E402, F401 (fixture)
+from hf_fixtures import hf_checkpoints, randomise  # noqa: E402, F401 (fixture)
 from r1jax import hf as H  # noqa: E402
 from r1jax import models as M  # noqa: E402
 from r1jax.hf import fp8 as F  # noqa: E402
@@ -65,17 +65,7 @@ def _build(kind: str, tied: bool):
     else:
         model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**DENSE, head_dim=16, rope_scaling=LLAMA3,
                                                                        attn_implementation="eager"))
-    torch.manual_seed(0)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.dim() == 1 and "norm" in name:
-                p.copy_(1 + 0.1 * torch.randn_like(p))
-            else:
-                p.normal_(0.0, 0.1)
-        for name, b in model.named_buffers():
-            if name.endswith("e_score_correction_bias"):
-                b.copy_(0.1 * torch.rand_like(b))  # small and positive: it changes which experts win
-    return model.eval()
+    return randomise(model)
 
 
 def _hf_logits(model) -> np.ndarray:
