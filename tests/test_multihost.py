@@ -2,23 +2,31 @@
 `jax.distributed` job: coordinator on 127.0.0.1, gloo collectives, orbax's multi-process checkpoints, the
 preemption sync manager) against the same stage as 1 process x 8 devices with the same mesh.
 
-Three runs per stage: the 1-process run, uninterrupted (the reference); the 2-process run, SIGTERMed mid-run
-through the launcher; the same 2-process command again, which resumes. They check that
+Three runs per stage (SFT, GRPO, the reward model; STAGES): the 1-process run, uninterrupted (the reference); the
+2-process run, SIGTERMed mid-run through the launcher; the same 2-process command again, which resumes. They check
 * per-step losses agree with the 1-process run (<= 1e-5 relative) before and after the preemption;
 * only process 0 writes metrics.jsonl and TensorBoard (every step logged exactly once);
-* the two processes read disjoint shards that together cover the data: the data runs out exactly at the last
-  step (num_epochs=1), each process's saved data state has consumed its half, and every step's loss equals the
-  1-process step's, whose batch is all of that step's records (a shard read twice or a record missed would change
-  a step's rows and its loss);
+* the data each step trains on is the 1-process run's and the run reads all of it once (below, per stage);
 * on SIGTERM both processes end as preempted with the same checkpoint step, and the rerun ends with the
   uninterrupted run's per-step losses.
-Records are neither shuffled nor packed here, so the global batch of a step holds the same records (in another
-row order) whatever the process count; with shuffling or packing each process shuffles / packs its own shard,
-so the batches depend on the process count (as in every per-host input pipeline).
 
-A stage is a parameter (STAGES): GRPO and the reward model join once they run through the shared train loop.
+How the data is split between processes differs by stage, as in the code:
+* SFT reads per-process shards (grain): the two processes read disjoint halves that together cover the data --
+  the data runs out exactly at the last step (num_epochs=1), each process's saved data state has consumed its
+  half, and every step's loss equals the 1-process step's, whose batch is all of that step's records (a shard
+  read twice or a record missed would change a step's rows and its loss). Records are neither shuffled nor
+  packed here, so a step's global batch holds the same records whatever the process count; with shuffling or
+  packing each process shuffles / packs its own shard (as in every per-host input pipeline).
+* GRPO: every process draws the same prompts from the same seeded stream (the sampler takes its prompts
+  replicated and every host scores the whole rollout, r1jax/stages/grpo.py), and the rows of the rollout are
+  sharded over the devices of both processes. Checked: the stream ends at exactly one epoch of the prompt file
+  (every prompt drawn once), in the same position as in the 1-process run, and the per-step rewards (the same
+  samples) and losses agree.
+* The reward model: a step's pairs are a pure function of the step (a seeded permutation per epoch) on every
+  process, the rows sharded over all devices; one epoch of the pair file here.
 """
 
+import dataclasses
 import glob
 import json
 import os
@@ -28,40 +36,104 @@ import struct
 import subprocess
 import sys
 import time
+from typing import Callable
 
 import pytest
 
 from helpers import REPO, subprocess_env
 
-RECORDS, BATCH, DEVICES = 128, 8, 8
-STEPS = RECORDS // BATCH  # one epoch: the data ends at the last step
+DEVICES = 8
+TINY = ["--config.model.overrides.n_layers=2", "--config.model.overrides.mtp_depth=0",  # 1 dense + 1 MoE layer
+        "--config.model.overrides.vocab_size=300", "--config.train.log_every=1", "--config.train.eval_every=0",
+        "--config.train.checkpoint_every=1000", "--config.train.progress=False", "--config.data.tiny_world=False"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Stage:
+    args: Callable[[dict], list[str]]
+    steps: int  # optimizer updates of the whole run
+    step_size: int = 1  # updates per iteration (GRPO: rl.mu x rl.mini_batches per rollout)
+    sigterm_after: int = 3  # logged records before the SIGTERM
+    # a 1-process loss below loss_zero is 0 in exact arithmetic (GRPO's first rollout: the warm-up's lr 0 keeps the
+    # ratio at 1, and group-centred advantages of equal-length completions sum to 0); the 2-process loss must be
+    # below it too (float32 noise: no relative test)
+    loss_zero: float = 0.0
+
+    @property
+    def logged(self) -> list[int]:
+        return list(range(self.step_size, self.steps + 1, self.step_size))
+
+
+SFT_RECORDS, SFT_BATCH = 128, 8
+GRPO_PROMPTS, GRPO_B, GRPO_MU = 48, 8, 2  # 6 rollouts of 8 prompts x 2 samples = one epoch; 2 updates each
+RM_PAIRS, RM_BATCH = 96, 8
 
 
 def _sft_args(data: dict) -> list[str]:
-    return ["--config", "configs/sft.py:tiny", f"--config.train.steps={STEPS}", "--config.optimizer.warmup_steps=2",
-            "--config.train.log_every=1", "--config.train.eval_every=0", "--config.train.checkpoint_every=1000",
-            "--config.train.progress=False", "--config.data.seq_len=64", f"--config.data.batch_size={BATCH}",
+    return ["--config", "configs/sft.py:tiny", *TINY, f"--config.train.steps={SFT_RECORDS // SFT_BATCH}",
+            "--config.optimizer.warmup_steps=2", "--config.data.seq_len=64", f"--config.data.batch_size={SFT_BATCH}",
             "--config.data.num_epochs=1", "--config.data.shuffle=False", "--config.data.pack=False",
-            "--config.data.tiny_world=False", f"--config.data.train_files={data['train']}",
-            f"--config.data.eval_files={data['eval']}", f"--config.data.tokenizer={data['tokenizer']}"]
+            f"--config.data.train_files={data['train']}", f"--config.data.eval_files={data['eval']}",
+            f"--config.data.tokenizer={data['tokenizer']}"]
 
 
-STAGES = {"sft": _sft_args}
+def _grpo_args(data: dict) -> list[str]:
+    # A reward that differs between samples (the characters of the completion): the accuracy of a fresh tiny
+    # model is 0 everywhere, which gives zero advantages and a zero loss. rl.mu=2: two updates per iteration, so
+    # the step advances by 2 (the preemption sync must count iterations, not steps); the static sampler compiles
+    # faster than the slot engine.
+    return ["--config", "configs/r1_zero.py:tiny", *TINY, f"--config.train.steps={GRPO_PROMPTS // GRPO_B * GRPO_MU}",
+            f"--config.data.train_files={data['prompts']}", f"--config.data.tokenizer={data['tokenizer']}",
+            f"--config.rl.rewards=(('{data['reward']}', 1.0),)", f"--config.rl.prompts_per_rollout={GRPO_B}",
+            "--config.rl.group_size=2", f"--config.rl.mu={GRPO_MU}", "--config.rl.max_new_tokens=8",
+            "--config.rl.completion_buckets=(8,)", "--config.rl.prompt_buckets=(32,)",
+            "--config.rl.dynamic_sampling=False", "--config.rl.engine=static", "--config.eval.at_start=False"]
+
+
+def _rm_args(data: dict) -> list[str]:
+    return ["--config", "configs/reward_model.py:tiny", *TINY, f"--config.train.steps={RM_PAIRS // RM_BATCH}",
+            "--config.optimizer.warmup_steps=2", f"--config.data.train_files={data['pairs']}",
+            f"--config.data.tokenizer={data['tokenizer']}", "--config.data.seq_len=32",
+            f"--config.data.batch_size={RM_BATCH}"]
+
+
+STAGES = {
+    "sft": Stage(_sft_args, steps=SFT_RECORDS // SFT_BATCH),
+    "grpo": Stage(_grpo_args, steps=GRPO_PROMPTS // GRPO_B * GRPO_MU, step_size=GRPO_MU, sigterm_after=2,
+                  loss_zero=1e-6),
+    "reward_model": Stage(_rm_args, steps=RM_PAIRS // RM_BATCH),
+}
+
+REWARD_PLUGIN = """
+def completion_chars(prompts, completions, **_):
+    return [len(c) / 10 for c in completions]
+"""
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Arithmetic prompt / response records (each distinct) and a SentencePiece tokenizer trained on them."""
+    """Arithmetic records (each distinct) as SFT prompt / response pairs, GRPO prompts with answers and preference
+    pairs, a SentencePiece tokenizer trained on them and a GRPO reward plug-in."""
     root = tmp_path_factory.mktemp("multihost_data")
     rng = random.Random(0)
     files = {}
-    for split, n in (("train", RECORDS), ("eval", 16)):
+    for split, n in (("train", SFT_RECORDS), ("eval", 16)):
         files[split] = str(root / f"{split}.jsonl")
         with open(files[split], "w") as f:
             for i in range(n):
                 a, b = rng.randint(0, 999), rng.randint(0, 999)
-                f.write(json.dumps({"id": i, "prompt": f"What is {a} plus {b}?", "response": f"{a}+{b}={a + b}."})
-                        + "\n")
+                f.write(json.dumps({"id": i, "prompt": f"What is {a} plus {b}?", "response": f"{a}+{b}={a + b}.",
+                                    "answer": str(a + b)}) + "\n")
+    records = [json.loads(line) for line in open(files["train"])]
+    files["prompts"] = str(root / "prompts.jsonl")
+    with open(files["prompts"], "w") as f:
+        f.writelines(json.dumps({k: r[k] for k in ("id", "prompt", "answer")}) + "\n" for r in records[:GRPO_PROMPTS])
+    files["pairs"] = str(root / "pairs.jsonl")
+    with open(files["pairs"], "w") as f:
+        f.writelines(json.dumps({"question": r["prompt"], "chosen": r["response"],
+                                 "rejected": r["response"].replace("=", "=1")}) + "\n" for r in records[:RM_PAIRS])
+    files["reward"] = str(root / "reward.py") + ":completion_chars"
+    (root / "reward.py").write_text(REWARD_PLUGIN)
     prefix = str(root / "tok")
     subprocess.run([sys.executable, "-m", "r1jax.data.tokenizer", "--input", files["train"], "--field",
                     "prompt,response", "--vocab_size", "300", "--output", prefix], check=True, cwd=REPO,
@@ -123,61 +195,82 @@ def _tb_loss_steps(workdir) -> list[int]:
 
 @pytest.fixture(scope="module", params=list(STAGES))
 def runs(request, data, tmp_path_factory):
+    stage = STAGES[request.param]
     root = tmp_path_factory.mktemp(f"multihost_{request.param}")
     env = subprocess_env(tmp_path_factory.getbasetemp() / "jax_cache")
-    args = STAGES[request.param](data)
+    args = stage.args(data)
     single = _launch(args, root / "single", 1, env, root / "single.log")
     first = _launch(args, root / "multi", 2, env, root / "multi_first.log")
     metrics, deadline = root / "multi" / "metrics.jsonl", time.time() + 400
-    while not (metrics.exists() and len(_steps(root / "multi")) >= 3):
+    while not (metrics.exists() and len(_steps(root / "multi")) >= stage.sigterm_after):
         assert first.poll() is None, open(first.log_path).read()[-4000:]
-        assert time.time() < deadline, "the 2-process run logged no 3 steps in 400 s"
+        assert time.time() < deadline, f"the 2-process run logged no {stage.sigterm_after} steps in 400 s"
         time.sleep(0.05)
     first.send_signal(signal.SIGTERM)  # to the launcher, which forwards it to both processes
     first_out = _finish(first)
     preempted_steps = _steps(root / "multi")
     resumed_out = _finish(_launch(args, root / "multi", 2, env, root / "multi_resumed.log"))
     _finish(single)
-    return dict(root=root, single=_steps(root / "single"), preempted=preempted_steps, multi=_steps(root / "multi"),
-                first=_results(first_out), resumed=_results(resumed_out))
+    return dict(name=request.param, stage=stage, root=root, single=_steps(root / "single"),
+                preempted=preempted_steps, multi=_steps(root / "multi"), first=_results(first_out),
+                resumed=_results(resumed_out))
+
+
+def _meta(workdir, step: int) -> dict:
+    return json.load(open(os.path.join(workdir, "checkpoints", str(step), "meta", "metadata")))
 
 
 def test_preemption_saves_the_same_step_on_both_processes(runs):
-    first = runs["first"]
+    first, stage = runs["first"], runs["stage"]
     assert sorted(first) == [0, 1]
     assert {r["status"] for r in first.values()} == {"preempted"}, first
     steps = {r["checkpoint"] for r in first.values()}
     assert len(steps) == 1, steps
     saved = int(os.path.basename(steps.pop()))
-    assert 3 <= saved < STEPS
-    assert [r["step"] for r in runs["preempted"]] == list(range(1, saved + 1))
-    step_dir = runs["root"] / "multi" / "checkpoints" / str(saved) / "data"
-    assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir))
+    assert stage.sigterm_after * stage.step_size <= saved < stage.steps
+    assert [r["step"] for r in runs["preempted"]] == [s for s in stage.logged if s <= saved]
+    if runs["name"] == "sft":  # each process's data iterator state
+        step_dir = runs["root"] / "multi" / "checkpoints" / str(saved) / "data"
+        assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(step_dir))
+    if runs["name"] == "grpo":  # the prompt stream's position at the saved step
+        assert _meta(runs["root"] / "multi", saved)["prompts"] == {"epoch": 0, "index": saved // GRPO_MU * GRPO_B}
 
 
 def test_losses_agree_with_one_process_and_resume_ends_the_same(runs):
-    single, multi = runs["single"], runs["multi"]
-    assert [r["step"] for r in single] == list(range(1, STEPS + 1))
-    assert [r["step"] for r in multi] == list(range(1, STEPS + 1))  # once each: resumed after the saved step
+    single, multi, stage = runs["single"], runs["multi"], runs["stage"]
+    assert [r["step"] for r in single] == stage.logged
+    assert [r["step"] for r in multi] == stage.logged  # once each: resumed after the saved step
     for a, b in zip(single, multi):
-        assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
-        assert a["trained_tokens"] == b["trained_tokens"], a["step"]
+        if abs(a["loss"]) < stage.loss_zero:
+            assert abs(b["loss"]) < stage.loss_zero, (a["step"], a["loss"], b["loss"])
+        else:
+            assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
+        assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], a["step"]
+        for key in ("trained_tokens", "train_tokens", "reward_mean"):  # the same rows; GRPO: the same samples
+            assert a.get(key) == b.get(key), (a["step"], key)
     assert {r["status"] for r in runs["resumed"].values()} == {"done"}
 
 
 def test_only_process_0_logs(runs):
-    assert _tb_loss_steps(runs["root"] / "multi") == list(range(1, STEPS + 1))
-    assert _tb_loss_steps(runs["root"] / "single") == list(range(1, STEPS + 1))
+    assert _tb_loss_steps(runs["root"] / "multi") == runs["stage"].logged
+    assert _tb_loss_steps(runs["root"] / "single") == runs["stage"].logged
 
 
-def test_the_processes_read_disjoint_halves_that_cover_the_data(runs):
-    final = runs["root"] / "multi" / "checkpoints" / str(STEPS) / "data"
-    states = [json.load(open(final / f"process_{i}-of-2.json")) for i in range(2)]
-    consumed = [s["parent"]["parent"]["next_index"] for s in states]
-    assert consumed == [RECORDS // 2, RECORDS // 2], states
-    single_state = json.load(open(runs["root"] / "single" / "checkpoints" / str(STEPS) / "data" /
-                                  "process_0-of-1.json"))
-    assert single_state["parent"]["parent"]["next_index"] == RECORDS
+def test_the_data_is_read_once_and_as_with_one_process(runs):
+    root, steps = runs["root"], runs["stage"].steps
+    if runs["name"] == "sft":  # disjoint halves that together cover the data
+        final = root / "multi" / "checkpoints" / str(steps) / "data"
+        states = [json.load(open(final / f"process_{i}-of-2.json")) for i in range(2)]
+        consumed = [s["parent"]["parent"]["next_index"] for s in states]
+        assert consumed == [SFT_RECORDS // 2, SFT_RECORDS // 2], states
+        single_state = json.load(open(root / "single" / "checkpoints" / str(steps) / "data" / "process_0-of-1.json"))
+        assert single_state["parent"]["parent"]["next_index"] == SFT_RECORDS
+    elif runs["name"] == "grpo":  # one epoch of the prompts, each drawn once (a permutation), as with one process
+        for run in ("single", "multi"):
+            assert _meta(root / run, steps)["prompts"] == {"epoch": 0, "index": GRPO_PROMPTS}, run
+    else:  # the reward model: one epoch of the pairs
+        for run in ("single", "multi"):
+            assert [r["epoch"] for r in runs[run]] == [0] * steps, run
 
 
 # ------------------------------------------------------------------------------- the launcher's watch (no JAX)

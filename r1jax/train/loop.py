@@ -15,9 +15,9 @@ The loop owns, for every stage alike:
                  crossed a multiple of N, so GRPO's multi-update iterations keep the cadence in steps)
   NaN guard      every fetched step is checked for a non-finite loss or gradient norm *before* anything is saved:
                  a NaN state is never checkpointed, and the error names the steps and the last good checkpoint
-  preemption     `Preemption.check(step)` after every iteration. Several processes (jax.distributed):
-                 orbax's `reached_preemption(step)`, i.e. JAX's preemption sync manager, which receives the
-                 SIGTERM and makes every process answer True at the same step. One process: a SIGTERM handler
+  preemption     `Preemption.check(iteration)` after every iteration. Several processes (jax.distributed):
+                 orbax's `reached_preemption(iteration)`, i.e. JAX's preemption sync manager, which receives the
+                 SIGTERM and makes every process answer True at the same iteration. One process: a SIGTERM handler
                  sets a flag. When True: save the checkpoint of that step, wait for it, return "preempted".
   exact resume   the stage restores its state (and data position, `data_state_fn` / meta) from the checkpoint;
                  metrics.jsonl and TensorBoard forget what was logged after the restored step
@@ -61,8 +61,8 @@ class LoopResult:
 
 
 class Preemption:
-    """Context manager; `check(step)` says whether to save and stop after `step` (the same answer on every
-    process). See the module docstring."""
+    """Context manager; `check(iteration)` says whether to save and stop after this iteration (the same answer
+    on every process). See the module docstring."""
 
     def __init__(self, checkpointer: Checkpointer, flag: "StopFlag | None" = None):
         self._flag = flag if flag is not None else StopFlag()
@@ -78,9 +78,11 @@ class Preemption:
     def _handle(self, signum, frame):
         self._flag.set = True
 
-    def check(self, step: int) -> bool:
+    def check(self, iteration: int) -> bool:
+        # The iteration, not the step: the sync manager agrees on max(ids) + 1 and answers True only at that exact
+        # id, which a step that advances by step_size > 1 (GRPO) would skip -- the run would never stop.
         if self._distributed:
-            return bool(self._checkpointer.manager.reached_preemption(step))
+            return bool(self._checkpointer.manager.reached_preemption(iteration))
         return self._flag.set
 
     def __exit__(self, *exc):
@@ -183,7 +185,7 @@ def train_loop(
                     jax.block_until_ready(metrics)
                     window_tokens, window_start, timing_started = 0, time.perf_counter(), True
 
-                stop = preemption.check(step)  # once per iteration, at the same step on every process
+                stop = preemption.check(iteration)  # once per iteration, the same one on every process
                 final = step >= steps or stop
                 eval_now = eval_fn is not None and eval_every > 0 and (crossed(eval_every) or step >= steps)
                 log_now = iteration % max(log_every, 1) == 0 or final or eval_now
