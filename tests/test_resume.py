@@ -3,6 +3,7 @@ CPU) and a clean, restorable checkpoint on SIGTERM (TPU preemption)."""
 
 import json
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import pytest
 from configs import sft as sft_config
 from configs.common import TINY_VOCAB
 from r1jax import world as world_lib
-from r1jax.data.files import holdout_split
+from r1jax.data.sources import iterate_records
 from r1jax.stages import sft as stage
 from r1jax.train.run import mesh_and_rules, model_config
 from r1jax.train import checkpoint as ckpt_lib
@@ -34,8 +35,12 @@ def launch(tmp_path_factory):
     data_dir = tmp_path_factory.mktemp("resume_data")
     world = world_lib.ensure_world(str(data_dir), seed=0)
     tokenizer = world_lib.train_world_tokenizer(world, os.path.join(world, "tokenizer"), TINY_VOCAB)
-    train, evals = holdout_split([os.path.join(world, f) for f in ("cold_start.jsonl", "non_reasoning.jsonl")],
-                                 str(data_dir / "split"), 48, seed=0)
+    records = list(iterate_records([os.path.join(world, f) for f in ("cold_start.jsonl", "non_reasoning.jsonl")]))
+    random.Random(0).shuffle(records)
+    train, evals = [str(data_dir / "train.jsonl")], [str(data_dir / "eval.jsonl")]
+    for path, part in ((evals[0], records[:48]), (train[0], records[48:])):
+        with open(path, "w", encoding="utf-8") as f:
+            f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
     env = subprocess_env(tmp_path_factory.getbasetemp() / "jax_cache")
 
     def start(workdir, *extra):

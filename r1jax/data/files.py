@@ -11,9 +11,7 @@ set into train and eval files.
 from __future__ import annotations
 
 import glob
-import json
 import os
-import random
 import re
 
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".array_record", ".arrayrecord")
@@ -45,29 +43,3 @@ def expand(entries, *, field: str) -> list[str]:
         out += [os.path.abspath(p) for p in found if os.path.abspath(p) not in out]
     return out
 
-
-def holdout_split(files: list[str], out_dir: str, n_eval: int, seed: int) -> tuple[list[str], list[str]]:
-    """Shuffle the records of `files` (seeded) and write the first n_eval to eval.jsonl, the rest to
-    train.jsonl under out_dir; redone only when the inputs change. For small datasets: it reads every record."""
-    from r1jax.data.sources import iterate_records  # noqa: PLC0415
-
-    train_path, eval_path = os.path.join(out_dir, "train.jsonl"), os.path.join(out_dir, "eval.jsonl")
-    spec_path = os.path.join(out_dir, "split.json")
-    spec = {"files": [os.path.abspath(f) for f in files], "n_eval": n_eval, "seed": seed}
-    if os.path.isfile(spec_path):
-        with open(spec_path) as f:
-            if json.load(f) == spec:
-                return [train_path], [eval_path]
-    records = list(iterate_records(files))
-    if n_eval >= len(records):
-        raise ValueError(f"data.eval_holdout={n_eval} but {files} hold only {len(records)} records")
-    random.Random(seed).shuffle(records)
-    os.makedirs(out_dir, exist_ok=True)
-    for path, part in ((eval_path, records[:n_eval]), (train_path, records[n_eval:]), (spec_path, None)):
-        with open(path + ".tmp", "w", encoding="utf-8") as f:
-            if part is None:
-                json.dump(spec, f)
-            else:
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in part)
-        os.replace(path + ".tmp", path)
-    return [train_path], [eval_path]
