@@ -18,6 +18,7 @@ import re
 from typing import Any
 
 import jax
+from jax.experimental import multihost_utils
 import numpy as np
 from jax.sharding import NamedSharding
 
@@ -86,6 +87,11 @@ def sample_groups(sample_fn, params, prompts: list[dict], rng, *, group_size: in
             per_reward[correct][rows] = rewards_lib.score(
                 ((correct, 1.0),), [prompt_texts[i] for i in rows], [texts[i] for i in rows],
                 {k: [v[i] for i in rows] for k, v in fields.items()})[1][correct]
+    if jax.process_count() > 1:
+        # Every host samples the same rows and scores them all, but rewards with time limits (math-verify's timeout,
+        # the code sandbox) can differ between hosts under load; each host trains on its own share of the rows, so
+        # all of them take process 0's scores (the advantages and dynamic sampling's choices then agree).
+        total, per_reward = _from_process_0((total, per_reward))
     groups = []
     for b, record in enumerate(prompts):
         rows = slice(b * group_size, (b + 1) * group_size)
@@ -95,6 +101,13 @@ def sample_groups(sample_fn, params, prompts: list[dict], rng, *, group_size: in
                             per_reward={k: v[rows] for k, v in per_reward.items()},
                             errors=errors if b == 0 else dict.fromkeys(errors, 0)))
     return groups
+
+
+def _from_process_0(tree):
+    """Process 0's float64 arrays on every process, bit for bit (sent as uint32 pairs: JAX runs without x64)."""
+    words = jax.tree.map(lambda x: np.ascontiguousarray(x, np.float64).view(np.uint32), tree)
+    sent = multihost_utils.broadcast_one_to_all(words)
+    return jax.tree.map(lambda w: np.asarray(w, np.uint32).view(np.float64), sent)
 
 
 def behaviour_metrics(groups: list[Group], prefix: str = "") -> dict[str, float]:
