@@ -18,6 +18,7 @@ import jax
 
 from r1jax.data import chat
 from r1jax.rl import sampler as sampler_lib
+from r1jax.rl import stops
 from r1jax.rl.rollouts import render_prompt
 
 
@@ -52,7 +53,7 @@ def sampler_spec(tokenizer, *, method, samples: int, max_new_tokens: int, stop_s
     vocabulary."""
     return sampler_lib.SamplerSpec(method=method, group_size=samples, max_new_tokens=max_new_tokens,
                                    eos_id=tuple(tokenizer.eos_ids), pad_id=tokenizer.pad_id,
-                                   stop_sequences=sampler_lib.stop_token_sequences(tokenizer, stop_strings),
+                                   stop_sequences=stops.stop_strings(tokenizer, tuple(stop_strings)),
                                    vocab_size=tokenizer.vocab_size)
 
 

@@ -404,8 +404,3 @@ def pad_prompts(token_lists: Sequence[Sequence[int]], buckets: Sequence[int], pa
         out[i, :len(row)] = row
     return out, np.asarray([len(r) for r in rows], np.int32)
 
-
-def stop_token_sequences(tokenizer, stop_strings: Sequence[str]) -> stops_lib.Stops | None:
-    """Stop strings matched on text, however they are tokenised (`stops.stop_strings`; the old name, kept for
-    the stages that call it)."""
-    return stops_lib.stop_strings(tokenizer, tuple(stop_strings))

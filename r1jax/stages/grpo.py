@@ -65,7 +65,7 @@ import numpy as np
 
 from r1jax.eval.metrics import pass_at_1_mean
 from r1jax.rl import engine as engine_lib
-from r1jax.rl import grpo, sandbox
+from r1jax.rl import grpo, sandbox, stops
 from r1jax.rl import rewards as rewards_lib
 from r1jax.rl import sampler as sampler_lib
 from r1jax.rl import trainer as trainer_lib
@@ -137,7 +137,7 @@ def run(config, workdir: str) -> StageResult:
     scorer = trainer_lib.make_scorer(cfg, loss.temperature, mesh=mesh, rules=rules,
                                      chunk_rows=int(rl.get("score_chunk_rows", 0)))
     train_spec = sampler_spec(rl, eos_id=tuple(tokenizer.eos_ids), pad_id=tokenizer.pad_id,
-                              stop_sequences=sampler_lib.stop_token_sequences(tokenizer, tuple(rl.stop_strings)),
+                              stop_sequences=stops.stop_strings(tokenizer, tuple(rl.stop_strings)),
                               vocab_size=tokenizer.vocab_size)
     eval_spec = dataclasses.replace(
         train_spec, group_size=int(config.eval.samples),
