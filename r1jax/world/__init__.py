@@ -18,16 +18,25 @@ import shutil
 
 
 def ensure_world(workdir: str, seed: int) -> str:
-    """WORKDIR/world: the tiny synthetic world, written once (into a temporary dir, then renamed)."""
+    """WORKDIR/world: the tiny synthetic world, written once (into a temporary dir, then renamed).
+
+    Every process of a multi-host job calls this: on per-host disks each writes its own copy; on a shared disk the
+    first rename wins and the others drop their (identical, seeded) copies, so no process ever sees the directory
+    half written or removed under it."""
     world = os.path.join(workdir, "world")
-    if not os.path.isfile(os.path.join(world, "manifest.json")):
+    manifest = os.path.join(world, "manifest.json")
+    if not os.path.isfile(manifest):
         from r1jax.world.build import write_world
 
         tmp = f"{world}.tmp{os.getpid()}"
         shutil.rmtree(tmp, ignore_errors=True)
         write_world(tmp, seed)
-        shutil.rmtree(world, ignore_errors=True)
-        os.replace(tmp, world)
+        try:
+            os.rename(tmp, world)  # fails on a non-empty `world`: another process renamed its copy first
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+            if not os.path.isfile(manifest):
+                raise
     return world
 
 
