@@ -33,8 +33,8 @@ log-prob (the output head runs on all R·L columns, prompts included) is gathere
 masked: grpo.policy_loss is unchanged, except that Dr. GRPO's N · max_len counts real rows only (`rows`), so
 every aggregate equals the unpacked one (truncated rows masked by rl.mask_truncated count as they do
 unpacked). R is rounded up to a multiple of data shards x mini_batches x micro_batches and of the score
-chunk (`row_multiple`), and to a few sizes per octave (`pack_rows_bucket`), K to a power of two, so a run compiles a few shapes. The
-MoE sequence-wise balance loss is computed per packed sequence (as SFT packing does).
+chunk (`row_multiple`), and to a few sizes per octave (`pack_rows_bucket`), K to a power of two, so a run
+compiles a few shapes. The MoE sequence-wise balance loss is computed per packed sequence (as SFT packing does).
 
 One rollout's update (`make_update`): the N rows (packed: the R sequences, each with all its rows) are split
 at random into `mini_batches` mini-batches, μ times over (a fresh split per pass), and each mini-batch is one
@@ -239,7 +239,7 @@ def trainer_batch(batch: dict[str, np.ndarray], pack: bool, multiple: int = 1):
     return pack_batch(batch, multiple) if pack else (batch, Layout(batch["mask"].shape[0]))
 
 
-def row_multiple(mesh, rules, loss: "LossSpec", chunk_rows: int = 0) -> int:
+def row_multiple(mesh, rules, loss: LossSpec, chunk_rows: int = 0) -> int:
     """What a packed R must be a multiple of: the data shards of the rows x mini_batches x micro_batches,
     and the scorer's chunk_rows."""
     axes = logical_to_spec(("act_batch",), rules, mesh)[0] or ()
