@@ -33,7 +33,8 @@ def rl_block(*, group_size: int, prompts_per_rollout: int, max_new_tokens: int, 
              mask_truncated: bool = False, dynamic_sampling: bool = False, dynamic_max_batches: int = 3,
              ref_reset_every: int = 0, micro_batches: int = 1, score_chunk_rows: int = 0,
              ref_dtype: str = "float32", engine: str = "slots", slots: int = 0, chunk_steps: int = 256,
-             ratio_level: str = "token", tis_cap: float = 0.0, is_mask_band: tuple = ()) -> mlc.ConfigDict:
+             ratio_level: str = "token", tis_cap: float = 0.0, is_mask_band: tuple = (),
+             pack: bool = False) -> mlc.ConfigDict:
     """config.rl: sampling, rewards and the GRPO loss (r1jax/stages/grpo.py documents every field).
 
     rewards: (name, weight) or (name, weight, kwargs) with names from r1jax.rl.rewards.BUILTINS, or plug-ins 'path/file.py:fn' / 'pkg.mod:fn'.
@@ -41,6 +42,11 @@ def rl_block(*, group_size: int, prompts_per_rollout: int, max_new_tokens: int, 
     Memory at long completions (r1jax/rl/trainer.py): micro_batches = gradient accumulation steps inside a
     mini-batch; score_chunk_rows = rows per forward of the log-prob pass (0 = the whole rollout at once);
     ref_dtype = the frozen reference's dtype (bfloat16 halves it; the forward computes in the model's dtype).
+    pack: the trainer packs the rollout's rows (prompt + completion) first-fit into sequences of the prompt +
+      completion bucket (r1jax/rl/trainer.py), so the update and the log-prob pass skip most of the padding of
+      long-tailed lengths; the loss is the same (exactly so with one mini-batch); mini-batches, micro-batches
+      and score_chunk_rows then count packed sequences. Off in the full-scale presets: r1jax/aot.py compiles
+      the padded layout.
     sampling: greedy | temperature | top_k | top_p (with top_k / top_p), always at `temperature`.
     engine: "slots" (r1jax/rl/engine.py: `slots` decode slots, 0 = one per rollout row, at most `chunk_steps`
       decode steps between host checks) or "static" (r1jax/rl/sampler.py, every row of a batch until the longest ends).
@@ -60,7 +66,7 @@ def rl_block(*, group_size: int, prompts_per_rollout: int, max_new_tokens: int, 
         dynamic_sampling=dynamic_sampling, dynamic_max_batches=dynamic_max_batches,
         ref_reset_every=ref_reset_every, micro_batches=micro_batches, score_chunk_rows=score_chunk_rows,
         ref_dtype=ref_dtype, engine=engine, slots=slots, chunk_steps=chunk_steps, ratio_level=ratio_level,
-        tis_cap=tis_cap, is_mask_band=tuple(is_mask_band)))
+        tis_cap=tis_cap, is_mask_band=tuple(is_mask_band), pack=pack))
 
 
 def eval_block(*, num_prompts: int, samples: int, batch_prompts: int, sampling: str = "top_p",
@@ -120,7 +126,7 @@ def get_config(arg=None):
             rl=rl_block(group_size=8, prompts_per_rollout=16, max_new_tokens=96, prompt_buckets=(128,),
                         completion_buckets=(48, 96), rewards=(("accuracy", 2.0), ("format", 0.25)),
                         temperature=1.0, beta=0.0, agg="token-mean", dynamic_sampling=True,
-                        dynamic_max_batches=3, slots=64),  # 128 rows per rollout through 64 slots
+                        dynamic_max_batches=3, slots=64, pack=True),  # 128 rows per rollout through 64 slots
             eval_=eval_block(num_prompts=96, samples=4, batch_prompts=32),
             optimizer_block=common.optimizer(1.5e-4, 5, schedule="constant", weight_decay=0.0),
             train_block=common.train(90, log_every=1, eval_every=30, checkpoint_every=30, keep_checkpoints=2))

@@ -400,6 +400,114 @@ def test_scorer_row_chunks_and_bf16_reference():
     np.testing.assert_array_equal(score(ref, batch)[0], score(moe_params, batch)[0])
 
 
+# ---------------------------------------------------------------- packed trainer batch (rl.pack)
+
+def test_pack_batch_keeps_every_row_whole():
+    """Every real token lands once, each row contiguous in one sequence with its own segment id and positions
+    from 0; `start` + 1 + j is the column of completion token j; R a multiple of 4; Layout round-trips rows."""
+    from r1jax.rl import trainer
+
+    rng = np.random.default_rng(3)
+    n, p, t = 37, 6, 9
+    prompts = [list(rng.integers(1, 64, rng.integers(1, p + 1))) for _ in range(n)]
+    lengths = rng.integers(1, t + 1, n)
+    completions = rng.integers(1, 64, (n, t)).astype(np.int32)
+    batch = trainer.build_batch(prompts, completions, lengths, prompt_buckets=(p,), completion_buckets=(t,),
+                                pad_id=0, train_mask_n=rng.random(n) > 0.2)
+    packed, layout = trainer.pack_batch(batch, multiple=4)
+    r, k = layout.slots.shape
+    assert r % 4 == 0 and packed["tokens"].shape == (r, p + t) and packed["mask"].shape == (r, k, t)
+    assert sorted(layout.slots[layout.slots >= 0].tolist()) == list(range(n))  # every row exactly once
+    assert (packed["segment_ids"] > 0).sum() == sum(map(len, prompts)) + lengths.sum()
+    for j, s in zip(*np.nonzero(layout.slots >= 0)):
+        i = layout.slots[j, s]
+        cols = np.flatnonzero(packed["segment_ids"][j] == s + 1)
+        row = np.concatenate([prompts[i], completions[i, :lengths[i]]])
+        assert (np.diff(cols) == 1).all() and len(cols) == len(row)  # contiguous, whole
+        np.testing.assert_array_equal(packed["tokens"][j, cols], row)
+        np.testing.assert_array_equal(packed["positions"][j, cols], np.arange(len(row)))
+        completion_cols = packed["start"][j, s] + 1 + np.arange(lengths[i])
+        np.testing.assert_array_equal(packed["tokens"][j, completion_cols], completions[i, :lengths[i]])
+        np.testing.assert_array_equal(packed["mask"][j, s], batch["mask"][i])
+    assert (packed["start"][layout.slots < 0] == -1).all() and packed["mask"][layout.slots < 0].sum() == 0
+    np.testing.assert_array_equal(layout.unrows(layout.rows(batch["mask"])), batch["mask"])
+    # first-fit decreasing: no two sequences could have been one
+    used = np.sort((packed["segment_ids"] > 0).sum(1)[(layout.slots >= 0).any(1)])
+    assert used[0] + used[1] > p + t
+    assert [trainer.pack_rows_bucket(x, 4) for x in (1, 8, 32, 33, 37, 70)] == [4, 8, 32, 36, 40, 72]
+
+
+@pytest.mark.parametrize("agg,micro,beta", [("token-mean", 1, 0.0), ("token-mean", 2, 0.0),
+                                            ("seq-mean-token-mean", 2, 0.1)])
+def test_packed_update_equals_unpacked(agg, micro, beta):
+    """One fused update on the packed batch gives the unpacked update's params, metrics and log-probs: with
+    gradient accumulation, a KL term, a truncated row masked (row 3) and empty slots and sequences."""
+    from r1jax.rl import trainer
+    from r1jax.train import state as state_lib
+
+    cfg, mesh, rules, opt, batch = _trainer_world()
+    adv = np.array([1.0, -1.0, 0.5, -0.5, 2.0, 0.0, -1.5, 1.0], np.float32)
+    loss = trainer.LossSpec(temperature=0.8, agg=agg, beta=beta, micro_batches=micro)
+    packed, layout = trainer.pack_batch(batch, 2 * trainer.row_multiple(mesh, rules, loss))  # 5 sequences -> 6, 8
+    empty = layout.slots < 0
+    assert empty.all(1).any() and (empty & ~empty.all(1, keepdims=True)).any()  # empty sequences and slots
+    out = []
+    for pack, b in ((False, batch), (True, packed)):
+        update = trainer.make_update(cfg, opt, 10, loss, mesh=mesh, rules=rules, pack=pack)
+        state = state_lib.init_state(cfg, update.tx, 0, update.shardings)
+        ref = scorer_logp(cfg, mesh, rules, state.params, batch) - 0.1 if beta else None
+        rows = layout.rows if pack else (lambda x: x)
+        out.append(jax.device_get(update(state, b, None, None if ref is None else rows(ref), rows(adv),
+                                         jax.random.PRNGKey(0))))
+    (state1, metrics1, logp1), (state2, metrics2, logp2) = out
+    assert float(metrics1["grad_norm"]) > 0
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6, rtol=1e-5), state2.params, state1.params)
+    assert metrics1.keys() == metrics2.keys()
+    for k in metrics1:
+        np.testing.assert_allclose(metrics2[k], metrics1[k], atol=1e-6, rtol=1e-5, err_msg=k)
+    real = batch["segment_ids"][:, -6:] > 0
+    np.testing.assert_allclose(layout.unrows(logp2) * real, logp1 * real, atol=1e-5)
+
+
+def scorer_logp(cfg, mesh, rules, params, batch):
+    from r1jax.rl import trainer
+
+    return np.asarray(trainer.make_scorer(cfg, 0.8, mesh=mesh, rules=rules)(params, batch)[0])
+
+
+def test_packed_scorer_equals_unpacked():
+    from r1jax import models
+    from r1jax.rl import trainer
+
+    cfg, mesh, rules, _, batch = _trainer_world()
+    params = models.init(cfg, jax.random.PRNGKey(1))
+    packed, layout = trainer.pack_batch(batch, 2)
+    logp, entropy = trainer.make_scorer(cfg, 0.8, mesh=mesh, rules=rules, pack=True)(params, packed)
+    whole, whole_entropy = trainer.make_scorer(cfg, 0.8, mesh=mesh, rules=rules)(params, batch)
+    real = batch["segment_ids"][:, -6:] > 0
+    assert logp.shape == packed["mask"].shape
+    np.testing.assert_allclose(layout.unrows(logp) * real, np.asarray(whole) * real, atol=1e-5)
+    np.testing.assert_allclose(entropy, whole_entropy, rtol=1e-5)
+
+
+@pytest.mark.parametrize("agg", AGGS)
+def test_empty_slots_do_not_count_as_rows(agg):
+    """Rows of mask 0 appended (a packed layout's empty slots), with `rows` = the real rows: the loss and its
+    gradient are the unpadded ones in every mode; a real row whose mask is 0 (a masked truncated row) keeps
+    counting as it does unpadded (only in Dr. GRPO's N)."""
+    logp, old, ref, adv, mask = make_batch(11)
+    mask[2] = 0  # a truncated row, masked
+    pad = lambda x: np.concatenate([x, np.full((3,) + x.shape[1:], 0.7, x.dtype)])  # noqa: E731
+    kw = dict(eps_low=0.2, eps_high=0.28, beta=0.04, agg=agg, max_len=9)
+    f = lambda lp: run_loss(lp, old, ref, adv, mask, **kw)[0]  # noqa: E731
+    base, g_base = jax.value_and_grad(f)(jnp.asarray(logp, jnp.float32))
+    mask_pad = np.concatenate([mask, np.zeros((3, mask.shape[1]), mask.dtype)])
+    g = lambda lp: run_loss(lp, pad(old), pad(ref), pad(adv), mask_pad, rows=len(mask), **kw)[0]  # noqa: E731
+    padded, g_padded = jax.value_and_grad(g)(jnp.asarray(pad(logp), jnp.float32))
+    assert float(padded) == pytest.approx(float(base), rel=1e-6)
+    np.testing.assert_allclose(np.asarray(g_padded)[:len(mask)], g_base, rtol=1e-6, atol=1e-9)
+
+
 # ---------------------------------------------------------------- sequence ratio (GSPO), rollout correction
 
 def np_corrected_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, agg, level, sampler, tis_cap, band):

@@ -31,7 +31,7 @@ def get_config(arg=None):
         group_size=4, prompts_per_rollout=4, max_new_tokens=12, prompt_buckets=(128,), completion_buckets=(6, 12),
         rewards=(("length_penalty", 1.0, {{"max_len": 12, "cache_len": 10}}), ("format", 0.5)),
         stop_strings={stops!r}, beta=0.01, mu=2, agg="token-mean", dynamic_sampling=True,
-        dynamic_max_batches=2, ref_reset_every=4)
+        dynamic_max_batches=2, ref_reset_every=4, pack=True)
     config.eval = r1_zero.eval_block(num_prompts=4, samples=2, batch_prompts=4)
     config.optimizer = common.optimizer(1e-3, 0, schedule="constant", weight_decay=0.0)
     config.train = common.train(6, log_every=1, eval_every=4, checkpoint_every=2, keep_checkpoints=3,
@@ -85,7 +85,7 @@ def test_metrics_fields_and_checkpoints(runs):
         for key in ("reward_mean", "reward/length_penalty", "reward/format", "format_rate", "accuracy",
                     "response_length_mean", "response_length_max", "truncated_frac", "zero_std_frac", "kl",
                     "clip_frac", "entropy", "reflection_rate", "logprob_diff_max", "loss", "grad_norm", "lr",
-                    "dynamic_batches", "sample_tokens_per_s"):
+                    "dynamic_batches", "sample_tokens_per_s", "batch_fill"):
             assert key in r and np.isfinite(r[key]), (key, r)
         assert r["logprob_diff_max"] < 1e-4  # sampler vs trainer log-probs (default matmul precision)
         assert 1 <= r["response_length_mean"] <= 12 and r["entropy"] > 0

@@ -2,7 +2,7 @@
 side in one run, at equal cache memory; and the whole GRPO step with either sampler.
 
     python -m r1jax.bench.rollout [--prompts 32] [--group 8] [--prompt_len 32] [--new 256] [--static_rows 32] \
-        [--runs 3] [--hf_runs 1] [--out bench_results.jsonl]
+        [--runs 3] [--hf_runs 1] [--padded] [--out bench_results.jsonl]
 
 Workload: B prompts of random tokens (all --prompt_len long), G samples each at temperature 1, on the tiny
 DeepSeek-V3 (MLA) weights. Completion lengths follow an R1-like long tail, forced by a per-row stop position so
@@ -17,8 +17,10 @@ log-normal with median T/4 and 5% of the rows reaching T (truncated); drawn once
            per-row StoppingCriteria.
 Columns: generated tokens/s (the sum of the lengths / median wall time), useful share (generated tokens / slot-
 steps: every slot decoded in a step counts, busy or not), peak cache memory (positions x bytes per position).
-The GRPO step: rollout, a pure-Python reward over the rows, `trainer.build_batch`, one fused update
-(`make_update`, μ = 1); the same update for both samplers, so only the rollout differs.
+The GRPO step: rollout, a pure-Python reward over the rows, `trainer.build_batch` and its packing
+(`trainer.trainer_batch`, as rl.pack does; --padded: the [N, P+T] batch), one fused update (`make_update`, μ = 1);
+the same update for both samplers, so only the rollout differs. The update is also timed on the padded batch
+(engine rollouts) and the forward positions of both are reported (packed R x L vs N x (P+T)).
 """
 
 from __future__ import annotations
@@ -139,16 +141,19 @@ def transformers_list(criterion):
 
 
 class GRPOStep:
-    """Rollout (either sampler) + reward + trainer batch + one fused update, as the GRPO stage runs them."""
+    """Rollout (either sampler) + reward + trainer batch + one fused update, as the GRPO stage runs them
+    (pack: the rows packed as rl.pack does, `trainer.trainer_batch`)."""
 
-    def __init__(self, cfg, rollouts: Rollouts, seed: int = 0):
+    def __init__(self, cfg, rollouts: Rollouts, seed: int = 0, pack: bool = True):
         mesh = make_mesh({"fsdp": -1}, devices=jax.devices()[:1])
-        self.mesh, self.r = mesh, rollouts
-        loss = trainer_lib.LossSpec(temperature=1.0, max_len=rollouts.new)
-        self.update = trainer_lib.make_update(cfg, tuple(sorted(OPTIMIZER.items())), 10**6, loss, mesh=mesh,
-                                              rules=DEFAULT_RULES)
+        self.mesh, self.r, self.pack = mesh, rollouts, pack
+        self.loss = trainer_lib.LossSpec(temperature=1.0, max_len=rollouts.new)
+        self.update = trainer_lib.make_update(cfg, tuple(sorted(OPTIMIZER.items())), 10**6, self.loss, mesh=mesh,
+                                              rules=DEFAULT_RULES, pack=pack)
         self.state = state_lib.init_state(cfg, self.update.tx, seed, self.update.shardings)
         self.prompts = [list(row) for row in rollouts.prompts_bp for _ in range(rollouts.group)]
+        self.update_s: list[float] = []
+        self.tokens = {}  # the last update's forward positions: real ones and all
 
     def step(self, sample) -> float:
         t0 = time.perf_counter()
@@ -156,13 +161,18 @@ class GRPOStep:
         rng, key, shuffle = jax.random.split(self.state.rng, 3)
         self.state = self.state.replace(rng=rng)
         out = sample(key)
+        t1 = time.perf_counter()
         adv, _ = grpo.group_advantages(jnp.asarray(distinct_tokens(out.tokens, out.lengths)), r.group)
         host = trainer_lib.build_batch(self.prompts, out.tokens, out.lengths, prompt_buckets=(r.prompts_bp.shape[1],),
                                        completion_buckets=(r.new,), pad_id=0)
-        batch = jax.device_put(host, trainer_lib.batch_shardings(self.mesh, DEFAULT_RULES))
-        self.state, metrics, _ = self.update(self.state, batch, None, None, adv, shuffle,
-                                             trainer_lib.pad_columns(out.logprobs, r.new))
+        host, layout = trainer_lib.trainer_batch(
+            host, self.pack, trainer_lib.row_multiple(self.mesh, DEFAULT_RULES, self.loss))
+        batch = jax.device_put(host, trainer_lib.batch_shardings(self.mesh, DEFAULT_RULES, self.pack))
+        self.state, metrics, _ = self.update(self.state, batch, None, None, layout.rows(np.asarray(adv)), shuffle,
+                                             layout.rows(trainer_lib.pad_columns(out.logprobs, r.new)))
         jax.block_until_ready(metrics)
+        self.update_s.append(time.perf_counter() - t1)
+        self.tokens = {"real": int((host["segment_ids"] > 0).sum()), "all": int(host["segment_ids"].size)}
         return time.perf_counter() - t0
 
 
@@ -194,12 +204,21 @@ def measure(args) -> list[dict]:
             save_hf_checkpoint(hf_dir, cfg, jax.device_get(params))
             hf = HFGenerate(hf_dir, r, torch_device())
         times["generate"] = [_timed(hf.run) for _ in range(args.hf_runs)]
-    step = GRPOStep(cfg, r)
+    step = GRPOStep(cfg, r, pack=not args.padded)
     step.step(r.run_static), step.step(r.run_engine)  # compile the update
+    step.update_s.clear()
     step_times = {"static": [], "engine": []}
     for _ in range(args.step_runs):
         step_times["static"].append(step.step(r.run_static))
         step_times["engine"].append(step.step(r.run_engine))
+    padded = {}
+    if not args.padded:  # the same update on the padded [N, P+T] batch, for its time and token count
+        unpacked = GRPOStep(cfg, r, pack=False)
+        unpacked.step(r.run_engine)
+        unpacked.update_s.clear()
+        for _ in range(args.step_runs):
+            unpacked.step(r.run_engine)
+        padded = {"padded_update_s": spread(unpacked.update_s)["median"], "padded_tokens": unpacked.tokens["all"]}
     rows = []
     positions = {"static": r.static_bytes, "engine": r.engine_bytes, "generate": None}
     slot_steps = {"static": r.static_slot_steps, "engine": engine_stats["slot_steps"],
@@ -221,7 +240,8 @@ def measure(args) -> list[dict]:
         row["step_speedup"] = base["grpo_step_s"] / row["grpo_step_s"] if row["grpo_step_s"] else None
     meta = {"B": b, "G": g, "P": args.prompt_len, "T": args.new, "tokens": tokens,
             "median_len": float(np.median(limit_n)), "truncated_frac": float((limit_n == args.new).mean()),
-            "engine_stats": engine_stats}
+            "engine_stats": engine_stats, "pack": not args.padded, "update_s": spread(step.update_s)["median"],
+            "update_tokens": step.tokens["all"], "real_tokens": step.tokens["real"], **padded}
     for row in rows:
         row.update(meta)
     return rows
@@ -242,6 +262,7 @@ def main(argv=None):
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--step_runs", type=int, default=2)
     ap.add_argument("--hf_runs", type=int, default=1, help="generate runs (0 = skip)")
+    ap.add_argument("--padded", action="store_true", help="the GRPO step's update on the padded batch (no packing)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default="bench_results.jsonl")
     args = ap.parse_args(argv)
@@ -250,6 +271,9 @@ def main(argv=None):
     m = rows[0]
     print(f"{m['B']} prompts x G {m['G']}, prompt {m['P']}, T {m['T']}: {m['tokens']} tokens, median length "
           f"{m['median_len']:.0f}, {m['truncated_frac']:.1%} truncated")
+    print(f"update ({'packed' if m['pack'] else 'padded'}): {m['update_s']:.3g} s over {m['update_tokens']} positions "
+          f"({m['real_tokens']} real)" + (f"; padded: {m['padded_update_s']:.3g} s over {m['padded_tokens']} positions"
+                                           if "padded_tokens" in m else ""))
     print_table(rows, COLUMNS)
     append_result(args.out, "rollout", rows)
     return rows

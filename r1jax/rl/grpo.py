@@ -48,7 +48,8 @@ Aggregation of ℓ over masked tokens (m_it = 1 for real completion tokens, |o_i
                                depends on its total token count.
     "seq-mean-token-sum-norm"  Σ_it m_it ℓ_it / (N · max_len)    Dr. GRPO: a constant normaliser
                                (max_len = the configured max completion length, default T), no length
-                               bias; usually paired with scale="none".
+                               bias; usually paired with scale="none". N = the rows, or `rows` when
+                               the caller's layout has empty slots (the trainer's packed batch).
 
 Sequence-level ratio (GSPO, Zheng et al. 2025; ratio_level="sequence"): every token of o_i uses
 
@@ -144,25 +145,28 @@ def _masked_mean(x, mask_f):
     return (x * mask_f).sum() / jnp.maximum(mask_f.sum(), 1.0)
 
 
-def aggregate_normaliser(mask_nt, agg: str, max_len: int):
+def aggregate_normaliser(mask_nt, agg: str, max_len: int, rows=None):
     """The denominator of the AGG_MODES aggregate over mask_nt [N, T]: masked tokens, non-empty rows or
-    N * max_len (at least 1). The aggregate of rows split into parts (gradient accumulation) is the sum of the
-    parts' aggregates, each times normaliser(part) / normaliser(all rows), exactly."""
+    N * max_len (at least 1; rows, when given, replaces N: the real rows of a layout with empty slots). The
+    aggregate of rows split into parts (gradient accumulation) is the sum of the parts' aggregates, each times
+    normaliser(part) / normaliser(all rows), exactly."""
     mask_nt = mask_nt.astype(jnp.float32)
     if agg == "token-mean":
         return jnp.maximum(mask_nt.sum(), 1.0)
     if agg == "seq-mean-token-mean":
         return jnp.maximum((mask_nt.sum(axis=1) > 0).sum(dtype=jnp.float32), 1.0)
-    return jnp.asarray(mask_nt.shape[0] * max_len, jnp.float32)
+    if rows is None:
+        return jnp.asarray(mask_nt.shape[0] * max_len, jnp.float32)
+    return jnp.maximum(jnp.asarray(rows, jnp.float32) * max_len, 1.0)
 
 
-def _aggregate(loss_nt, mask_nt, agg: str, max_len: int):
+def _aggregate(loss_nt, mask_nt, agg: str, max_len: int, rows=None):
     """Reduce per-token values [N, T] to a scalar with one of AGG_MODES (module docstring)."""
     if agg == "seq-mean-token-mean":
         total = ((loss_nt * mask_nt).sum(axis=1) / jnp.maximum(mask_nt.sum(axis=1), 1.0)).sum()
     else:
         total = (loss_nt * mask_nt).sum()
-    return total / aggregate_normaliser(mask_nt, agg, max_len)
+    return total / aggregate_normaliser(mask_nt, agg, max_len, rows)
 
 
 def _row_mean(x_nt, mask_nt):
@@ -173,7 +177,7 @@ def _row_mean(x_nt, mask_nt):
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low: float = 0.2, eps_high: float = 0.2,
                 beta: float = 0.04, agg: str = "seq-mean-token-mean", max_len: int | None = None,
                 ratio_level: str = "token", sampler_logp=None, tis_cap: float = 0.0,
-                is_mask_band: tuple[float, float] | None = None):
+                is_mask_band: tuple[float, float] | None = None, rows=None):
     """GRPO clipped surrogate + β·k3 KL loss (to minimise) and its metrics.
 
     logp, old_logp, ref_logp: [N, T] log-probs of the sampled tokens under π_θ, π_old, π_ref
@@ -184,6 +188,8 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low: float = 
     sampler_logp [N, T] (optional): the sampler's log-probs; then the drift metrics are reported, and
     tis_cap > 0 weights tokens by min(π_old/μ, tis_cap), is_mask_band=(lo, hi) drops rows whose geometric
     mean ratio π_old/μ leaves [lo, hi] (module docstring).
+    rows (optional scalar): the number of real rows, for "seq-mean-token-sum-norm"'s N when some of the N
+    rows are empty slots (mask 0) of a packed layout; the other modes never count an empty row.
     Metrics: pg_loss (the surrogate part, aggregated like the loss), clip_frac, clip_frac_low,
     clip_frac_high (shares of masked tokens where the clipped branch is the strict minimum; low: ρ < 1−ε_low
     with Â < 0, high: ρ > 1+ε_high with Â > 0), ratio_mean (masked), and kl (masked token mean of k3)
@@ -234,7 +240,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low: float = 
     unclipped_nt = ratio_nt * adv_n1
     clipped_nt = jnp.clip(ratio_nt, 1.0 - eps_low, 1.0 + eps_high) * adv_n1
     surrogate_nt = jnp.minimum(unclipped_nt, clipped_nt)
-    pg_loss = _aggregate(-weight_nt * surrogate_nt, mask_nt, agg, max_len)
+    pg_loss = _aggregate(-weight_nt * surrogate_nt, mask_nt, agg, max_len, rows)
     loss = pg_loss
 
     metrics |= {
@@ -249,7 +255,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, *, eps_low: float = 
         kl_nt = jnp.exp(ref_diff_nt) - ref_diff_nt - 1.0
         metrics["kl"] = _masked_mean(jax.lax.stop_gradient(kl_nt), mask_nt)
         if beta != 0:
-            loss = loss + beta * _aggregate(kl_nt, mask_nt, agg, max_len)
+            loss = loss + beta * _aggregate(kl_nt, mask_nt, agg, max_len, rows)
     metrics["loss"] = loss
     return loss, metrics
 

@@ -15,10 +15,33 @@ so the completion's log-probs are one slice of the forward's logits: log softmax
 the sampled token, the sampler's formula, computed by the training forward (the full MLA path, where the
 sampler used the absorbed path over the latent cache; they agree to fp32 rounding).
 
-One rollout's update (`make_update`): the N rows are split at random into `mini_batches` mini-batches, μ
-times over (a fresh split per pass), and each mini-batch is one optimizer update of the GRPO loss
-(`grpo.policy_loss`; DeepSeekMath eq. 3 with the k3 KL) plus the MoE balance loss. π_old is the policy
-before the first update, recomputed by the training forward with the same params (not the sampler's
+Packed layout (`pack_batch`, rl.pack): at long-tailed lengths most of [N, P+T] is padding (mean completion far
+below the bucket T), so the N rows (prompt + completion each, never split) are packed first-fit decreasing into
+R sequences of L = P+T columns, K rows at most per sequence:
+
+    tokens, positions, segment_ids  [R, L]   row k of a sequence has segment id k+1, positions 0.. restart
+                                             per row, 0 = padding (the attention keeps segments apart)
+    start       [R, K]     the column whose logits predict the row's first completion token (its last prompt
+                           token), -1 for an empty slot
+    mask        [R, K, T]  the unpacked mask of the row in that slot (0 for an empty slot)
+    slots       [R, K]     (host only, `Layout`) the row n in each slot, -1 = empty
+
+Every per-row array (advantages [R, K], old / ref / sampler log-probs [R, K, T]) is laid out the same way
+(`Layout.rows`, and `Layout.unrows` back to [N, ...]). The forward runs on [R, L]; each column's next-token
+log-prob (the output head runs on all R·L columns, prompts included) is gathered back within its sequence
+(take_along_axis on the unsharded column axis) to [R, K, T] and the loss sees [R·K, T] rows, empty slots
+masked: grpo.policy_loss is unchanged, except that Dr. GRPO's N · max_len counts real rows only (`rows`), so
+every aggregate equals the unpacked one (truncated rows masked by rl.mask_truncated count as they do
+unpacked). R is rounded up to a multiple of data shards x mini_batches x micro_batches and of the score
+chunk (`row_multiple`), and to a few sizes per octave (`pack_rows_bucket`), K to a power of two, so a run
+compiles a few shapes. The MoE sequence-wise balance loss is computed per packed sequence (as SFT packing does).
+
+One rollout's update (`make_update`): the N rows (packed: the R sequences, each with all its rows) are split
+at random into `mini_batches` mini-batches, μ times over (a fresh split per pass), and each mini-batch is one
+optimizer update of the GRPO loss (`grpo.policy_loss`; DeepSeekMath eq. 3 with the k3 KL) plus the MoE balance
+loss. Packed mini-batches therefore hold different numbers of rows (whole sequences are drawn, not rows), each
+aggregated over the real rows it holds; with one mini-batch the update is exactly the unpacked one. π_old is
+the policy before the first update, recomputed by the training forward with the same params (not the sampler's
 numbers): by `make_scorer` when there are several updates, inside the single update otherwise. π_ref is a
 frozen copy of the params (`ref_logp`, same scorer; `copy_params` can keep it in bf16, the dtype the forward
 computes in anyway). All μ × mini_batches updates run in one jitted `lax.scan`.
@@ -27,13 +50,16 @@ Memory at long completions: each mini-batch's gradient can be accumulated over `
 the GRPO aggregate re-weighted so the sum equals the mini-batch's gradient exactly, `grpo.aggregate_normaliser`),
 and the scorer can run over chunks of `chunk_rows` rows (lax.map), so neither holds the fp32 logits [N, T, V]
 of more rows than one part. Parts are strided (row i in part i mod parts), so rows sharded over devices in
-contiguous blocks stay where they are.
+contiguous blocks stay where they are. Packed, all of this splits sequences: a mini-batch, micro-batch or score
+chunk is a set of whole packed sequences (chunk_rows counts sequences), and each aggregate is over the real
+rows it holds.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 import types
 from typing import Any, Sequence
 
@@ -53,6 +79,7 @@ from r1jax.train import state as state_lib
 from r1jax.train.state import TrainState
 
 BATCH_KEYS = ("tokens", "positions", "segment_ids", "completion", "mask")
+PACKED_KEYS = ("tokens", "positions", "segment_ids", "start", "mask")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,19 +158,116 @@ def pad_columns(x_nt: np.ndarray, width: int, value=0) -> np.ndarray:
     return np.concatenate([x_nt, np.full((x_nt.shape[0], width - x_nt.shape[1]), value, x_nt.dtype)], axis=1)
 
 
+def pack_rows_bucket(r: int, multiple: int) -> int:
+    """The packed row count for r sequences: up to a multiple of `multiple`, then (past 8 multiples) up to one
+    of 8 sizes per octave (m · 2^e multiples, m = 8..15: at most 1/8 of the rows padding), so that a run's
+    rollouts compile a few shapes, not one per rollout."""
+    units = -(-r // multiple)
+    if units > 8:
+        scale = 1 << (units.bit_length() - 4)  # units = m · scale with 8 <= m < 16
+        units = -(-units // scale) * scale
+    return units * multiple
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """Where the N rows sit in the trainer batch: slots [R, K] holds row n (or -1, empty) for a packed batch;
+    slots None = the unpacked [N, ...] layout (rows and unrows are then the identity)."""
+
+    n: int
+    slots: np.ndarray | None = None
+
+    def rows(self, x_n: np.ndarray) -> np.ndarray:
+        """Per-row host array [N, ...] -> the batch's layout ([R, K, ...], 0 in empty slots)."""
+        if self.slots is None:
+            return x_n
+        x = np.asarray(x_n)[np.maximum(self.slots, 0)]
+        x[self.slots < 0] = 0
+        return x
+
+    def unrows(self, x) -> np.ndarray:
+        """The inverse of rows: [R, K, ...] (host or device) -> [N, ...]."""
+        x = np.asarray(jax.device_get(x))
+        if self.slots is None:
+            return x
+        out = np.zeros((self.n,) + x.shape[2:], x.dtype)
+        real = self.slots >= 0
+        out[self.slots[real]] = x[real]
+        return out
+
+
+def pack_batch(batch: dict[str, np.ndarray], multiple: int = 1) -> tuple[dict[str, np.ndarray], Layout]:
+    """build_batch's [N, P+T] batch packed into R sequences of P+T columns (module docstring, first-fit
+    decreasing; rows never split). multiple: R is a multiple of it (data shards x mini- x micro-batches)."""
+    seg = batch["segment_ids"]
+    n, width = seg.shape
+    p = width - batch["mask"].shape[1]
+    first = np.argmax(seg > 0, axis=1)  # [N] the prompt's first column (right-aligned prompts)
+    length = (seg > 0).sum(axis=1)  # [N] prompt + completion tokens
+    packs: list[list[int]] = []
+    free = np.zeros(0, np.int64)  # [packs] columns left
+    for i in np.argsort(-length, kind="stable"):
+        fits = np.flatnonzero(free >= length[i])
+        if fits.size:
+            j = int(fits[0])
+        else:
+            j, free = len(packs), np.append(free, width)
+            packs.append([])
+        packs[j].append(int(i))
+        free[j] -= length[i]
+    r = pack_rows_bucket(len(packs), multiple)
+    k = 1 << (max(len(x) for x in packs) - 1).bit_length()
+    out = {key: np.zeros((r, width), np.int32) for key in ("tokens", "positions", "segment_ids")}
+    start = np.full((r, k), -1, np.int32)
+    slots = np.full((r, k), -1, np.int32)
+    for j, rows in enumerate(packs):
+        col = 0
+        for s, i in enumerate(rows):
+            a, size = first[i], length[i]
+            for key in ("tokens", "positions"):
+                out[key][j, col:col + size] = batch[key][i, a:a + size]
+            out["segment_ids"][j, col:col + size] = s + 1
+            start[j, s] = col + (p - a) - 1
+            slots[j, s] = i
+            col += size
+    layout = Layout(n, slots)
+    return {**out, "start": start, "mask": layout.rows(batch["mask"])}, layout
+
+
+def trainer_batch(batch: dict[str, np.ndarray], pack: bool, multiple: int = 1):
+    """(batch, Layout): build_batch's batch as it is (pack False) or packed (pack_batch)."""
+    return pack_batch(batch, multiple) if pack else (batch, Layout(batch["mask"].shape[0]))
+
+
+def row_multiple(mesh, rules, loss: LossSpec, chunk_rows: int = 0) -> int:
+    """What a packed R must be a multiple of: the data shards of the rows x mini_batches x micro_batches,
+    and the scorer's chunk_rows."""
+    axes = logical_to_spec(("act_batch",), rules, mesh)[0] or ()
+    shards = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else axes))
+    return math.lcm(shards * loss.mini_batches * loss.micro_batches, max(chunk_rows, 1))
+
+
 # ---------------------------------------------------------------------------------------------- log-probs
 
 
 def completion_logprobs(params, batch, cfg: models.ModelConfig, temperature: float, *, with_entropy: bool = False):
     """(logp [N,T], aux): log softmax(logits / temperature) at the completion tokens (models.token_logprobs).
     aux: the forward's aux (aux_loss, expert_load) plus `entropy` [N,T] of the temperature distribution
-    when with_entropy."""
-    t = batch["completion"].shape[1]
-    p = batch["tokens"].shape[1] - t
+    when with_entropy. A packed batch (a `start` key) gives [R,K,T] for both (module docstring)."""
     h, aux = models.hidden_states(params, batch["tokens"], cfg, positions=batch["positions"],
                                   segment_ids=batch["segment_ids"])
-    logp_nt, *entropy = models.token_logprobs(params, h[:, p - 1:p - 1 + t], batch["completion"], cfg,
-                                              temperature=temperature, with_entropy=with_entropy)
+    if "start" in batch:  # packed: every column's next-token log-prob, then each row's completion columns
+        r, width = batch["tokens"].shape
+        k, t = batch["mask"].shape[1:]
+        targets_rl = jnp.pad(batch["tokens"][:, 1:], ((0, 0), (0, 1)))
+        outs = models.token_logprobs(params, h, targets_rl, cfg, temperature=temperature, with_entropy=with_entropy)
+        cols = jnp.clip(batch["start"][:, :, None] + jnp.arange(t), 0, width - 1).reshape(r, k * t)
+        logp_nt, *entropy = (jnp.take_along_axis(x, cols, axis=1).reshape(r, k, t) for x in outs)
+    else:
+        t = batch["completion"].shape[1]
+        p = batch["tokens"].shape[1] - t
+        logp_nt, *entropy = models.token_logprobs(params, h[:, p - 1:p - 1 + t], batch["completion"], cfg,
+                                                  temperature=temperature, with_entropy=with_entropy)
     out = {k: v for k, v in aux.items() if k in ("aux_loss", "expert_load")}
     if with_entropy:
         out["entropy"] = entropy[0]
@@ -172,15 +296,24 @@ def _rows(mesh, rules, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, logical_to_spec(("act_batch",) + (None,) * (ndim - 1), rules, mesh))
 
 
-def batch_shardings(mesh, rules) -> dict[str, NamedSharding]:
+def batch_shardings(mesh, rules, pack: bool = False) -> dict[str, NamedSharding]:
+    if pack:
+        return {k: _rows(mesh, rules, 3 if k == "mask" else 2) for k in PACKED_KEYS}
     return {k: _rows(mesh, rules, 2) for k in BATCH_KEYS}
 
 
+def flat_rows(x):
+    """A packed per-row array [R, K, ...] -> [R·K, ...], the loss's rows (an unpacked one is passed as is)."""
+    return x.reshape(-1, *x.shape[2:])
+
+
 @functools.lru_cache(maxsize=16)
-def make_scorer(cfg: models.ModelConfig, temperature: float, *, mesh, rules, chunk_rows: int = 0):
+def make_scorer(cfg: models.ModelConfig, temperature: float, *, mesh, rules, chunk_rows: int = 0,
+                pack: bool = False):
     """Jitted `score(params, batch) -> (logp [N,T], entropy)`: the completion log-probs under params and the
     mean entropy of the temperature distribution over the masked tokens (r1jax.rl.grpo.token_entropy).
-    chunk_rows > 0: one forward per chunk of that many rows (lax.map; N must be a multiple), 0 = all N at once."""
+    chunk_rows > 0: one forward per chunk of that many rows (lax.map; N must be a multiple), 0 = all N at once.
+    pack: the batch is packed (pack_batch); logp is then [R,K,T] and chunk_rows counts packed sequences."""
 
     def score_rows(params, rows):
         logp_nt, aux = completion_logprobs(params, rows, cfg, temperature, with_entropy=True)
@@ -198,8 +331,9 @@ def make_scorer(cfg: models.ModelConfig, temperature: float, *, mesh, rules, chu
             logp_nt, entropy_sum = score_rows(params, batch)
         return logp_nt, entropy_sum / jnp.maximum(jnp.sum(batch["mask"]), 1.0)
 
-    jitted = jax.jit(score, in_shardings=(models.param_shardings(cfg, mesh, rules), batch_shardings(mesh, rules)),
-                     out_shardings=(_rows(mesh, rules, 2), NamedSharding(mesh, P())))
+    jitted = jax.jit(score, in_shardings=(models.param_shardings(cfg, mesh, rules),
+                                          batch_shardings(mesh, rules, pack)),
+                     out_shardings=(_rows(mesh, rules, 3 if pack else 2), NamedSharding(mesh, P())))
 
     def run(params, batch):
         with use_rules(mesh, rules):
@@ -222,7 +356,8 @@ def make_optimizer(cfg: models.ModelConfig, opt_key: tuple, total_steps: int):
 
 
 @functools.lru_cache(maxsize=16)
-def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss: LossSpec, *, mesh, rules):
+def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss: LossSpec, *, mesh, rules,
+                pack: bool = False):
     """Jitted `update(state, batch, old_logp, ref_logp, advantages, key, sampler_logp=None) -> (state, metrics,
     logp_before)`: μ passes of `mini_batches` optimizer updates over one rollout (module docstring). The state
     is donated. sampler_logp [N,T]: the sampler's log-probs; with them the metrics hold the sampler/trainer drift
@@ -235,10 +370,13 @@ def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss:
     old_logp = stop_gradient(logp) (the same numbers a separate pass would give, one forward less): pass
     old_logp=None; `metrics` then also hold `entropy` and logp_before is that logp [N,T]. Otherwise pass
     old_logp from `make_scorer` and logp_before is old_logp. ref_logp: None when loss.beta == 0.
-    loss.micro_batches > 1 accumulates each mini-batch's gradient over that many parts (module docstring)."""
+    loss.micro_batches > 1 accumulates each mini-batch's gradient over that many parts (module docstring).
+    pack: the batch is packed (pack_batch): every per-row argument and logp_before are in its [R, K, ...]
+    layout, and mini- / micro-batches are sets of whole packed sequences."""
     tx, schedule = make_optimizer(cfg, opt_key, total_steps)
     shardings = state_lib.state_shardings(cfg, tx, mesh, rules)
-    rows1, rows2 = _rows(mesh, rules, 1), _rows(mesh, rules, 2)
+    rows1, rows2 = _rows(mesh, rules, 1 + pack), _rows(mesh, rules, 2 + pack)
+    rows_of = flat_rows if pack else (lambda x: x)  # the loss's [rows, ...] view of a per-row array
     replicated = NamedSharding(mesh, P())
     n_mb, n_micro = loss.mini_batches, loss.micro_batches
     fused = loss.updates_per_rollout == 1
@@ -248,10 +386,11 @@ def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss:
         logp_nt, aux = completion_logprobs(params, mb, cfg, loss.temperature, with_entropy=fused)
         old_logp = jax.lax.stop_gradient(logp_nt) if fused else mb["old_logp"]
         value, metrics = grpo.policy_loss(
-            logp_nt, old_logp, mb["ref_logp"] if loss.beta else None, mb["advantages"], mb["mask"],
-            eps_low=loss.eps_low, eps_high=loss.eps_high, beta=loss.beta, agg=loss.agg, max_len=loss.max_len,
-            ratio_level=loss.ratio_level, sampler_logp=mb.get("sampler_logp"), tis_cap=loss.tis_cap,
-            is_mask_band=loss.is_mask_band)
+            rows_of(logp_nt), rows_of(old_logp), rows_of(mb["ref_logp"]) if loss.beta else None,
+            rows_of(mb["advantages"]), rows_of(mb["mask"]), eps_low=loss.eps_low, eps_high=loss.eps_high,
+            beta=loss.beta, agg=loss.agg, max_len=loss.max_len, ratio_level=loss.ratio_level,
+            sampler_logp=rows_of(mb["sampler_logp"]) if "sampler_logp" in mb else None, tis_cap=loss.tis_cap,
+            is_mask_band=loss.is_mask_band, rows=real_rows(mb))
         metrics["aux_loss"] = aux["aux_loss"]
         if fused:
             mask_nt = mb["mask"]
@@ -260,6 +399,10 @@ def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss:
 
     grad_fn = jax.value_and_grad(minibatch_loss, has_aux=True)
 
+    def real_rows(rows):
+        """The number of real rows (packed: the filled slots; None = all rows, the unpacked layout)."""
+        return jnp.sum(rows["start"] >= 0).astype(jnp.float32) if pack else None
+
     def minibatch_grads(params, mb):
         """(grads, metrics, expert load, old_logp) of one mini-batch, accumulated over n_micro parts: the GRPO
         aggregate's part weighted by its share of the normaliser, token means by their share of the tokens."""
@@ -267,10 +410,13 @@ def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss:
             (_, (metrics, load, old_logp)), grads = grad_fn(params, mb)
             return grads, metrics, load, old_logp
         micro = split_rows(mb, n_micro, "rl.micro_batches")
-        max_len = loss.max_len or mb["mask"].shape[1]
-        norm = functools.partial(grpo.aggregate_normaliser, agg=loss.agg, max_len=max_len)
-        w_loss = jax.vmap(norm)(micro["mask"]) / norm(mb["mask"])  # [micro]
-        w_tokens = (jnp.maximum(micro["mask"].sum(axis=(1, 2)), 1.0)
+        max_len = loss.max_len or mb["mask"].shape[-1]
+
+        def norm(rows):
+            return grpo.aggregate_normaliser(rows_of(rows["mask"]), loss.agg, max_len, rows=real_rows(rows))
+
+        w_loss = jax.vmap(norm)(micro) / norm(mb)  # [micro]
+        w_tokens = (jnp.maximum(micro["mask"].reshape(n_micro, -1).sum(axis=1), 1.0)
                     / jnp.maximum(mb["mask"].sum(), 1.0))
 
         def body(grads, part):
@@ -314,8 +460,9 @@ def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss:
         logp_before = jnp.zeros_like(old_u[0]).at[order[0]].set(old_u[0]) if fused else old_logp
         return state.replace(params=params, opt_state=opt_state, step=step), metrics, logp_before
 
-    jitted = jax.jit(update, in_shardings=(shardings, batch_shardings(mesh, rules), rows2, rows2, rows1, replicated,
-                                           rows2), out_shardings=(shardings, replicated, rows2), donate_argnums=0)
+    jitted = jax.jit(update, in_shardings=(shardings, batch_shardings(mesh, rules, pack), rows2, rows2, rows1,
+                                           replicated, rows2), out_shardings=(shardings, replicated, rows2),
+                     donate_argnums=0)
 
     def run(state, batch, old_logp, ref_logp, advantages, key, sampler_logp=None):
         if (old_logp is None) != fused:
@@ -326,7 +473,7 @@ def make_update(cfg: models.ModelConfig, opt_key: tuple, total_steps: int, loss:
         with use_rules(mesh, rules):
             return jitted(state, batch, old_logp, ref_logp, advantages, key, sampler_logp)
 
-    run.tx, run.schedule, run.shardings, run.fused = tx, schedule, shardings, fused
+    run.tx, run.schedule, run.shardings, run.fused, run.pack = tx, schedule, shardings, fused, pack
     return run
 
 

@@ -25,7 +25,10 @@ One rollout (an RL "iteration"; DeepSeekMath Algorithm 1, outer loop over batche
                   left out of the loss with rl.mask_truncated
   6. log-probs    π_old = the current params, π_ref = the frozen reference (only when rl.beta > 0), both by
                   models.forward with the logits divided by the sampling temperature (r1jax.rl.trainer;
-                  π_old inside the update's own forward when μ = mini_batches = 1)
+                  π_old inside the update's own forward when μ = mini_batches = 1); with rl.pack the rows are
+                  packed first-fit into sequences of the prompt + completion bucket (trainer.pack_batch: the
+                  same loss, a fraction of the padded tokens at long-tailed lengths; mini-batches are then
+                  sets of whole packed sequences)
   7. update       rl.mu passes x rl.mini_batches optimizer updates (one jitted scan); state.step counts
                   optimizer updates, so train.steps and the LR schedule are in updates
   8. reference    with rl.ref_reset_every = R > 0, the reference becomes a copy of the policy every R updates
@@ -113,8 +116,9 @@ def run(config, workdir: str) -> StageResult:
         raise ValueError(f"train.steps={steps} (optimizer updates) must be a multiple of rl.mu x rl.mini_batches "
                          f"= {loss.updates_per_rollout}")
     mesh, rules = run.mesh, run.rules
+    pack = bool(rl.get("pack", False))
     update = trainer_lib.make_update(cfg, trainer_lib.optimizer_key(config.optimizer), steps, loss,
-                                     mesh=mesh, rules=rules)
+                                     mesh=mesh, rules=rules, pack=pack)
     shardings = update.shardings
 
     def initial_state():
@@ -134,8 +138,9 @@ def run(config, workdir: str) -> StageResult:
         ref_params = trainer_lib.copy_params(ref_params if ref_step else
                                              (initial_state() if run.resumed else state).params,
                                              shardings.params, ref_dtype)
-    scorer = trainer_lib.make_scorer(cfg, loss.temperature, mesh=mesh, rules=rules,
-                                     chunk_rows=int(rl.get("score_chunk_rows", 0)))
+    chunk_rows = int(rl.get("score_chunk_rows", 0))
+    scorer = trainer_lib.make_scorer(cfg, loss.temperature, mesh=mesh, rules=rules, chunk_rows=chunk_rows, pack=pack)
+    multiple = trainer_lib.row_multiple(mesh, rules, loss, chunk_rows)
     train_spec = sampler_spec(rl, eos_id=tuple(tokenizer.eos_ids), pad_id=tokenizer.pad_id,
                               stop_sequences=stops.stop_strings(tokenizer, tuple(rl.stop_strings)),
                               vocab_size=tokenizer.vocab_size)
@@ -199,7 +204,8 @@ def run(config, workdir: str) -> StageResult:
             np.concatenate([g.tokens for g in groups]), np.concatenate([g.lengths for g in groups]), prompt_buckets=buckets,
             completion_buckets=tuple(rl.completion_buckets), pad_id=tokenizer.pad_id,
             train_mask_n=~truncated_n if rl.mask_truncated else None)
-        batch = put_rows(host_batch, mesh, rules)
+        train_batch, layout = trainer_lib.trainer_batch(host_batch, pack, multiple)  # rl.pack: rows packed
+        batch = put_rows(train_batch, mesh, rules)
         sampler_logp = trainer_lib.pad_columns(np.concatenate([g.logprobs for g in groups]),
                                                host_batch["mask"].shape[1])
         old_logp, entropy = (None, None) if update.fused else scorer(state.params, batch)
@@ -207,9 +213,9 @@ def run(config, workdir: str) -> StageResult:
 
         # 7: μ x mini-batch updates (π_old inside the update when there is only one)
         t0 = time.perf_counter()
-        state, update_metrics, logp_before = update(
-            state, batch, old_logp, ref_logp, put_rows({"a": np.asarray(adv_n)}, mesh, rules)["a"], shuffle_key,
-            put_rows({"s": sampler_logp}, mesh, rules)["s"])
+        rows = put_rows({"a": layout.rows(np.asarray(adv_n)), "s": layout.rows(sampler_logp)}, mesh, rules)
+        state, update_metrics, logp_before = update(state, batch, old_logp, ref_logp, rows["a"], shuffle_key,
+                                                    rows["s"])
         update_metrics = {k: float(v) for k, v in jax.device_get(update_metrics).items()}
         if entropy is not None:
             update_metrics["entropy"] = float(entropy)
@@ -226,8 +232,10 @@ def run(config, workdir: str) -> StageResult:
         last_groups = drawn
         record = {**behaviour_metrics(drawn), **update_metrics,
                   **{f"batch_{k}": float(v) for k, v in adv_metrics.items()},
-                  "logprob_diff_max": float(np.max(np.abs(to_host(logp_before) - sampler_logp) * real, initial=0.0)),
+                  "logprob_diff_max": float(np.max(np.abs(layout.unrows(to_host(logp_before)) - sampler_logp) * real,
+                                                   initial=0.0)),
                   "train_tokens": float(host_batch["mask"].sum()),
+                  "batch_fill": float((train_batch["segment_ids"] > 0).mean()),  # real share of the forward's tokens
                   "dynamic_batches": len(drawn) // int(rl.prompts_per_rollout),
                   "kept_group_frac": float(np.mean([g.informative for g in groups])),
                   "epoch": stream.epoch, "rollout": step // per_rollout, "sample_s": sample_s, "update_s": update_s,
@@ -291,8 +299,9 @@ def smoke_step(config) -> dict:
     mesh, rules = mesh_and_rules(config.mesh)
     cfg = model_config(config.model)
     rl, loss = config.rl, loss_spec(config)
+    pack, chunk_rows = bool(rl.get("pack", False)), int(rl.get("score_chunk_rows", 0))
     update = trainer_lib.make_update(cfg, trainer_lib.optimizer_key(config.optimizer), int(config.train.steps),
-                                     loss, mesh=mesh, rules=rules)
+                                     loss, mesh=mesh, rules=rules, pack=pack)
     state = state_lib.init_state(cfg, update.tx, config.seed, update.shardings)
     spec = sampler_spec(rl, eos_id=cfg.vocab_size, pad_id=0, max_new_tokens=8)  # no EOS: 8 tokens per row
     rng = np.random.default_rng(config.seed)
@@ -306,12 +315,12 @@ def smoke_step(config) -> dict:
     host = trainer_lib.build_batch([p for p in prompts for _ in range(spec.group_size)], out.tokens, out.lengths,
                                    prompt_buckets=tuple(rl.prompt_buckets),
                                    completion_buckets=tuple(rl.completion_buckets), pad_id=0)
-    batch = put_rows(host, mesh, rules)
-    scorer = trainer_lib.make_scorer(cfg, loss.temperature, mesh=mesh, rules=rules,
-                                     chunk_rows=int(rl.get("score_chunk_rows", 0)))
+    train_batch, layout = trainer_lib.trainer_batch(host, pack, trainer_lib.row_multiple(mesh, rules, loss, chunk_rows))
+    batch = put_rows(train_batch, mesh, rules)
+    scorer = trainer_lib.make_scorer(cfg, loss.temperature, mesh=mesh, rules=rules, chunk_rows=chunk_rows, pack=pack)
     old_logp = None if update.fused else scorer(state.params, batch)[0]
     ref_logp = scorer(state.params, batch)[0] if loss.beta else None
-    _, metrics, _ = update(state, batch, old_logp, ref_logp, put_rows({"a": np.asarray(adv_n)}, mesh, rules)["a"],
-                           jax.random.PRNGKey(0))
+    _, metrics, _ = update(state, batch, old_logp, ref_logp,
+                           put_rows({"a": layout.rows(np.asarray(adv_n))}, mesh, rules)["a"], jax.random.PRNGKey(0))
     nll = float(-out.logprobs.sum() / max(out.lengths.sum(), 1))
     return {"loss": nll, **{f"update/{k}": float(v) for k, v in jax.device_get(metrics).items()}}
