@@ -45,7 +45,7 @@ def get_config(arg=None):
                                          template="raw", tiny_world=True)
         config.rl = r1_zero.rl_block(group_size=8, prompts_per_rollout=16, max_new_tokens=96, prompt_buckets=(64,),
                                      completion_buckets=(48, 96), temperature=1.0, beta=0.0, agg="token-mean",
-                                     stop_strings=(), rewards=rewards(paths["helpful"], paths["harmless"]), pack=True)
+                                     stop_strings=(), rewards=rewards(paths["helpful"], paths["harmless"]))
         config.optimizer = common.optimizer(1e-4, 5, schedule="constant", weight_decay=0.0)
         config.train = common.train(40, log_every=1, eval_every=20, checkpoint_every=10, keep_checkpoints=2)
         return config

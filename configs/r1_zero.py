@@ -45,8 +45,10 @@ def rl_block(*, group_size: int, prompts_per_rollout: int, max_new_tokens: int, 
     pack: the trainer packs the rollout's rows (prompt + completion) first-fit into sequences of the prompt +
       completion bucket (r1jax/rl/trainer.py), so the update and the log-prob pass skip most of the padding of
       long-tailed lengths; the loss is the same (exactly so with one mini-batch); mini-batches, micro-batches
-      and score_chunk_rows then count packed sequences. Off in the full-scale presets: r1jax/aot.py compiles
-      the padded layout.
+      and score_chunk_rows then count packed sequences. It pays where completions are long-tailed against their
+      bucket (python -m r1jax.bench.rollout: update 2.22 s -> 1.00 s). Off in the tiny presets, where it was
+      measured not to pay (docs/results.md: prompts nearly fill their bucket, and each new packed shape costs
+      a compile), and in the full-scale presets (r1jax/aot.py compiles the padded layout).
     sampling: greedy | temperature | top_k | top_p (with top_k / top_p), always at `temperature`.
     engine: "slots" (r1jax/rl/engine.py: `slots` decode slots, 0 = one per rollout row, at most `chunk_steps`
       decode steps between host checks) or "static" (r1jax/rl/sampler.py, every row of a batch until the longest ends).
@@ -126,7 +128,7 @@ def get_config(arg=None):
             rl=rl_block(group_size=8, prompts_per_rollout=16, max_new_tokens=96, prompt_buckets=(128,),
                         completion_buckets=(48, 96), rewards=(("accuracy", 2.0), ("format", 0.25)),
                         temperature=1.0, beta=0.0, agg="token-mean", dynamic_sampling=True,
-                        dynamic_max_batches=3, slots=64, pack=True),  # 128 rows per rollout through 64 slots
+                        dynamic_max_batches=3, slots=64),  # 128 rows per rollout through 64 slots
             eval_=eval_block(num_prompts=96, samples=4, batch_prompts=32),
             optimizer_block=common.optimizer(1.5e-4, 5, schedule="constant", weight_decay=0.0),
             train_block=common.train(90, log_every=1, eval_every=30, checkpoint_every=30, keep_checkpoints=2))
