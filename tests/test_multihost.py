@@ -17,15 +17,19 @@ How the data is split between processes differs by stage, as in the code:
   read twice or a record missed would change a step's rows and its loss). Records are neither shuffled nor
   packed here, so a step's global batch holds the same records whatever the process count; with shuffling or
   packing each process shuffles / packs its own shard (as in every per-host input pipeline).
-* GRPO: every process draws the same prompts from the same seeded stream (the sampler takes its prompts
-  replicated and every host scores the whole rollout, r1jax/stages/grpo.py), and the rows of the rollout are
-  sharded over the devices of both processes. Checked: the stream ends at exactly one epoch of the prompt file
-  (every prompt drawn once), in the same position as in the 1-process run, and the per-step rewards (the same
-  samples) and losses agree.
+* GRPO: every process draws the same global batches from the same seeded prompt stream (its position, saved in the
+  checkpoint, is the same everywhere) and owns a contiguous block of each rollout's prompts (r1jax/rl/rollouts.py):
+  the sampler's prompt batch is assembled from the blocks, the slot engine samples all rows as one program over
+  the devices of both processes, each process scores only its own block's groups and the scores are exchanged.
+  Checked: the reward plug-in records the prompts each process scored -- the two processes' sets are disjoint
+  halves that together are the prompt file, each prompt's completions scored once (the 1-process run scored them
+  all), the stream ends at exactly one epoch, as in the 1-process run, and the per-step rewards (the same samples)
+  and losses agree.
 * The reward model: a step's pairs are a pure function of the step (a seeded permutation per epoch) on every
   process, the rows sharded over all devices; one epoch of the pair file here.
 """
 
+import collections
 import dataclasses
 import glob
 import json
@@ -80,14 +84,13 @@ def _sft_args(data: dict) -> list[str]:
 def _grpo_args(data: dict) -> list[str]:
     # A reward that differs between samples (the characters of the completion): the accuracy of a fresh tiny
     # model is 0 everywhere, which gives zero advantages and a zero loss. rl.mu=2: two updates per iteration, so
-    # the step advances by 2 (the preemption sync must count iterations, not steps); the static sampler compiles
-    # faster than the slot engine.
+    # the step advances by 2 (the preemption sync must count iterations, not steps). The preset's slot engine.
     return ["--config", "configs/r1_zero.py:tiny", *TINY, f"--config.train.steps={GRPO_PROMPTS // GRPO_B * GRPO_MU}",
             f"--config.data.train_files={data['prompts']}", f"--config.data.tokenizer={data['tokenizer']}",
             f"--config.rl.rewards=(('{data['reward']}', 1.0),)", f"--config.rl.prompts_per_rollout={GRPO_B}",
             "--config.rl.group_size=2", f"--config.rl.mu={GRPO_MU}", "--config.rl.max_new_tokens=8",
             "--config.rl.completion_buckets=(8,)", "--config.rl.prompt_buckets=(32,)",
-            "--config.rl.dynamic_sampling=False", "--config.rl.engine=static", "--config.eval.at_start=False"]
+            "--config.rl.dynamic_sampling=False", "--config.eval.at_start=False"]
 
 
 def _rm_args(data: dict) -> list[str]:
@@ -105,7 +108,14 @@ STAGES = {
 }
 
 REWARD_PLUGIN = """
-def completion_chars(prompts, completions, **_):
+import os
+
+
+def completion_chars(prompts, completions, *, id, **_):
+    # which prompts (record ids) each process scored: scored_<processes>_<process>.txt next to this file
+    name = f"scored_{os.environ['JAX_NUM_PROCESSES']}_{os.environ['JAX_PROCESS_ID']}.txt"
+    with open(os.path.join(os.path.dirname(__file__), name), "a") as f:
+        f.writelines(f"{i}\\n" for i in id)
     return [len(c) / 10 for c in completions]
 """
 
@@ -256,7 +266,13 @@ def test_only_process_0_logs(runs):
     assert _tb_loss_steps(runs["root"] / "single") == runs["stage"].logged
 
 
-def test_the_data_is_read_once_and_as_with_one_process(runs):
+def _scored(data, processes: int, process: int) -> collections.Counter:
+    """{record id: completions scored} by one process of the runs with `processes` processes (REWARD_PLUGIN)."""
+    path = os.path.join(os.path.dirname(data["reward"]), f"scored_{processes}_{process}.txt")
+    return collections.Counter(int(line) for line in open(path))
+
+
+def test_the_data_is_read_once_and_as_with_one_process(runs, data):
     root, steps = runs["root"], runs["stage"].steps
     if runs["name"] == "sft":  # disjoint halves that together cover the data
         final = root / "multi" / "checkpoints" / str(steps) / "data"
@@ -268,6 +284,13 @@ def test_the_data_is_read_once_and_as_with_one_process(runs):
     elif runs["name"] == "grpo":  # one epoch of the prompts, each drawn once (a permutation), as with one process
         for run in ("single", "multi"):
             assert _meta(root / run, steps)["prompts"] == {"epoch": 0, "index": GRPO_PROMPTS}, run
+        # each process scored its own blocks: disjoint halves (4 of each rollout's 8 prompts), together every
+        # prompt, each prompt's G = 2 completions scored once; the 1-process run scored them all
+        every = collections.Counter({i: 2 for i in range(GRPO_PROMPTS)})
+        assert _scored(data, 1, 0) == every
+        scored = [_scored(data, 2, i) for i in range(2)]
+        assert not set(scored[0]) & set(scored[1]), scored
+        assert [len(c) for c in scored] == [GRPO_PROMPTS // 2] * 2 and scored[0] + scored[1] == every, scored
     else:  # the reward model: one epoch of the pairs
         for run in ("single", "multi"):
             assert [r["epoch"] for r in runs[run]] == [0] * steps, run
