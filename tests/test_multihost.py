@@ -370,3 +370,12 @@ def test_which_environments_join_a_job():
     assert distributed._detected({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"})  # a multi-host slice
     assert distributed._detected({"TPU_WORKER_HOSTNAMES": "localhost", "MEGASCALE_COORDINATOR_ADDRESS": "h:8080"})
     assert distributed.initialize_from_env({**env, "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}) is False
+
+
+def test_process_blocks_split_any_batch():
+    from r1jax.rl.rollouts import process_blocks
+
+    assert process_blocks(8, 2) == [slice(0, 4), slice(4, 8)]
+    assert process_blocks(5, 2) == [slice(0, 3), slice(3, 5)]  # B need not divide: the first blocks are longer
+    assert process_blocks(1, 2) == [slice(0, 1), slice(1, 1)]  # a process may own none (a short held-out batch)
+    assert process_blocks(7, 1) == [slice(0, 7)]
