@@ -24,7 +24,8 @@ How the data is split between processes differs by stage, as in the code:
   Checked: the reward plug-in records the prompts each process scored -- the two processes' sets are disjoint
   halves that together are the prompt file, each prompt's completions scored once (the 1-process run scored them
   all), the stream ends at exactly one epoch, as in the 1-process run, and the per-step rewards (the same samples)
-  and losses agree.
+  and losses agree. The held-out evaluation at the last step splits its batches the same way (3 prompts: blocks
+  of 2 and 1; then 1 prompt: 1 and none) and gives the 1-process run's metrics.
 * The reward model: a step's pairs are a pure function of the step (a seeded permutation per epoch) on every
   process, the rows sharded over all devices; one epoch of the pair file here.
 """
@@ -70,6 +71,9 @@ class Stage:
 
 SFT_RECORDS, SFT_BATCH = 128, 8
 GRPO_PROMPTS, GRPO_B, GRPO_MU = 48, 8, 2  # 6 rollouts of 8 prompts x 2 samples = one epoch; 2 updates each
+# held-out evaluation at the last step: 4 prompts (ids from 1000) in batches of 3, so the processes own blocks of
+# 2 and 1 prompts, then 1 and none
+HELDOUT, HELDOUT_BATCH, HELDOUT_ID = 4, 3, 1000
 RM_PAIRS, RM_BATCH = 96, 8
 
 
@@ -85,8 +89,12 @@ def _grpo_args(data: dict) -> list[str]:
     # A reward that differs between samples (the characters of the completion): the accuracy of a fresh tiny
     # model is 0 everywhere, which gives zero advantages and a zero loss. rl.mu=2: two updates per iteration, so
     # the step advances by 2 (the preemption sync must count iterations, not steps). The preset's slot engine.
-    return ["--config", "configs/r1_zero.py:tiny", *TINY, f"--config.train.steps={GRPO_PROMPTS // GRPO_B * GRPO_MU}",
-            f"--config.data.train_files={data['prompts']}", f"--config.data.tokenizer={data['tokenizer']}",
+    steps = GRPO_PROMPTS // GRPO_B * GRPO_MU
+    return ["--config", "configs/r1_zero.py:tiny", *[a for a in TINY if "eval_every" not in a],
+            f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
+            f"--config.data.train_files={data['prompts']}", f"--config.data.eval_files={data['heldout']}",
+            f"--config.eval.num_prompts={HELDOUT}", f"--config.eval.batch_prompts={HELDOUT_BATCH}",
+            "--config.eval.samples=2", f"--config.data.tokenizer={data['tokenizer']}",
             f"--config.rl.rewards=(('{data['reward']}', 1.0),)", f"--config.rl.prompts_per_rollout={GRPO_B}",
             "--config.rl.group_size=2", f"--config.rl.mu={GRPO_MU}", "--config.rl.max_new_tokens=8",
             "--config.rl.completion_buckets=(8,)", "--config.rl.prompt_buckets=(32,)",
@@ -122,8 +130,8 @@ def completion_chars(prompts, completions, *, id, **_):
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Arithmetic records (each distinct) as SFT prompt / response pairs, GRPO prompts with answers and preference
-    pairs, a SentencePiece tokenizer trained on them and a GRPO reward plug-in."""
+    """Arithmetic records (each distinct) as SFT prompt / response pairs, GRPO prompts with answers (training and
+    held-out) and preference pairs, a SentencePiece tokenizer trained on them and a GRPO reward plug-in."""
     root = tmp_path_factory.mktemp("multihost_data")
     rng = random.Random(0)
     files = {}
@@ -138,6 +146,10 @@ def data(tmp_path_factory):
     files["prompts"] = str(root / "prompts.jsonl")
     with open(files["prompts"], "w") as f:
         f.writelines(json.dumps({k: r[k] for k in ("id", "prompt", "answer")}) + "\n" for r in records[:GRPO_PROMPTS])
+    files["heldout"] = str(root / "heldout.jsonl")
+    with open(files["heldout"], "w") as f:
+        f.writelines(json.dumps({"id": HELDOUT_ID + i, "prompt": r["prompt"], "answer": r["answer"]}) + "\n"
+                     for i, r in enumerate(records[GRPO_PROMPTS:GRPO_PROMPTS + HELDOUT]))
     files["pairs"] = str(root / "pairs.jsonl")
     with open(files["pairs"], "w") as f:
         f.writelines(json.dumps({"question": r["prompt"], "chosen": r["response"],
@@ -256,8 +268,10 @@ def test_losses_agree_with_one_process_and_resume_ends_the_same(runs):
         else:
             assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], a["step"]
-        for key in ("trained_tokens", "train_tokens", "reward_mean"):  # the same rows; GRPO: the same samples
-            assert a.get(key) == b.get(key), (a["step"], key)
+        for key in ("trained_tokens", "train_tokens", "reward_mean", "heldout_reward_mean", "heldout_pass_at_1"):
+            assert a.get(key) == b.get(key), (a["step"], key)  # the same rows; GRPO: the same samples
+    if runs["name"] == "grpo":  # the held-out evaluation at the last step, split over the processes
+        assert "heldout_reward_mean" in multi[-1] and "heldout_pass_at_1" in multi[-1], multi[-1]
     assert {r["status"] for r in runs["resumed"].values()} == {"done"}
 
 
@@ -266,10 +280,13 @@ def test_only_process_0_logs(runs):
     assert _tb_loss_steps(runs["root"] / "single") == runs["stage"].logged
 
 
-def _scored(data, processes: int, process: int) -> collections.Counter:
-    """{record id: completions scored} by one process of the runs with `processes` processes (REWARD_PLUGIN)."""
+def _scored(data, processes: int, process: int) -> dict[str, collections.Counter]:
+    """{"train" / "heldout": {record id: completions scored}} by one process of the runs with `processes` processes
+    (REWARD_PLUGIN)."""
     path = os.path.join(os.path.dirname(data["reward"]), f"scored_{processes}_{process}.txt")
-    return collections.Counter(int(line) for line in open(path))
+    ids = [int(line) for line in open(path)]
+    return {"train": collections.Counter(i for i in ids if i < HELDOUT_ID),
+            "heldout": collections.Counter(i for i in ids if i >= HELDOUT_ID)}
 
 
 def test_the_data_is_read_once_and_as_with_one_process(runs, data):
@@ -287,10 +304,15 @@ def test_the_data_is_read_once_and_as_with_one_process(runs, data):
         # each process scored its own blocks: disjoint halves (4 of each rollout's 8 prompts), together every
         # prompt, each prompt's G = 2 completions scored once; the 1-process run scored them all
         every = collections.Counter({i: 2 for i in range(GRPO_PROMPTS)})
-        assert _scored(data, 1, 0) == every
-        scored = [_scored(data, 2, i) for i in range(2)]
-        assert not set(scored[0]) & set(scored[1]), scored
-        assert [len(c) for c in scored] == [GRPO_PROMPTS // 2] * 2 and scored[0] + scored[1] == every, scored
+        single, scored = _scored(data, 1, 0), [_scored(data, 2, i) for i in range(2)]
+        assert single["train"] == every
+        assert not set(scored[0]["train"]) & set(scored[1]["train"]), scored
+        assert [len(c["train"]) for c in scored] == [GRPO_PROMPTS // 2] * 2, scored
+        assert scored[0]["train"] + scored[1]["train"] == every, scored
+        # held-out batches of 3 then 1 prompts: blocks of 2 and 1, then 1 and none (process 1 scores nothing)
+        assert single["heldout"] == collections.Counter({HELDOUT_ID + i: 2 for i in range(HELDOUT)})
+        assert [sorted(c["heldout"].items()) for c in scored] == [
+            [(HELDOUT_ID, 2), (HELDOUT_ID + 1, 2), (HELDOUT_ID + 3, 2)], [(HELDOUT_ID + 2, 2)]], scored
     else:  # the reward model: one epoch of the pairs
         for run in ("single", "multi"):
             assert [r["epoch"] for r in runs[run]] == [0] * steps, run
