@@ -74,7 +74,10 @@ def sample_groups(sample_fn, params, prompts: list[dict], rng, *, group_size: in
     decodes all rows, and each scores only its own block's groups -- the rewards are the expensive part
     (math-verify, the code sandbox, a reward model) -- then the scores are exchanged bit for bit
     (`_gather_scores`). Every process returns the same groups, so the advantages and dynamic sampling's choices,
-    made from these numbers only, agree everywhere."""
+    made from these numbers only, agree everywhere; and as each row is scored once, by one process, a reward with
+    a time limit (math-verify's timeout, the sandbox) cannot disagree between processes under load. Every process
+    still reads and encodes the whole prompt set (PromptStream: the same order and the same too-long drops
+    everywhere); the blocks divide the prompt batch's input and the scoring."""
     own = process_block(len(prompts))
     token_lists = _gather_blocks([r["tokens"] for r in prompts[own]], len(prompts), max(prompt_buckets))
     prompts_bp, lengths_b = sampler_lib.pad_prompts(token_lists, prompt_buckets, tokenizer.pad_id, batch_size)
