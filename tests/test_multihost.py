@@ -24,8 +24,8 @@ How the data is split between processes differs by stage, as in the code:
   Checked: the reward plug-in records the prompts each process scored -- the two processes' sets are disjoint
   halves that together are the prompt file, each prompt's completions scored once (the 1-process run scored them
   all), the stream ends at exactly one epoch, as in the 1-process run, and the per-step rewards (the same samples)
-  and losses agree. The held-out evaluation at the last step splits its batches the same way (3 prompts: blocks
-  of 2 and 1; then 1 prompt: 1 and none) and gives the 1-process run's metrics.
+  and losses agree. The held-out evaluation at the last step splits its batches the same way (8 prompts: blocks
+  of 4 and 4; then 1 prompt: 1 and none) and gives the 1-process run's metrics.
 * The reward model: a step's pairs are a pure function of the step (a seeded permutation per epoch) on every
   process, the rows sharded over all devices; one epoch of the pair file here.
 """
@@ -71,9 +71,9 @@ class Stage:
 
 SFT_RECORDS, SFT_BATCH = 128, 8
 GRPO_PROMPTS, GRPO_B, GRPO_MU = 48, 8, 2  # 6 rollouts of 8 prompts x 2 samples = one epoch; 2 updates each
-# held-out evaluation at the last step: 4 prompts (ids from 1000) in batches of 3, so the processes own blocks of
-# 2 and 1 prompts, then 1 and none
-HELDOUT, HELDOUT_BATCH, HELDOUT_ID = 4, 3, 1000
+# held-out evaluation at the last step: 9 prompts (ids from 1000) in batches of 8, so the processes own blocks of
+# 4 and 4 prompts, then 1 and none; sampled as in training (the same compiled programs)
+HELDOUT, HELDOUT_ID = 9, 1000
 RM_PAIRS, RM_BATCH = 96, 8
 
 
@@ -93,8 +93,9 @@ def _grpo_args(data: dict) -> list[str]:
     return ["--config", "configs/r1_zero.py:tiny", *[a for a in TINY if "eval_every" not in a],
             f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
             f"--config.data.train_files={data['prompts']}", f"--config.data.eval_files={data['heldout']}",
-            f"--config.eval.num_prompts={HELDOUT}", f"--config.eval.batch_prompts={HELDOUT_BATCH}",
-            "--config.eval.samples=2", f"--config.data.tokenizer={data['tokenizer']}",
+            f"--config.eval.num_prompts={HELDOUT}", f"--config.eval.batch_prompts={GRPO_B}", "--config.eval.samples=2",
+            "--config.eval.sampling=temperature", "--config.eval.temperature=1.0",
+            f"--config.data.tokenizer={data['tokenizer']}",
             f"--config.rl.rewards=(('{data['reward']}', 1.0),)", f"--config.rl.prompts_per_rollout={GRPO_B}",
             "--config.rl.group_size=2", f"--config.rl.mu={GRPO_MU}", "--config.rl.max_new_tokens=8",
             "--config.rl.completion_buckets=(8,)", "--config.rl.prompt_buckets=(32,)",
@@ -309,10 +310,11 @@ def test_the_data_is_read_once_and_as_with_one_process(runs, data):
         assert not set(scored[0]["train"]) & set(scored[1]["train"]), scored
         assert [len(c["train"]) for c in scored] == [GRPO_PROMPTS // 2] * 2, scored
         assert scored[0]["train"] + scored[1]["train"] == every, scored
-        # held-out batches of 3 then 1 prompts: blocks of 2 and 1, then 1 and none (process 1 scores nothing)
+        # held-out batches of 8 then 1 prompts: blocks of 4 and 4, then 1 and none (process 1 scores nothing)
         assert single["heldout"] == collections.Counter({HELDOUT_ID + i: 2 for i in range(HELDOUT)})
-        assert [sorted(c["heldout"].items()) for c in scored] == [
-            [(HELDOUT_ID, 2), (HELDOUT_ID + 1, 2), (HELDOUT_ID + 3, 2)], [(HELDOUT_ID + 2, 2)]], scored
+        assert [sorted(c["heldout"]) for c in scored] == [
+            [HELDOUT_ID + i for i in (0, 1, 2, 3, 8)], [HELDOUT_ID + i for i in (4, 5, 6, 7)]], scored
+        assert all(set(c["heldout"].values()) == {2} for c in scored), scored
     else:  # the reward model: one epoch of the pairs
         for run in ("single", "multi"):
             assert [r["epoch"] for r in runs[run]] == [0] * steps, run
