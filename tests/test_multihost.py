@@ -17,15 +17,20 @@ How the data is split between processes differs by stage, as in the code:
   read twice or a record missed would change a step's rows and its loss). Records are neither shuffled nor
   packed here, so a step's global batch holds the same records whatever the process count; with shuffling or
   packing each process shuffles / packs its own shard (as in every per-host input pipeline).
-* GRPO: every process draws the same prompts from the same seeded stream (the sampler takes its prompts
-  replicated and every host scores the whole rollout, r1jax/stages/grpo.py), and the rows of the rollout are
-  sharded over the devices of both processes. Checked: the stream ends at exactly one epoch of the prompt file
-  (every prompt drawn once), in the same position as in the 1-process run, and the per-step rewards (the same
-  samples) and losses agree.
+* GRPO: every process draws the same global batches from the same seeded prompt stream (its position, saved in the
+  checkpoint, is the same everywhere) and owns a contiguous block of each rollout's prompts (r1jax/rl/rollouts.py):
+  the sampler's prompt batch is assembled from the blocks, the slot engine samples all rows as one program over
+  the devices of both processes, each process scores only its own block's groups and the scores are exchanged.
+  Checked: the reward plug-in records the prompts each process scored -- the two processes' sets are disjoint
+  halves that together are the prompt file, each prompt's completions scored once (the 1-process run scored them
+  all), the stream ends at exactly one epoch, as in the 1-process run, and the per-step rewards (the same samples)
+  and losses agree. The held-out evaluation at the last step splits its batches the same way (8 prompts: blocks
+  of 4 and 4; then 1 prompt: 1 and none) and gives the 1-process run's metrics.
 * The reward model: a step's pairs are a pure function of the step (a seeded permutation per epoch) on every
   process, the rows sharded over all devices; one epoch of the pair file here.
 """
 
+import collections
 import dataclasses
 import glob
 import json
@@ -66,6 +71,9 @@ class Stage:
 
 SFT_RECORDS, SFT_BATCH = 128, 8
 GRPO_PROMPTS, GRPO_B, GRPO_MU = 48, 8, 2  # 6 rollouts of 8 prompts x 2 samples = one epoch; 2 updates each
+# held-out evaluation at the last step: 9 prompts (ids from 1000) in batches of 8, so the processes own blocks of
+# 4 and 4 prompts, then 1 and none; sampled as in training (the same compiled programs)
+HELDOUT, HELDOUT_ID = 9, 1000
 RM_PAIRS, RM_BATCH = 96, 8
 
 
@@ -80,14 +88,18 @@ def _sft_args(data: dict) -> list[str]:
 def _grpo_args(data: dict) -> list[str]:
     # A reward that differs between samples (the characters of the completion): the accuracy of a fresh tiny
     # model is 0 everywhere, which gives zero advantages and a zero loss. rl.mu=2: two updates per iteration, so
-    # the step advances by 2 (the preemption sync must count iterations, not steps); the static sampler compiles
-    # faster than the slot engine.
-    return ["--config", "configs/r1_zero.py:tiny", *TINY, f"--config.train.steps={GRPO_PROMPTS // GRPO_B * GRPO_MU}",
-            f"--config.data.train_files={data['prompts']}", f"--config.data.tokenizer={data['tokenizer']}",
+    # the step advances by 2 (the preemption sync must count iterations, not steps). The preset's slot engine.
+    steps = GRPO_PROMPTS // GRPO_B * GRPO_MU
+    return ["--config", "configs/r1_zero.py:tiny", *[a for a in TINY if "eval_every" not in a],
+            f"--config.train.steps={steps}", f"--config.train.eval_every={steps}",
+            f"--config.data.train_files={data['prompts']}", f"--config.data.eval_files={data['heldout']}",
+            f"--config.eval.num_prompts={HELDOUT}", f"--config.eval.batch_prompts={GRPO_B}", "--config.eval.samples=2",
+            "--config.eval.sampling=temperature", "--config.eval.temperature=1.0",
+            f"--config.data.tokenizer={data['tokenizer']}",
             f"--config.rl.rewards=(('{data['reward']}', 1.0),)", f"--config.rl.prompts_per_rollout={GRPO_B}",
             "--config.rl.group_size=2", f"--config.rl.mu={GRPO_MU}", "--config.rl.max_new_tokens=8",
             "--config.rl.completion_buckets=(8,)", "--config.rl.prompt_buckets=(32,)",
-            "--config.rl.dynamic_sampling=False", "--config.rl.engine=static", "--config.eval.at_start=False"]
+            "--config.rl.dynamic_sampling=False", "--config.eval.at_start=False"]
 
 
 def _rm_args(data: dict) -> list[str]:
@@ -105,15 +117,22 @@ STAGES = {
 }
 
 REWARD_PLUGIN = """
-def completion_chars(prompts, completions, **_):
+import os
+
+
+def completion_chars(prompts, completions, *, id, **_):
+    # which prompts (record ids) each process scored: scored_<processes>_<process>.txt next to this file
+    name = f"scored_{os.environ['JAX_NUM_PROCESSES']}_{os.environ['JAX_PROCESS_ID']}.txt"
+    with open(os.path.join(os.path.dirname(__file__), name), "a") as f:
+        f.writelines(f"{i}\\n" for i in id)
     return [len(c) / 10 for c in completions]
 """
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
-    """Arithmetic records (each distinct) as SFT prompt / response pairs, GRPO prompts with answers and preference
-    pairs, a SentencePiece tokenizer trained on them and a GRPO reward plug-in."""
+    """Arithmetic records (each distinct) as SFT prompt / response pairs, GRPO prompts with answers (training and
+    held-out) and preference pairs, a SentencePiece tokenizer trained on them and a GRPO reward plug-in."""
     root = tmp_path_factory.mktemp("multihost_data")
     rng = random.Random(0)
     files = {}
@@ -128,6 +147,10 @@ def data(tmp_path_factory):
     files["prompts"] = str(root / "prompts.jsonl")
     with open(files["prompts"], "w") as f:
         f.writelines(json.dumps({k: r[k] for k in ("id", "prompt", "answer")}) + "\n" for r in records[:GRPO_PROMPTS])
+    files["heldout"] = str(root / "heldout.jsonl")
+    with open(files["heldout"], "w") as f:
+        f.writelines(json.dumps({"id": HELDOUT_ID + i, "prompt": r["prompt"], "answer": r["answer"]}) + "\n"
+                     for i, r in enumerate(records[GRPO_PROMPTS:GRPO_PROMPTS + HELDOUT]))
     files["pairs"] = str(root / "pairs.jsonl")
     with open(files["pairs"], "w") as f:
         f.writelines(json.dumps({"question": r["prompt"], "chosen": r["response"],
@@ -246,8 +269,10 @@ def test_losses_agree_with_one_process_and_resume_ends_the_same(runs):
         else:
             assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]), (a["step"], a["loss"], b["loss"])
         assert abs(a["grad_norm"] - b["grad_norm"]) <= 1e-5 * a["grad_norm"], a["step"]
-        for key in ("trained_tokens", "train_tokens", "reward_mean"):  # the same rows; GRPO: the same samples
-            assert a.get(key) == b.get(key), (a["step"], key)
+        for key in ("trained_tokens", "train_tokens", "reward_mean", "heldout_reward_mean", "heldout_pass_at_1"):
+            assert a.get(key) == b.get(key), (a["step"], key)  # the same rows; GRPO: the same samples
+    if runs["name"] == "grpo":  # the held-out evaluation at the last step, split over the processes
+        assert "heldout_reward_mean" in multi[-1] and "heldout_pass_at_1" in multi[-1], multi[-1]
     assert {r["status"] for r in runs["resumed"].values()} == {"done"}
 
 
@@ -256,7 +281,16 @@ def test_only_process_0_logs(runs):
     assert _tb_loss_steps(runs["root"] / "single") == runs["stage"].logged
 
 
-def test_the_data_is_read_once_and_as_with_one_process(runs):
+def _scored(data, processes: int, process: int) -> dict[str, collections.Counter]:
+    """{"train" / "heldout": {record id: completions scored}} by one process of the runs with `processes` processes
+    (REWARD_PLUGIN)."""
+    path = os.path.join(os.path.dirname(data["reward"]), f"scored_{processes}_{process}.txt")
+    ids = [int(line) for line in open(path)]
+    return {"train": collections.Counter(i for i in ids if i < HELDOUT_ID),
+            "heldout": collections.Counter(i for i in ids if i >= HELDOUT_ID)}
+
+
+def test_the_data_is_read_once_and_as_with_one_process(runs, data):
     root, steps = runs["root"], runs["stage"].steps
     if runs["name"] == "sft":  # disjoint halves that together cover the data
         final = root / "multi" / "checkpoints" / str(steps) / "data"
@@ -268,6 +302,19 @@ def test_the_data_is_read_once_and_as_with_one_process(runs):
     elif runs["name"] == "grpo":  # one epoch of the prompts, each drawn once (a permutation), as with one process
         for run in ("single", "multi"):
             assert _meta(root / run, steps)["prompts"] == {"epoch": 0, "index": GRPO_PROMPTS}, run
+        # each process scored its own blocks: disjoint halves (4 of each rollout's 8 prompts), together every
+        # prompt, each prompt's G = 2 completions scored once; the 1-process run scored them all
+        every = collections.Counter({i: 2 for i in range(GRPO_PROMPTS)})
+        single, scored = _scored(data, 1, 0), [_scored(data, 2, i) for i in range(2)]
+        assert single["train"] == every
+        assert not set(scored[0]["train"]) & set(scored[1]["train"]), scored
+        assert [len(c["train"]) for c in scored] == [GRPO_PROMPTS // 2] * 2, scored
+        assert scored[0]["train"] + scored[1]["train"] == every, scored
+        # held-out batches of 8 then 1 prompts: blocks of 4 and 4, then 1 and none (process 1 scores nothing)
+        assert single["heldout"] == collections.Counter({HELDOUT_ID + i: 2 for i in range(HELDOUT)})
+        assert [sorted(c["heldout"]) for c in scored] == [
+            [HELDOUT_ID + i for i in (0, 1, 2, 3, 8)], [HELDOUT_ID + i for i in (4, 5, 6, 7)]], scored
+        assert all(set(c["heldout"].values()) == {2} for c in scored), scored
     else:  # the reward model: one epoch of the pairs
         for run in ("single", "multi"):
             assert [r["epoch"] for r in runs[run]] == [0] * steps, run
@@ -347,3 +394,12 @@ def test_which_environments_join_a_job():
     assert distributed._detected({"TPU_WORKER_HOSTNAMES": "10.0.0.2,10.0.0.3"})  # a multi-host slice
     assert distributed._detected({"TPU_WORKER_HOSTNAMES": "localhost", "MEGASCALE_COORDINATOR_ADDRESS": "h:8080"})
     assert distributed.initialize_from_env({**env, "JAX_NUM_PROCESSES": "1", "JAX_PROCESS_ID": "0"}) is False
+
+
+def test_process_blocks_split_any_batch():
+    from r1jax.rl.rollouts import process_blocks
+
+    assert process_blocks(8, 2) == [slice(0, 4), slice(4, 8)]
+    assert process_blocks(5, 2) == [slice(0, 3), slice(3, 5)]  # B need not divide: the first blocks are longer
+    assert process_blocks(1, 2) == [slice(0, 1), slice(1, 1)]  # a process may own none (a short held-out batch)
+    assert process_blocks(7, 1) == [slice(0, 7)]

@@ -41,6 +41,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+from jax.experimental import multihost_utils
 import numpy as np
 
 from r1jax import models
@@ -218,7 +219,10 @@ class Engine:
         slot_steps, decode_steps, chunks = n, 0, 0  # n: the first token of each row, drawn at its insertion
         while True:
             state = self._chunk(params, state, prompts, rng, shrink=slots // 2 >= min_slots)
-            steps, finished, waiting = jax.device_get((state.steps, state.rows.finished, state.next_row))
+            # process_allgather: the flags are sharded over the devices of every process (device_get reads
+            # only arrays this process holds whole); one process: a plain read
+            steps, finished, waiting = multihost_utils.process_allgather(
+                (state.steps, state.rows.finished, state.next_row), tiled=True)
             slot_steps += int(steps) * slots
             decode_steps += int(steps)
             chunks += 1

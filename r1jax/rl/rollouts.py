@@ -6,6 +6,9 @@
     groups = sample_groups(sample_fn, params, stream.take(B), rng, group_size=G, tokenizer=..., reward_specs=...)
     behaviour_metrics(groups)                            # rewards, accuracy, format, lengths, truncation, reflection
 
+On several processes each process scores only its own block of the prompts and the scores are exchanged
+(`sample_groups`), so the returned groups are the same everywhere.
+
 The GRPO stage (r1jax/stages/grpo.py) strings these together with the sampler, the advantages and the update.
 """
 
@@ -62,14 +65,46 @@ class Group:
 
 def sample_groups(sample_fn, params, prompts: list[dict], rng, *, group_size: int, tokenizer, reward_specs,
                   prompt_buckets, batch_size: int | None = None) -> list[Group]:
-    """Sample and score G completions for each prompt record (records carry `tokens`, see load_prompts)."""
-    prompts_bp, lengths_b = sampler_lib.pad_prompts([r["tokens"] for r in prompts], prompt_buckets,
-                                                    tokenizer.pad_id, batch_size)
+    """Sample and score G completions for each prompt record (records carry `tokens`, see load_prompts).
+
+    On several processes (`jax.process_count() > 1`) every process is given the same `prompts` (the stream's
+    global order) and owns a contiguous block of them (`process_block`): the prompt batch is assembled from the
+    blocks' tokens (`_gather_blocks`, one all-gather; the bucket follows the longest prompt of all blocks), the
+    sampler runs once over all rows as one SPMD program (row n = b*G + g, as with one process), every process
+    decodes all rows, and each scores only its own block's groups -- the rewards are the expensive part
+    (math-verify, the code sandbox, a reward model) -- then the scores are exchanged bit for bit
+    (`_gather_scores`). Every process returns the same groups, so the advantages and dynamic sampling's choices,
+    made from these numbers only, agree everywhere; and as each row is scored once, by one process, a reward with
+    a time limit (math-verify's timeout, the sandbox) cannot disagree between processes under load. Every process
+    still reads and encodes the whole prompt set (PromptStream: the same order and the same too-long drops
+    everywhere); the blocks divide the prompt batch's input and the scoring."""
+    own = process_block(len(prompts))
+    token_lists = _gather_blocks([r["tokens"] for r in prompts[own]], len(prompts), max(prompt_buckets))
+    prompts_bp, lengths_b = sampler_lib.pad_prompts(token_lists, prompt_buckets, tokenizer.pad_id, batch_size)
     out = jax.device_get(jax.tree.map(to_host, sample_fn(params, prompts_bp, lengths_b, rng)))
     n = len(prompts) * group_size  # rows beyond are batch padding
     texts = [tokenizer.decode(out.tokens[i, :out.lengths[i]]) for i in range(n)]
-    fields = {k: [r.get(k) for r in prompts for _ in range(group_size)] for k in prompts[0] if k != "tokens"}
-    fields["lengths"] = [int(x) for x in out.lengths[:n]]
+    mine = slice(own.start * group_size, own.stop * group_size)
+    fields = {k: [r.get(k) for r in prompts[own] for _ in range(group_size)] for k in prompts[0] if k != "tokens"}
+    fields["lengths"] = [int(x) for x in out.lengths[mine]]
+    scores = _score_rows(reward_specs, fields, texts[mine])
+    total, per_reward, errors = _gather_scores(scores, len(prompts), group_size)
+    groups = []
+    for b, record in enumerate(prompts):
+        rows = slice(b * group_size, (b + 1) * group_size)
+        groups.append(Group(record=record, prompt=list(record["tokens"]), tokens=out.tokens[rows],
+                            logprobs=out.logprobs[rows], lengths=out.lengths[rows], truncated=out.truncated[rows],
+                            texts=texts[rows], rewards=total[rows],
+                            per_reward={k: v[rows] for k, v in per_reward.items()},
+                            errors=errors if b == 0 else dict.fromkeys(errors, 0)))
+    return groups
+
+
+def _score_rows(reward_specs, fields: dict[str, list], texts: list[str]
+               ) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, int]]:
+    """rewards.score of the completions `texts` (fields: the records' columns per row, `prompt_text`, `lengths`),
+    with format and accuracy measured when not rewarded."""
+    fields = dict(fields)
     prompt_texts = fields.pop("prompt_text")
     total, per_reward, errors = rewards_lib.score(reward_specs, prompt_texts, texts, fields)
     # Accuracy and format are measured even when not rewarded (or rewarded inside by_source's routes). Accuracy is
@@ -82,32 +117,63 @@ def sample_groups(sample_fn, params, prompts: list[dict], rng, *, group_size: in
         per_reward["format"] = rewards_lib.score((("format", 1.0),), prompt_texts, texts, fields)[1]["format"]
     if correct not in per_reward and "answer" in fields:
         rows = [i for i, answer in enumerate(fields["answer"]) if answer is not None]
-        per_reward[correct] = np.full(n, np.nan)
+        per_reward[correct] = np.full(len(texts), np.nan)
         if rows:
             per_reward[correct][rows] = rewards_lib.score(
                 ((correct, 1.0),), [prompt_texts[i] for i in rows], [texts[i] for i in rows],
                 {k: [v[i] for i in rows] for k, v in fields.items()})[1][correct]
-    if jax.process_count() > 1:
-        # Every host samples the same rows and scores them all, but rewards with time limits (math-verify's timeout,
-        # the code sandbox) can differ between hosts under load; each host trains on its own share of the rows, so
-        # all of them take process 0's scores (the advantages and dynamic sampling's choices then agree).
-        total, per_reward = _from_process_0((total, per_reward))
-    groups = []
-    for b, record in enumerate(prompts):
-        rows = slice(b * group_size, (b + 1) * group_size)
-        groups.append(Group(record=record, prompt=list(record["tokens"]), tokens=out.tokens[rows],
-                            logprobs=out.logprobs[rows], lengths=out.lengths[rows], truncated=out.truncated[rows],
-                            texts=texts[rows], rewards=total[rows],
-                            per_reward={k: v[rows] for k, v in per_reward.items()},
-                            errors=errors if b == 0 else dict.fromkeys(errors, 0)))
-    return groups
+    return total, per_reward, errors
 
 
-def _from_process_0(tree):
-    """Process 0's float64 arrays on every process, bit for bit (sent as uint32 pairs: JAX runs without x64)."""
-    words = jax.tree.map(lambda x: np.ascontiguousarray(x, np.float64).view(np.uint32), tree)
-    sent = multihost_utils.broadcast_one_to_all(words)
-    return jax.tree.map(lambda w: np.asarray(w, np.uint32).view(np.float64), sent)
+# ------------------------------------------------------------------------- several processes: blocks of prompts
+
+
+def process_blocks(b: int, processes: int | None = None) -> list[slice]:
+    """The prompts [start, stop) of B that each process owns: np.array_split's contiguous blocks, in process order
+    (B need not divide evenly: the first B mod P processes own one more; a process may own none)."""
+    sizes = [len(x) for x in np.array_split(np.arange(b), jax.process_count() if processes is None else processes)]
+    bounds = np.cumsum([0] + sizes)
+    return [slice(int(start), int(stop)) for start, stop in zip(bounds[:-1], bounds[1:])]
+
+
+def process_block(b: int) -> slice:
+    """This process's block of B prompts (process_blocks)."""
+    return process_blocks(b)[jax.process_index()]
+
+
+def _gather_blocks(tokens: list[list[int]], b: int, max_len: int) -> list[list[int]]:
+    """The B prompts' token lists on every process, from each process's block: one all-gather of
+    [prompts of the longest block, 1 + max_len] (the length, then the tokens)."""
+    if jax.process_count() == 1:
+        return tokens
+    blocks = process_blocks(b)
+    mine = np.zeros((blocks[0].stop, 1 + max_len), np.int32)  # the first block is the longest
+    for i, t in enumerate(tokens):
+        mine[i, 0], mine[i, 1:1 + len(t)] = len(t), t
+    everyone = multihost_utils.process_allgather(mine)  # [P, rows, 1 + max_len]
+    return [list(row[1:1 + row[0]]) for rows, block in zip(everyone, blocks)
+            for row in rows[:block.stop - block.start]]
+
+
+def _gather_scores(scores, b: int, group_size: int) -> tuple[np.ndarray, dict[str, np.ndarray], dict[str, int]]:
+    """(total [N], per_reward {name: [N]}, errors {name: count}) of all B x G rows from each process's scores of
+    its own block (_score_rows), bit for bit: float64 sent as uint32 pairs (JAX runs without x64), the error
+    counts summed. One all-gather of [rows of the longest block + 1, 1 + rewards] (the last row: the errors)."""
+    if jax.process_count() == 1:
+        return scores
+    total, per_reward, errors = scores
+    names = list(per_reward)  # the same names, in the same order, on every process
+    blocks = process_blocks(b)
+    rows = (blocks[0].stop - blocks[0].start) * group_size  # the first block is the longest
+    mine = np.zeros((rows + 1, 1 + len(names)))
+    mine[:len(total)] = np.stack([total] + [per_reward[k] for k in names], axis=1)
+    mine[rows, 1:] = [errors.get(k, 0) for k in names]
+    words = multihost_utils.process_allgather(mine.view(np.uint32))
+    everyone = np.ascontiguousarray(words).view(np.float64)  # [P, rows + 1, 1 + rewards]
+    columns = np.concatenate([values[:(block.stop - block.start) * group_size]
+                              for values, block in zip(everyone, blocks)])
+    return (columns[:, 0], {k: columns[:, 1 + i] for i, k in enumerate(names)},
+            {k: int(everyone[:, rows, 1 + names.index(k)].sum()) for k in errors})
 
 
 def behaviour_metrics(groups: list[Group], prefix: str = "") -> dict[str, float]:
@@ -214,8 +280,10 @@ def load_prompts(data, files: list[str], tokenizer, max_tokens: int) -> tuple[li
 
 
 def write_samples(path: str, step: int, groups: list[Group], n: int) -> None:
-    """Appends `n` rollouts of `groups` to `path` (samples.jsonl, process 0): the first completion of each group,
-    then the second, ...: rendered prompt, completion, each reward, length in tokens, truncated."""
+    """Appends `n` rollouts of `groups` to `path` (samples.jsonl): the first completion of each group, then the
+    second, ...: rendered prompt, completion, each reward, length in tokens, truncated. Process 0 writes, from
+    what it holds: sample_groups' groups are the whole rollout on every process (all rows' texts, every
+    process's scores)."""
     if not jax.process_index() == 0 or not groups or n <= 0:
         return
     rows = [(g, j) for j in range(len(groups[0].texts)) for g in groups][:n]
@@ -260,8 +328,6 @@ class PromptStream:
 def to_host(x) -> np.ndarray:
     """A (possibly multi-host sharded) array as a full numpy array on this host."""
     if isinstance(x, jax.Array) and not x.is_fully_addressable:
-        from jax.experimental import multihost_utils
-
         return np.asarray(multihost_utils.process_allgather(x, tiled=True))
     return np.asarray(x)
 

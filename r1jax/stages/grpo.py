@@ -53,7 +53,14 @@ sandbox/unsafe_runs: runs without namespaces, sandbox/memcg_runs).
 
 Departures from the papers, stated: old log-probs come from the trainer's forward before the first update,
 not from the sampler (the two are logged against each other as `logprob_diff_max`); the reference is a full
-frozen params copy (no LoRA-style sharing); rewards are computed on every host (rule rewards are cheap).
+frozen params copy (no LoRA-style sharing).
+
+Several processes (jax.distributed, r1jax/rl/rollouts.py `sample_groups`): the prompt stream's order and position
+are the same on every process; each process owns a contiguous block of each batch's prompts (training rollouts,
+dynamic sampling's extra batches and held-out evaluation alike), the prompt batch is assembled from the blocks,
+the sampler decodes all rows as one program over every device, each process scores only its own block's groups
+and the scores are exchanged, so every process holds the same rollout and steps 4-5 decide the same everywhere.
+samples.jsonl is written by process 0 from that gathered rollout.
 """
 
 from __future__ import annotations
