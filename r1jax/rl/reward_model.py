@@ -188,7 +188,7 @@ def load(path: str) -> RewardModel:
     if meta.get("stage") != "reward_model":
         raise ValueError(f"{directory}/{step} was written by stage {meta.get('stage')!r}, not reward_model")
     cfg = models.ModelConfig(**meta["model"])
-    device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])  # this process's: each scores its own groups
     abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device), abstract_rm_params(cfg))
     params = ckpt.restore_params(step, abstract)
     ckpt.close()
