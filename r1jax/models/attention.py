@@ -371,7 +371,8 @@ def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slot
 
 def gqa(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None):
     """Grouped-query attention over x [B,T,D]; stacked heads-major cache {k, v} [L,B,K,S,H] (written into
-    `layer` at `slots`, then attended; a decode step block by block, `blocked_cache_attention`). Returns (out, cache)."""
+    `layer` at `slots`, then attended; a decode step block by block, `blocked_cache_attention`).
+    Returns (out, cache)."""
     q = jnp.einsum("btd,dnh->btnh", x, p["wq"])
     k = jnp.einsum("btd,dkh->btkh", x, p["wk"])
     v = jnp.einsum("btd,dkh->btkh", x, p["wv"])

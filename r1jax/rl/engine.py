@@ -180,6 +180,13 @@ def compact(state: EngineState, keep_s) -> EngineState:
                                cache=cache)
 
 
+def _shard_cache(cache: dict) -> dict:
+    """A decode cache's rows over `cache_batch` (the slot cache and the prompt cache alike)."""
+    return {k: (jax.tree.map(lambda x: constrain(x, ("layers", "cache_batch") + (None,) * (x.ndim - 2)), v)
+                if k in ("dense", "moe") else constrain(v, ("cache_batch",) + (None,) * (v.ndim - 1)))
+            for k, v in cache.items()}
+
+
 class Engine:
     """`engine(params, prompts_bp, prompt_lengths_b, rng, limit_n=None) -> Completions` (module docstring);
     `stats` describes the last call: slot_steps (sum over chunks of slots x decode steps, plus one per row for
@@ -190,17 +197,18 @@ class Engine:
         self.stats: dict = {}
         # The params arrive in their model shardings (as the stage keeps them) and every jitted piece takes its
         # inputs' shardings; the slot arrays are sharded over `act_batch` / `cache_batch` by `constrain`.
-        self._prefill = jax.jit(functools.partial(sampler_lib.prefill_prompts, cfg=cfg), static_argnames=("cache_len",))
+        self._prefill = jax.jit(self._prefill_prompts, static_argnames=("cache_len",))
         self._chunk = jax.jit(functools.partial(chunk, cfg=cfg, spec=spec, steps=engine.chunk_steps),
                               static_argnames=("shrink",), donate_argnums=1)
         self._compact = jax.jit(compact)
         self._init = jax.jit(self._empty, static_argnums=(0, 1, 2))
 
+    def _prefill_prompts(self, params, prompts_bp, prompt_lengths_b, cache_len: int):
+        cache, first_bv = sampler_lib.prefill_prompts(params, prompts_bp, prompt_lengths_b, self.cfg, cache_len)
+        return _shard_cache(cache), first_bv
+
     def _empty(self, slots: int, n: int, cache_len: int) -> EngineState:
-        cache = models.init_cache(self.cfg, slots, cache_len)
-        cache = {k: (jax.tree.map(lambda x: constrain(x, ("layers", "cache_batch") + (None,) * (x.ndim - 2)), v)
-                     if k in ("dense", "moe") else constrain(v, ("cache_batch",) + (None,) * (v.ndim - 1)))
-                 for k, v in cache.items()}
+        cache = _shard_cache(models.init_cache(self.cfg, slots, cache_len))
         zero = jnp.zeros((), jnp.int32)
         return EngineState(rows=sampler_lib.empty_rows(slots, self.spec), cache=cache,
                            out=sampler_lib.empty_completions(n, self.spec), next_row=zero, steps=zero)
