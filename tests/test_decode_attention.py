@@ -23,8 +23,9 @@ STEPS = 6
 
 @functools.lru_cache(maxsize=None)
 def _model(name):
-    cfg = M.get_preset(name, mtp_depth=0, init_std=0.1, n_layers=2, n_dense_layers=1 if name == "tiny_moe" else 2)
-    return cfg, M.init(cfg, jax.random.PRNGKey(0))
+    # one layer: the attention under test, no MoE layer to compile (tiny_moe's MLA in a dense block)
+    cfg = M.get_preset(name, mtp_depth=0, init_std=0.1, n_layers=1, n_dense_layers=1)
+    return cfg, jax.jit(M.init, static_argnums=0)(cfg, jax.random.PRNGKey(0))
 
 
 @functools.partial(jax.jit, static_argnames=("cfg",))
@@ -73,14 +74,15 @@ def test_blocked_decode_equals_whole_cache_attention_and_reads_no_further(name):
 
 
 def test_engine_with_blocked_decode_gives_the_static_rows():
-    """Blocks of 4 positions over caches of 8 + 12: the engine (5 slots for 16 rows of forced lengths; finished
-    slots parked at position 0) gives the greedy rows of the static sampler that reads the whole cache."""
+    """Blocks of 4 positions over caches of 8 + 12: the engine (5 slots for 16 rows of forced lengths, no drain:
+    finished slots parked at position 0 beside live ones) gives the greedy rows of the static sampler that reads
+    the whole cache."""
     cfg, params = _model("tiny_moe")
     spec = S.SamplerSpec(S.Greedy(), group_size=4, max_new_tokens=12, eos_id=10_000)
     prompts_bp, lengths_b = S.pad_prompts([p[:8] for p in PROMPTS], (8,), pad_id=0)
     limit_n = np.array([12, 3, 7, 1, 5, 12, 2, 9, 4, 11, 6, 8, 10, 2, 12, 5], np.int32)
     static = S.make_sampler(cfg.replace(decode_block=0), spec)
-    engine = E.make_engine(cfg.replace(decode_block=4), spec, E.EngineSpec(slots=5, chunk_steps=4))
+    engine = E.make_engine(cfg.replace(decode_block=4), spec, E.EngineSpec(slots=5, chunk_steps=4, drain_divisor=1))
     ref, out = (jax.tree.map(np.asarray, fn(params, prompts_bp, lengths_b, jax.random.PRNGKey(0), limit_n))
                 for fn in (static, engine))
     assert (out.tokens == ref.tokens).all() and (out.lengths == limit_n).all()
