@@ -118,19 +118,13 @@ def insert(state: EngineState, prompts: Prompts, rng, *, spec: SamplerSpec) -> E
     new_s = free_s & (row_s < n)
     rows_s = jnp.where(new_s, row_s, -1)
     b_s = jnp.maximum(rows_s, 0) // spec.group_size
-    target_s = jnp.where(new_s, jnp.arange(s), s)  # s: out of range, dropped
     cache = dict(state.cache)
     for key in ("dense", "moe"):
         if key in cache:
-            def put(slot_leaf, prompt_leaf):
-                ax = _length_axis(prompt_leaf, slot_leaf)
-                index = (slice(None), target_s) + (slice(None),) * (ax - 2) + (slice(0, prompt_leaf.shape[ax]),)
-                return slot_leaf.at[index].set(jnp.take(prompt_leaf, b_s, axis=1), mode="drop")
-
-            cache[key] = jax.tree.map(put, cache[key], prompts.cache[key])
+            cache[key] = _copy_prompts(cache[key], prompts.cache[key], b_s, new_s)
     seg = prompts.cache["segment_ids"][b_s]  # [S, P]
     seg = jnp.pad(seg, ((0, 0), (0, cache["segment_ids"].shape[1] - seg.shape[1])))  # the row's own positions only
-    cache["segment_ids"] = cache["segment_ids"].at[target_s].set(seg, mode="drop")
+    cache["segment_ids"] = jnp.where(new_s[:, None], seg, cache["segment_ids"])
     for key in ("length", "next_position", "segment"):
         cache[key] = jnp.where(new_s, prompts.cache[key][b_s], cache[key])
     fresh = sampler_lib.empty_rows(s, spec).replace(row=rows_s, limit=prompts.limit[jnp.maximum(rows_s, 0)])
@@ -139,6 +133,28 @@ def insert(state: EngineState, prompts: Prompts, rng, *, spec: SamplerSpec) -> E
     rows, out = sampler_lib.choose(rows, state.out, prompts.first_logits[b_s], rng, spec, active_r=new_s)
     return dataclasses.replace(state, rows=rows, cache=cache, out=out,
                                next_row=state.next_row + new_s.sum(dtype=jnp.int32))
+
+
+def _copy_prompts(slot_tree, prompt_tree, b_s, new_s):
+    """Slot s of every layer gets prompt b_s[s]'s cache in its first P positions where new_s[s]; the others keep
+    theirs. One layer at a time (lax.fori_loop, in place), and a select over the slots, not a scatter into them:
+    the slots stay where `cache_batch` puts them and only one layer's gathered prompt rows [S, P, ...] exist at
+    once (a scatter of all layers' [L, S, P, ...] rows held 530 GiB per chip at 671B, S = 2048, P = 2048)."""
+
+    def layer(i, tree):
+        def put(slot_leaf, prompt_leaf):
+            ax = _length_axis(prompt_leaf, slot_leaf)
+            start = (i,) + (0,) * (slot_leaf.ndim - 1)
+            old = jax.lax.dynamic_slice(slot_leaf, start, (1,) + slot_leaf.shape[1:ax] + (prompt_leaf.shape[ax],)
+                                        + slot_leaf.shape[ax + 1:])  # [1, S, ..., P, ...]
+            new = jnp.take(jax.lax.dynamic_slice_in_dim(prompt_leaf, i, 1, axis=0), b_s, axis=1)
+            new = constrain(new, (None, "cache_batch") + (None,) * (new.ndim - 2))
+            keep = new_s.reshape((1, -1) + (1,) * (new.ndim - 2))
+            return jax.lax.dynamic_update_slice(slot_leaf, jnp.where(keep, new.astype(old.dtype), old), start)
+
+        return jax.tree.map(put, tree, prompt_tree)
+
+    return jax.lax.fori_loop(0, jax.tree.leaves(slot_tree)[0].shape[0], layer, slot_tree)
 
 
 def chunk(params, state: EngineState, prompts: Prompts, rng, *, cfg: models.ModelConfig, spec: SamplerSpec,
