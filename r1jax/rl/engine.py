@@ -30,7 +30,10 @@ so the same seed gives the same rows whatever S, K or the order in which rows fi
 the static sampler. Greedy decoding gives the static sampler's tokens and log-probs.
 
 Memory: S x (P + T) cache positions plus the prompt cache B x P (the MLA latent or the GQA K/V, whichever the
-ModelConfig says); the static sampler holds N x (P + T).
+ModelConfig says), both rows over `cache_batch`; the drain's compaction holds S and S/2 slots at once. The
+static sampler holds N x (P + T). Insertion and compaction work one layer (and position block) at a time: a
+whole-cache gather or scatter across the sharded slot axis is gathered whole on every chip by XLA
+(docs/sharding.md, the 671B GRPO rollout on v5p-512).
 """
 
 from __future__ import annotations
