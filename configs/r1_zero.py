@@ -151,7 +151,15 @@ def get_config(arg=None):
                     rewards=R1_ZERO_REWARDS, temperature=1.0, beta=0.001,
                     eps_low=10.0, eps_high=10.0,  # *unverified*
                     agg="seq-mean-token-mean", ref_reset_every=400,  # ref reset: *unverified*
-                    score_chunk_rows=32, ref_dtype="bfloat16"),  # log-prob pass per mini-batch of 32 rows
+                    score_chunk_rows=32, ref_dtype="bfloat16",  # log-prob pass per mini-batch of 32 rows
+                    # The slot engine's S from the HBM left on a v5p-512 chip (95 GiB) beside the resident params
+                    # (10.9), Adam state (21.7) and bf16 reference (5.5): ~57 GiB for the caches and temporaries.
+                    # A slot's cache is 2048 + 32768 positions x 70 KB (MLA latent, 61 layers) = 2.4 GB, split over
+                    # the 256 chips; the drain's compaction holds S and S/2 slots at once (1.5 x S's cache), so
+                    # S = 4096 (36.5 + 18.2 GiB of caches) leaves no room and S = 2048 (18.2 + 9.1) does;
+                    # a multiple of 2048 so that S/8, the drain's end, still splits over the 256 chips
+                    # (docs/sharding.md has the compiled numbers: python -m r1jax.aot --config configs/r1_zero.py).
+                    slots=2048),
         eval_=eval_block(num_prompts=30, samples=16, batch_prompts=30),  # AIME 2024; R1 uses k=64
         optimizer_block=common.optimizer(3e-6, 0, schedule="constant", b2=0.95, weight_decay=0.1,
                                          clip_norm=1.0),  # betas / decay / clip *unverified*
@@ -175,7 +183,11 @@ def hf_config(*, template: str = "r1_zero", rewards: tuple = R1_ZERO_REWARDS):
         rl=rl_block(group_size=8, prompts_per_rollout=64, max_new_tokens=3072, prompt_buckets=(256, 512, 1024),
                     completion_buckets=(1024, 2048, 3072), rewards=rewards, temperature=1.0, beta=0.001,
                     eps_low=0.2, eps_high=0.2, agg="token-mean", mu=1, mini_batches=1,
-                    micro_batches=32, score_chunk_rows=16, ref_dtype="bfloat16"),  # 16 rows per pass
+                    micro_batches=32, score_chunk_rows=16, ref_dtype="bfloat16",  # 16 rows per pass
+                    # The slot engine in the static sampler's 512 x 4096 cache positions less the prompt cache of
+                    # 64 x 1024 (engine.slots_for_budget: 496), down to a multiple of 32 so that S/8 still splits
+                    # over a v5p-8's 4 chips.
+                    slots=480),
         eval_=eval_block(num_prompts=128, samples=4, batch_prompts=64),
         optimizer_block=common.optimizer(5e-7, 0, schedule="constant", b2=0.999, weight_decay=0.01, clip_norm=1.0),
         train_block=common.train(1000, log_every=1, eval_every=50, checkpoint_every=50))

@@ -13,7 +13,9 @@ The steps are the trainers' own jitted functions, built by the trainers' own fac
   sft   the SFT train step (r1jax.train.step.make_train_step): micro-batch scan, AdamW update, donated state
   grpo  the policy update (r1jax.rl.trainer.make_update: mu x mini_batches updates in one scan), the log-prob
         pass (make_scorer: pi_old under the policy, pi_ref under the frozen reference, one program), and the
-        group sampler (r1jax.rl.sampler.make_sampler: prefill + the jitted decode while_loop, one program)
+        sampler: with rl.engine = "slots" the slot engine's prefill, chunk and drain compaction
+        (r1jax.rl.engine.Engine, S = rl.slots slots), else the static group sampler
+        (r1jax.rl.sampler.make_sampler: prefill + the jitted decode while_loop, one program)
 A step's HBM is its arguments + outputs - donated aliases + temporaries (+ code). GRPO keeps more alive than one
 step's arguments (the policy's optimizer state while sampling, the reference while updating): those arrays are
 added as "resident" so the verdict is about the whole stage. Exit code 1 when a step does not fit.
@@ -410,7 +412,11 @@ class OutOfMemory:
 
 def _compile(run, args, donate=()):
     """(compiled or OutOfMemory, jaxpr) of a trainer's step function (it activates its own rules when traced)."""
-    traced = jax.jit(run, donate_argnums=donate).trace(*args)
+    return _lower(jax.jit(run, donate_argnums=donate).trace(*args), args)
+
+
+def _lower(traced, args):
+    """(compiled or OutOfMemory, jaxpr) of a traced program."""
     try:
         return traced.lower().compile(), traced.jaxpr
     except jax.errors.JaxRuntimeError as e:
@@ -520,6 +526,8 @@ def grpo_reports(config, mesh, rules) -> list[StepReport]:
                                                                         rl.top_k, rl.top_p),
                                    group_size=g, max_new_tokens=int(rl.max_new_tokens), eos_id=1, pad_id=0,
                                    stop_sequences=((2,),))
+    if rl.get("engine", "static") == "slots":
+        return out + engine_reports(config, cfg, spec, state.params, mesh, rules, resident=opt_bytes + ref_bytes)
     sample = sampler_lib.make_sampler(cfg, spec, mesh=mesh, rules=rules)
     compiled, jaxpr = _compile(sample, (state.params, _abstract((b, p), jnp.int32, replicated),
                                         _abstract((b,), jnp.int32, replicated), key))
@@ -529,6 +537,72 @@ def grpo_reports(config, mesh, rules) -> list[StepReport]:
                        causal_share=causal_block_share(p, cfg.attn_block),
                        note=f"{b} prompts x G={g}, cache {p}+{int(rl.max_new_tokens)} slots; FLOPs: the prefill "
                             f"and one decode step; resident: the optimizer state and the reference"))
+    return out
+
+
+def engine_reports(config, cfg, spec, params, mesh, rules, *, resident: int) -> list[StepReport]:
+    """The slot engine's programs (r1jax.rl.engine, rl.engine = "slots"), the Engine's own jitted pieces at the
+    largest buckets: the prefill of the B prompts into the prompt cache, the chunk (decode steps of S = rl.slots
+    slots with insertion, the state donated) and the drain's compaction of S slots into S / 2. `resident`: what
+    the stage keeps beside them (optimizer state, reference); the compaction also holds the params and the
+    prompt cache, which are not its arguments."""
+    from jax.sharding import NamedSharding, PartitionSpec as P
+
+    from r1jax.rl import engine as engine_lib
+    from r1jax.sharding import use_rules
+
+    rl = config.rl
+    b, g = int(rl.prompts_per_rollout), int(rl.group_size)
+    n, p, t = b * g, max(rl.prompt_buckets), int(rl.max_new_tokens)
+    slots = min(int(rl.get("slots", 0)) or n, n)
+    engine_spec = engine_lib.EngineSpec(slots=slots, chunk_steps=int(rl.get("chunk_steps", 256)))
+    engine = engine_lib.Engine(cfg, spec, engine_spec, mesh=mesh, rules=rules)
+    replicated = NamedSharding(mesh, P())
+    balanced = functools.partial(moe.balanced_rows, cfg=cfg)
+    per_position = engine_lib.cache_bytes_per_position(cfg)
+
+    def build(jitted, *args, **static):  # (compiled or OutOfMemory, traced) under the stage's rules
+        with use_rules(mesh, rules):
+            traced = jitted.trace(*args, **static)
+        return _lower(traced, args)[0], traced
+
+    def outputs(compiled, traced):  # the program's outputs as sharded abstract arrays
+        return jax.tree.map(lambda s, sh: _abstract(s.shape, s.dtype, sh), traced.out_info,
+                            compiled.output_shardings)
+
+    out = []
+    prompts_bp, lengths_b = _abstract((b, p), jnp.int32, replicated), _abstract((b,), jnp.int32, replicated)
+    compiled, traced = build(engine._prefill, params, prompts_bp, lengths_b, cache_len=p)
+    out.append(analyze(compiled, "grpo engine prefill (prompt cache)", jaxpr=traced.jaxpr, tokens=b * p,
+                       model_flops_per_token=model_flops_per_token(cfg, p, training=False), resident=resident,
+                       balanced_rows=balanced, causal_share=causal_block_share(p, cfg.attn_block),
+                       note=f"{b} prompts x {p}; resident: the optimizer state and the reference"))
+    if isinstance(compiled, OutOfMemory):
+        return out
+    prompt_cache, first_bv = outputs(compiled, traced)
+    prompts = engine_lib.Prompts(cache=prompt_cache, first_logits=first_bv,
+                                 limit=_abstract((n,), jnp.int32, replicated))
+    init, init_traced = build(engine._init, slots, n, p + t)
+    state = outputs(init, init_traced)
+    key = _abstract((2,), jnp.uint32, replicated)
+    cache_gib = slots * (p + t) * per_position / math.prod(mesh.devices.shape) / GIB
+    blocks = (f" with one key block of {cfg.decode_block} positions per layer (while_loop bodies count once)"
+              if cfg.decode_block and p + t > cfg.decode_block else "")
+    compiled, traced = build(engine._chunk, params, state, prompts, key, shrink=True)
+    out.append(analyze(compiled, "grpo engine chunk (decode steps + insertion)", jaxpr=traced.jaxpr, tokens=slots,
+                       model_flops_per_token=model_flops_per_token(cfg, p + t, training=False), resident=resident,
+                       balanced_rows=balanced,
+                       note=f"S={slots} slots x {p}+{t} cache positions ({cache_gib:.2f} GiB/chip), the prompt cache "
+                            f"of {b} prompts, N={n} rows; FLOPs: one decode step{blocks}; resident: the optimizer "
+                            f"state and the reference"))
+    if slots // 2 >= max(1, slots // engine.engine.drain_divisor):
+        keep = _abstract((slots // 2,), jnp.int32, replicated)
+        compiled, traced = build(engine._compact, state, keep)
+        held = bytes_per_chip(params) + bytes_per_chip(prompts)
+        out.append(analyze(compiled, "grpo engine drain (compact S -> S/2)", jaxpr=traced.jaxpr,
+                           resident=resident + held,
+                           note=f"{slots} -> {slots // 2} slots, a copy beside the original; resident: the params, "
+                                f"the prompt cache, the optimizer state and the reference"))
     return out
 
 

@@ -117,16 +117,21 @@ def test_sft_step_compiles_for_a_v5p_slice():
 
 @needs_libtpu
 def test_grpo_steps_compile_for_a_v5p_slice():
+    """The tiny preset's GRPO stage with the slot engine (rl.engine = "slots", 4 slots for 8 rows) and decode
+    attention in key blocks of 8 over caches of 16 + 8 positions."""
     code, out, err = _cli("--config", "configs/r1_zero.py:tiny", "--topology", "v5p-8", *TINY,
                           "--config.rl.prompts_per_rollout=4", "--config.rl.group_size=2",
                           "--config.rl.max_new_tokens=8", "--config.rl.prompt_buckets=(16,)",
-                          "--config.rl.completion_buckets=(8,)", "--config.rl.beta=0.01")
+                          "--config.rl.completion_buckets=(8,)", "--config.rl.beta=0.01", "--config.rl.slots=4",
+                          "--config.model.overrides.decode_block=8")
     assert code == 0, err[-3000:]
     for step in ("[grpo policy update]", "[grpo log-prob pass (pi_old, pi_ref)]",
-                 "[grpo sampler (prefill + decode loop)]"):
+                 "[grpo engine prefill (prompt cache)]", "[grpo engine chunk (decode steps + insertion)]  (S=4 slots",
+                 "[grpo engine drain (compact S -> S/2)]"):
         assert step in out, out
-    assert out.count("resident outside this step") == 3  # the reference (beta > 0) and the optimizer state
-    assert "1 while_loop bodies counted once" in out  # the sampler's decode loop
+    assert out.count("resident outside this step") == 5  # the reference (beta > 0) and the optimizer state
+    # the chunk's while_loop, and the blocked decode attention's fori_loop of each layer scan (dense, MoE)
+    assert "3 while_loop bodies counted once" in out
     assert out.strip().splitlines()[-1].startswith("FITS")
 
 

@@ -19,7 +19,14 @@ The decode cache is stacked over layers [L,B,S,...] and is the layer scan's carr
 each layer writes its new entries into its own slice in place (`update_layer_cache`), so a decode step writes
 B x T entries per layer instead of copying whole cache buffers.
 
-Both paths attend with `attend`: `dot_attention` (the [B,N,T,S] scores at once) or, when T exceeds
+A decode over a cache (T <= cfg.decode_block queries per row, the cache longer than one block) attends with
+`blocked_cache_attention` instead: a lax.while_loop over key blocks of cfg.decode_block positions read straight
+from the stacked cache (dynamic slices of one layer), with the online softmax, for only as many blocks as the
+farthest query of the batch can see (max query slot + 1). A chunk whose rows are all short does not read the
+empty tail of the cache; a block past a row's own length is fully masked and leaves its (m, l, acc) bit for bit
+unchanged, so the result does not depend on the other rows of the batch.
+
+Without a cache, both paths attend with `attend`: `dot_attention` (the [B,N,T,S] scores at once) or, when T exceeds
 cfg.attn_block, `chunked_attention` (query blocks x key blocks with an online softmax, FlashAttention-2's
 algorithm in pure JAX, each block rematerialised in the backward pass), which never holds more than one block's
 scores: at T = S = 32k the full scores are 64 GiB per row for 16 heads. The mask travels as its ids
@@ -239,6 +246,67 @@ def chunked_attention(q, k, v, mask_ids, scale: float, block: int):
     return jnp.moveaxis(out, 0, 1).reshape(b, -1, n, hv)[:, :t]
 
 
+def blocked_cache_attention(q, read, n_keys: int, kv: int, mask_ids, scale: float, block: int):
+    """dot_attention's result for queries q [B,T,N,H] (or parts, see `attend`) over a cache of n_keys positions
+    read one block at a time, only as far as the farthest query of the batch sees (flash decoding).
+
+    read(start, size) -> (key parts [B,K,size,H_i], values [B,K,size,Hv]): cache positions start..start+size-1,
+    heads-major (K = kv). mask_ids as `attend`; the key slot of a cache position is the position itself.
+    1. n = ceil((max q_slot + 1) / block) blocks (at most ceil(n_keys / block)): a lax.fori_loop whose trip
+       count is known only at run time, so short rows skip the empty tail of the cache.
+    2. Each block updates the running max m, sum l and accumulator acc in fp32 (chunked_attention's online
+       softmax). Block i starts at min(i * block, n_keys - block) (the last block is shifted back to stay in
+       the cache) and masks the positions below i * block that the previous block covered.
+    A block past a query's own slot is all NEG_INF: m stays, p = exp(NEG_INF - m) = 0 and the rescale is
+    exp(0) = 1, so (m, l, acc) pass through bit for bit: a row's result does not depend on how many blocks the
+    batch's farthest row needed. Needs block <= n_keys."""
+    qs = _parts(q)
+    b, t, n = qs[0].shape[:3]
+    g = n // kv
+    q_seg, q_slot, k_seg, _ = mask_ids
+    q_rows = tuple(x.reshape(b, t, kv, g, -1).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, -1) for x in qs)
+    n_blocks = jnp.clip(jnp.max(q_slot) // block + 1, 1, -(-n_keys // block))
+
+    def body(i, carry):
+        m, l, acc = carry  # [B,K,G,T] x2, [B,K,G*T,Hv] fp32
+        start = jnp.minimum(i * block, n_keys - block)
+        keys, v = read(start, block)  # parts [B,K,Sb,H_i], [B,K,Sb,Hv]
+        slot = start + jnp.arange(block, dtype=jnp.int32)  # [Sb]
+        seg = jax.lax.dynamic_slice_in_dim(k_seg, start, block, axis=1)  # [B,Sb]
+        visible = ((q_seg[:, :, None] == seg[:, None, :]) & (slot <= q_slot[:, :, None])
+                   & (slot >= i * block))  # [B,T,Sb]
+        s = sum(jnp.einsum("bkqh,bksh->bkqs", qi, ki.astype(qi.dtype), preferred_element_type=jnp.float32)
+                for qi, ki in zip(q_rows, keys))  # [B,K,G*T,Sb]
+        s = jnp.where(visible[:, None, None], s.reshape(b, kv, g, t, block) * scale, NEG_INF)
+        m_new = jnp.maximum(m, s.max(-1))
+        p = jnp.exp(s - m_new[..., None])
+        rescale = jnp.exp(m - m_new)
+        pv = jnp.einsum("bkqs,bksh->bkqh", p.reshape(b, kv, g * t, block).astype(qs[0].dtype),
+                        v.astype(qs[0].dtype), preferred_element_type=jnp.float32)
+        return m_new, l * rescale + p.sum(-1), acc * rescale.reshape(b, kv, g * t, 1) + pv
+
+    hv = jax.eval_shape(lambda: read(0, block))[1].shape[-1]
+    stats = jnp.full((b, kv, g, t), NEG_INF, jnp.float32)
+    init = (stats, jnp.zeros_like(stats), jnp.zeros((b, kv, g * t, hv), jnp.float32))
+    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
+    out = acc / jnp.where(l > 0, l, 1.0).reshape(b, kv, g * t, 1)  # [B,K,G*T,Hv]
+    return out.reshape(b, kv, g, t, hv).transpose(0, 3, 1, 2, 4).reshape(b, t, n, hv).astype(qs[0].dtype)
+
+
+def cache_block(buf, layer, start, size: int, axis: int):
+    """Positions start..start+size-1 along `axis` (of one layer's array) of layer `layer` of a stacked cache
+    buffer [L, ...]: one dynamic slice, so only that block is read."""
+    index = [0] * buf.ndim
+    index[0], index[axis + 1] = layer, start
+    return jax.lax.dynamic_slice(buf, index, (1,) + buf.shape[1:axis + 1] + (size,) + buf.shape[axis + 2:])[0]
+
+
+def _blocked_decode(cfg: ModelConfig, queries: int, n_keys: int) -> bool:
+    """Whether a cached call attends block by block (`blocked_cache_attention`): a decode step (one query per
+    row) over a cache longer than one block of cfg.decode_block positions."""
+    return bool(cfg.decode_block) and queries == 1 and n_keys > cfg.decode_block
+
+
 def update_layer_cache(cache, layer, new: dict, index: tuple):
     """Write new entries {name: array} into layer `layer` of the stacked cache {name: [L,B,...]} at `index`,
     the advanced index of one layer's buffer. Returns (cache, that layer's arrays {name: [B,...]}). The stacked
@@ -252,7 +320,8 @@ def update_layer_cache(cache, layer, new: dict, index: tuple):
 
 def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None):
     """MLA over x [B,T,D]. Without a cache: full path. With a stacked cache {c_kv [L,B,S,C], k_pe [L,B,S,R]}:
-    write the new latents into `layer` at `slots` [B,T] and attend (absorbed) over that layer's whole cache.
+    write the new latents into `layer` at `slots` [B,T] and attend (absorbed) over that layer's cache (a decode
+    step: block by block up to the batch's farthest query, `blocked_cache_attention`).
     Returns (out [B,T,D], cache)."""
     n, dn, dv, c = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     if cfg.q_lora_rank:
@@ -280,10 +349,19 @@ def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slot
         cache, cached = update_layer_cache(cache, layer, {"c_kv": c_kv, "k_pe": k_pe}, (rows, slots))  # [B,S,C|R]
         w_uk, w_uv = w_kv_b[..., :dn], w_kv_b[..., dn:]
         q_lat = jnp.einsum("btnh,cnh->btnc", q_nope, w_uk)  # [B,T,N,C]: W_UK absorbed into the query
-        c_all = cached["c_kv"].astype(q_lat.dtype)[:, :, None]  # [B,S,1,C]: one shared "head"
-        k_pe_all = cached["k_pe"].astype(q_lat.dtype)[:, :, None]  # [B,S,1,R]
-        o_lat = attend((q_lat, q_pe), (c_all, k_pe_all), c_all, mask_ids, cfg.softmax_scale,
-                       cfg.attn_block)  # [B,T,N,C]
+        n_keys = cache["c_kv"].shape[2]
+        if _blocked_decode(cfg, x.shape[1], n_keys):
+            def read(start, size):  # [B,1,Sb,C|R]: the latent is one shared "head"
+                c_blk, pe_blk = (cache_block(cache[k], layer, start, size, 1)[:, None] for k in ("c_kv", "k_pe"))
+                return (c_blk, pe_blk), c_blk
+
+            o_lat = blocked_cache_attention((q_lat, q_pe), read, n_keys, 1, mask_ids, cfg.softmax_scale,
+                                            cfg.decode_block)  # [B,T,N,C]
+        else:
+            c_all = cached["c_kv"].astype(q_lat.dtype)[:, :, None]  # [B,S,1,C]: one shared "head"
+            k_pe_all = cached["k_pe"].astype(q_lat.dtype)[:, :, None]  # [B,S,1,R]
+            o_lat = attend((q_lat, q_pe), (c_all, k_pe_all), c_all, mask_ids, cfg.softmax_scale,
+                           cfg.attn_block)  # [B,T,N,C]
         o = jnp.einsum("btnc,cnh->btnh", o_lat, w_uv)  # [B,T,N,Dv]: W_UV absorbed into the output
     o = constrain(o, ("act_batch", "act_len", "act_heads", None))
     return jnp.einsum("btnh,nhd->btd", o, p["wo"]), cache
@@ -293,7 +371,8 @@ def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slot
 
 def gqa(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None):
     """Grouped-query attention over x [B,T,D]; stacked heads-major cache {k, v} [L,B,K,S,H] (written into
-    `layer` at `slots`, then attended whole). Returns (out, cache)."""
+    `layer` at `slots`, then attended; a decode step block by block, `blocked_cache_attention`).
+    Returns (out, cache)."""
     q = jnp.einsum("btd,dnh->btnh", x, p["wq"])
     k = jnp.einsum("btd,dkh->btkh", x, p["wk"])
     v = jnp.einsum("btd,dkh->btkh", x, p["wv"])
@@ -307,6 +386,14 @@ def gqa(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slot
         index = (jnp.arange(b)[:, None, None], jnp.arange(kv)[None, :, None], slots[:, None, :])  # [B,K,T]
         new = {"k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}  # [B,K,T,H]
         cache, cached = update_layer_cache(cache, layer, new, index)
+        n_keys = cache["k"].shape[3]
+        if _blocked_decode(cfg, x.shape[1], n_keys):
+            def read(start, size):  # [B,K,Sb,H] each
+                k_blk, v_blk = (cache_block(cache[name], layer, start, size, 2) for name in ("k", "v"))
+                return (k_blk,), v_blk
+
+            o = blocked_cache_attention(q, read, n_keys, kv, mask_ids, cfg.softmax_scale, cfg.decode_block)
+            return jnp.einsum("btnh,nhd->btd", o, p["wo"]), cache
         k, v = (cached[name].transpose(0, 2, 1, 3).astype(q.dtype) for name in ("k", "v"))  # [B,S,K,H]
     o = attend(q, k, v, mask_ids, cfg.softmax_scale, cfg.attn_block, in_order=cache is None)
     return jnp.einsum("btnh,nhd->btd", o, p["wo"]), cache

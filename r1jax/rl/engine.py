@@ -30,7 +30,10 @@ so the same seed gives the same rows whatever S, K or the order in which rows fi
 the static sampler. Greedy decoding gives the static sampler's tokens and log-probs.
 
 Memory: S x (P + T) cache positions plus the prompt cache B x P (the MLA latent or the GQA K/V, whichever the
-ModelConfig says); the static sampler holds N x (P + T).
+ModelConfig says), both rows over `cache_batch`; the drain's compaction holds S and S/2 slots at once. The
+static sampler holds N x (P + T). Insertion and compaction work one layer (and position block) at a time: a
+whole-cache gather or scatter across the sharded slot axis is gathered whole on every chip by XLA
+(docs/sharding.md, the 671B GRPO rollout on v5p-512).
 """
 
 from __future__ import annotations
@@ -119,19 +122,13 @@ def insert(state: EngineState, prompts: Prompts, rng, *, spec: SamplerSpec) -> E
     new_s = free_s & (row_s < n)
     rows_s = jnp.where(new_s, row_s, -1)
     b_s = jnp.maximum(rows_s, 0) // spec.group_size
-    target_s = jnp.where(new_s, jnp.arange(s), s)  # s: out of range, dropped
     cache = dict(state.cache)
     for key in ("dense", "moe"):
         if key in cache:
-            def put(slot_leaf, prompt_leaf):
-                ax = _length_axis(prompt_leaf, slot_leaf)
-                index = (slice(None), target_s) + (slice(None),) * (ax - 2) + (slice(0, prompt_leaf.shape[ax]),)
-                return slot_leaf.at[index].set(jnp.take(prompt_leaf, b_s, axis=1), mode="drop")
-
-            cache[key] = jax.tree.map(put, cache[key], prompts.cache[key])
+            cache[key] = _copy_prompts(cache[key], prompts.cache[key], b_s, new_s)
     seg = prompts.cache["segment_ids"][b_s]  # [S, P]
     seg = jnp.pad(seg, ((0, 0), (0, cache["segment_ids"].shape[1] - seg.shape[1])))  # the row's own positions only
-    cache["segment_ids"] = cache["segment_ids"].at[target_s].set(seg, mode="drop")
+    cache["segment_ids"] = jnp.where(new_s[:, None], seg, cache["segment_ids"])
     for key in ("length", "next_position", "segment"):
         cache[key] = jnp.where(new_s, prompts.cache[key][b_s], cache[key])
     fresh = sampler_lib.empty_rows(s, spec).replace(row=rows_s, limit=prompts.limit[jnp.maximum(rows_s, 0)])
@@ -140,6 +137,28 @@ def insert(state: EngineState, prompts: Prompts, rng, *, spec: SamplerSpec) -> E
     rows, out = sampler_lib.choose(rows, state.out, prompts.first_logits[b_s], rng, spec, active_r=new_s)
     return dataclasses.replace(state, rows=rows, cache=cache, out=out,
                                next_row=state.next_row + new_s.sum(dtype=jnp.int32))
+
+
+def _copy_prompts(slot_tree, prompt_tree, b_s, new_s):
+    """Slot s of every layer gets prompt b_s[s]'s cache in its first P positions where new_s[s]; the others keep
+    theirs. One layer at a time (lax.fori_loop, in place), and a select over the slots, not a scatter into them:
+    the slots stay where `cache_batch` puts them and only one layer's gathered prompt rows [S, P, ...] exist at
+    once (a scatter of all layers' [L, S, P, ...] rows held 530 GiB per chip at 671B, S = 2048, P = 2048)."""
+
+    def layer(i, tree):
+        def put(slot_leaf, prompt_leaf):
+            ax = _length_axis(prompt_leaf, slot_leaf)
+            start = (i,) + (0,) * (slot_leaf.ndim - 1)
+            old = jax.lax.dynamic_slice(slot_leaf, start, (1,) + slot_leaf.shape[1:ax] + (prompt_leaf.shape[ax],)
+                                        + slot_leaf.shape[ax + 1:])  # [1, S, ..., P, ...]
+            new = jnp.take(jax.lax.dynamic_slice_in_dim(prompt_leaf, i, 1, axis=0), b_s, axis=1)
+            new = constrain(new, (None, "cache_batch") + (None,) * (new.ndim - 2))
+            keep = new_s.reshape((1, -1) + (1,) * (new.ndim - 2))
+            return jax.lax.dynamic_update_slice(slot_leaf, jnp.where(keep, new.astype(old.dtype), old), start)
+
+        return jax.tree.map(put, tree, prompt_tree)
+
+    return jax.lax.fori_loop(0, jax.tree.leaves(slot_tree)[0].shape[0], layer, slot_tree)
 
 
 def chunk(params, state: EngineState, prompts: Prompts, rng, *, cfg: models.ModelConfig, spec: SamplerSpec,
@@ -163,18 +182,54 @@ def chunk(params, state: EngineState, prompts: Prompts, rng, *, cfg: models.Mode
         st, i = carry
         logits_sv, cache = models.decode_step(params, st.rows.token, cfg, st.cache)
         rows, out = sampler_lib.choose(st.rows, st.out, logits_sv, rng, spec)
+        # A finished slot keeps decoding (its output is dropped) at cache position 0, inside the prompt part that
+        # insertion overwrites: its length does not set how many cache blocks the batch's decode attention
+        # reads (models.attention.blocked_cache_attention), only the live rows' lengths do.
+        cache["length"] = jnp.where(rows.finished, 0, cache["length"])
         return refill(dataclasses.replace(st, rows=rows, cache=cache, out=out)), i + 1
 
     state, i = jax.lax.while_loop(running, step, (refill(state), jnp.zeros((), jnp.int32)))
     return dataclasses.replace(state, steps=i)
 
 
+# Cache positions per piece of the drain's compaction (`compact`).
+COMPACT_BLOCK = 1024
+
+
+def _take_slots(x, keep_s):
+    """x [L, S, ..., W, X] (a stacked layer cache: slots on axis 1, positions on axis -2) -> [L, S', ..., W, X],
+    the slots keep_s [S'], one (layer, block of COMPACT_BLOCK positions) piece at a time. The slots are sharded
+    (`cache_batch`), so the gather moves rows between chips and XLA gathers each piece's operand whole: of the
+    whole cache at once that was 4.1 TiB per chip at 671B (S = 2048, 2048 + 32768 positions); of one piece it
+    is S x COMPACT_BLOCK positions of one layer."""
+    layers, width = x.shape[0], x.shape[-2]
+    block = min(COMPACT_BLOCK, width)
+    blocks = -(-width // block)
+    out = constrain(jnp.zeros((layers, keep_s.shape[0]) + x.shape[2:], x.dtype),
+                    ("layers", "cache_batch") + (None,) * (x.ndim - 2))
+
+    def piece(j, out):
+        start = [j // blocks, 0] + [0] * (x.ndim - 4) + [jnp.minimum(j % blocks * block, width - block), 0]
+        got = jnp.take(jax.lax.dynamic_slice(x, start, (1,) + x.shape[1:-2] + (block, x.shape[-1])), keep_s, axis=1)
+        return jax.lax.dynamic_update_slice(out, constrain(got, (None, "cache_batch") + (None,) * (x.ndim - 2)),
+                                            start)
+
+    return jax.lax.fori_loop(0, layers * blocks, piece, out)
+
+
 def compact(state: EngineState, keep_s) -> EngineState:
     """The slots keep_s [S'] (live ones first) as a state of S' slots."""
-    cache = {k: (jax.tree.map(lambda x: jnp.take(x, keep_s, axis=1), v) if k in ("dense", "moe")
+    cache = {k: (jax.tree.map(lambda x: _take_slots(x, keep_s), v) if k in ("dense", "moe")
                  else jnp.take(v, keep_s, axis=0)) for k, v in state.cache.items()}
     return dataclasses.replace(state, rows=jax.tree.map(lambda x: jnp.take(x, keep_s, axis=0), state.rows),
                                cache=cache)
+
+
+def _shard_cache(cache: dict) -> dict:
+    """A decode cache's rows over `cache_batch` (the slot cache and the prompt cache alike)."""
+    return {k: (jax.tree.map(lambda x: constrain(x, ("layers", "cache_batch") + (None,) * (x.ndim - 2)), v)
+                if k in ("dense", "moe") else constrain(v, ("cache_batch",) + (None,) * (v.ndim - 1)))
+            for k, v in cache.items()}
 
 
 class Engine:
@@ -187,17 +242,18 @@ class Engine:
         self.stats: dict = {}
         # The params arrive in their model shardings (as the stage keeps them) and every jitted piece takes its
         # inputs' shardings; the slot arrays are sharded over `act_batch` / `cache_batch` by `constrain`.
-        self._prefill = jax.jit(functools.partial(sampler_lib.prefill_prompts, cfg=cfg), static_argnames=("cache_len",))
+        self._prefill = jax.jit(self._prefill_prompts, static_argnames=("cache_len",))
         self._chunk = jax.jit(functools.partial(chunk, cfg=cfg, spec=spec, steps=engine.chunk_steps),
                               static_argnames=("shrink",), donate_argnums=1)
         self._compact = jax.jit(compact)
         self._init = jax.jit(self._empty, static_argnums=(0, 1, 2))
 
+    def _prefill_prompts(self, params, prompts_bp, prompt_lengths_b, cache_len: int):
+        cache, first_bv = sampler_lib.prefill_prompts(params, prompts_bp, prompt_lengths_b, self.cfg, cache_len)
+        return _shard_cache(cache), first_bv
+
     def _empty(self, slots: int, n: int, cache_len: int) -> EngineState:
-        cache = models.init_cache(self.cfg, slots, cache_len)
-        cache = {k: (jax.tree.map(lambda x: constrain(x, ("layers", "cache_batch") + (None,) * (x.ndim - 2)), v)
-                     if k in ("dense", "moe") else constrain(v, ("cache_batch",) + (None,) * (v.ndim - 1)))
-                 for k, v in cache.items()}
+        cache = _shard_cache(models.init_cache(self.cfg, slots, cache_len))
         zero = jnp.zeros((), jnp.int32)
         return EngineState(rows=sampler_lib.empty_rows(slots, self.spec), cache=cache,
                            out=sampler_lib.empty_completions(n, self.spec), next_row=zero, steps=zero)

@@ -42,10 +42,10 @@ log = logging.getLogger(__name__)
 
 # ModelConfig fields that describe training numerics, not the architecture: a checkpoint brings its architecture,
 # the config brings these.
-# attn_block / logits_chunk / moe_gmm_tiling too: an HF config.json has none, and without them a 32k-token run would
-# materialise whole attention scores and logits.
+# attn_block / logits_chunk / decode_block / moe_gmm_tiling too: an HF config.json has none, and without them a
+# 32k-token run would materialise whole attention scores and logits.
 TRAINING_FIELDS = ("dtype", "param_dtype", "remat", "bias_update_rate", "aux_loss_alpha", "mtp_loss_weight",
-                   "moe_impl", "moe_tile", "moe_gmm_tiling", "init_std", "attn_block", "logits_chunk")
+                   "moe_impl", "moe_tile", "moe_gmm_tiling", "init_std", "attn_block", "logits_chunk", "decode_block")
 
 
 class ConfigError(ValueError):
