@@ -61,12 +61,13 @@ def mesh(**ici) -> mlc.ConfigDict:
 
 def optimizer(lr: float, warmup_steps: int, *, schedule: str = "cosine", end_lr_ratio: float = 0.1,
               b1: float = 0.9, b2: float = 0.95, eps: float = 1e-8, weight_decay: float = 0.1,
-              clip_norm: float = 1.0, warmup_ratio: float = 0.0) -> mlc.ConfigDict:
+              clip_norm: float = 1.0, warmup_ratio: float = 0.0, moment_dtype: str = "float32") -> mlc.ConfigDict:
     """config.optimizer: AdamW, linear warmup then `schedule` decay to lr * end_lr_ratio; clip_norm 0 = off.
-    warmup_ratio > 0 replaces warmup_steps by that share of train.steps (follows an overridden train.steps)."""
+    warmup_ratio > 0 replaces warmup_steps by that share of train.steps (follows an overridden train.steps).
+    moment_dtype: the dtype AdamW's moments are stored in ("bfloat16" as DeepSeek-V3 does, r1jax/train/optimizer.py)."""
     return mlc.ConfigDict(dict(lr=lr, warmup_steps=warmup_steps, warmup_ratio=warmup_ratio, schedule=schedule,
-                               end_lr_ratio=end_lr_ratio,
-                               b1=b1, b2=b2, eps=eps, weight_decay=weight_decay, clip_norm=clip_norm))
+                               end_lr_ratio=end_lr_ratio, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                               clip_norm=clip_norm, moment_dtype=moment_dtype))
 
 
 def train(steps: int, *, micro_batches: int = 1, log_every: int = 10, eval_every: int = 0,

@@ -152,8 +152,10 @@ def get_config(arg=None):
                     eps_low=10.0, eps_high=10.0,  # *unverified*
                     agg="seq-mean-token-mean", ref_reset_every=400,  # ref reset: *unverified*
                     score_chunk_rows=32, ref_dtype="bfloat16",  # log-prob pass per mini-batch of 32 rows
+                    micro_batches=16,  # a mini-batch of 512 rows in 16 parts of 32: one row per (fsdp x expert) shard
                     # The slot engine's S from the HBM left on a v5p-512 chip (95 GiB) beside the resident params
-                    # (10.9), Adam state (21.7) and bf16 reference (5.5): ~57 GiB for the caches and temporaries.
+                    # (10.9), Adam state (21.7; 10.9 with the bf16 moments below) and bf16 reference (5.5): ~57 GiB
+                    # (~68 with bf16 moments) for the caches and temporaries.
                     # A slot's cache is 2048 + 32768 positions x 70 KB (MLA latent, 61 layers) = 2.4 GB, split over
                     # the 256 chips; the drain's compaction holds S and S/2 slots at once (1.5 x S's cache), so
                     # S = 4096 (36.5 + 18.2 GiB of caches) leaves no room and S = 2048 (18.2 + 9.1) does;
@@ -162,7 +164,10 @@ def get_config(arg=None):
                     slots=2048),
         eval_=eval_block(num_prompts=30, samples=16, batch_prompts=30),  # AIME 2024; R1 uses k=64
         optimizer_block=common.optimizer(3e-6, 0, schedule="constant", b2=0.95, weight_decay=0.1,
-                                         clip_norm=1.0),  # betas / decay / clip *unverified*
+                                         clip_norm=1.0,  # betas / decay / clip *unverified*
+                                         # Adam moments in bf16 as DeepSeek-V3 trains (docs/reference.md §5):
+                                         # the gradient accumulator of 16 micro-batches needs the 10.9 GiB per chip
+                                         moment_dtype="bfloat16"),
         train_block=common.train(10400, log_every=1, eval_every=400, checkpoint_every=100))
 
 

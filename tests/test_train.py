@@ -183,6 +183,30 @@ def test_optimizer_leaves_router_bias_and_norms_undecayed():
     np.testing.assert_allclose(np.asarray(updates["embed"]), -0.1 * 0.1 * 0.5, rtol=1e-6)  # matrices decay
 
 
+def test_bfloat16_moments_are_stored_in_bfloat16_and_track_fp32_adamw():
+    """optimizer.moment_dtype="bfloat16" (DeepSeek-V3's optimizer states): the stored moments are bf16, and three
+    steps of it stay within bf16 rounding of fp32 AdamW (an independent reference: optax.adamw itself)."""
+    import optax
+
+    params = {"w": jnp.linspace(-1.0, 1.0, 64).reshape(8, 8)}
+    opt = _opt(warmup_steps=0, clip_norm=0.0, weight_decay=0.0)
+    ref_tx = optax.adamw(1e-2, b1=0.9, b2=0.95, eps=1e-8, weight_decay=0.0)
+    tx = opt_lib.stored_in(ref_tx, jnp.bfloat16)
+    state, ref_state = tx.init(params), ref_tx.init(params)
+    p, ref_p = params, params
+    for i in range(3):
+        grads = {"w": jnp.sin(p["w"] * (i + 1))}
+        updates, state = tx.update(grads, state, p)
+        ref_updates, ref_state = ref_tx.update(grads, ref_state, ref_p)
+        p, ref_p = optax.apply_updates(p, updates), optax.apply_updates(ref_p, ref_updates)
+    moments = [x for x in jax.tree.leaves(state) if x.ndim]
+    assert moments and all(x.dtype == jnp.bfloat16 for x in moments)
+    assert any(x.dtype == jnp.int32 for x in jax.tree.leaves(state))  # the step count is left alone
+    np.testing.assert_allclose(np.asarray(p["w"]), np.asarray(ref_p["w"]), atol=3e-4)
+    with pytest.raises(ValueError, match="moment_dtype"):
+        opt_lib.make_optimizer(_opt(moment_dtype="float16"), CFG, 10)
+
+
 # ------------------------------------------------------------------------------------------- NaN guard
 
 def test_nan_stops_with_step_range_and_keeps_last_good_checkpoint(tmp_path):
