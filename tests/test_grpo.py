@@ -56,6 +56,12 @@ def np_policy_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, agg, max_
                 d = ref[i, j] - logp[i, j]
                 kl = math.exp(d) - d - 1
             tok[i, j] = -(s - beta * kl)
+    return np_aggregate(tok, mask, agg, max_len)
+
+
+def np_aggregate(tok, mask, agg, max_len):
+    """The AGG_MODES reduction of per-token losses tok [N, T] (0 off the mask), in float64."""
+    n = tok.shape[0]
     if agg == "token-mean":
         return tok.sum() / max(mask.sum(), 1)
     if agg == "seq-mean-token-sum-norm":
@@ -532,12 +538,7 @@ def np_corrected_loss(logp, old, ref, adv, mask, eps_low, eps_high, beta, agg, l
             w = min(math.exp(old[i, j] - sampler[i, j]), tis_cap) if tis_cap else 1.0
             d = ref[i, j] - logp[i, j]
             tok[i, j] = -(w * s - beta * (math.exp(d) - d - 1))
-    if agg == "token-mean":
-        return tok.sum() / max(mask.sum(), 1)
-    if agg == "seq-mean-token-sum-norm":
-        return tok.sum() / (n * t)
-    seq = [tok[i].sum() / mask[i].sum() for i in range(n) if mask[i].sum() > 0]
-    return sum(seq) / max(len(seq), 1)
+    return np_aggregate(tok, mask, agg, t)
 
 
 @pytest.mark.parametrize("agg", AGGS)
