@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from r1jax import aot
+from r1jax import aot, flops
 from r1jax import models as M
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -48,22 +48,22 @@ def test_flop_count_multiplies_loop_trip_counts():
 
     for n_layers in (2, 8):
         jaxpr = jax.make_jaxpr(f)(jnp.ones((8, 16)), jnp.ones((n_layers, 16, 16)))
-        assert aot.jaxpr_flops(jaxpr) == aot.FlopCount(2 * 8 * 16 * 16 * n_layers + 2 * 8 * 16 * 4)
+        assert flops.jaxpr_flops(jaxpr) == flops.FlopCount(2 * 8 * 16 * 16 * n_layers + 2 * 8 * 16 * 4)
     # d/dx: the forward once, and in the backward one cotangent matmul per matmul (no d/dw asked for).
     grad = jax.make_jaxpr(jax.grad(lambda x, w: f(x, w).sum()))(jnp.ones((8, 16)), jnp.ones((3, 16, 16)))
-    assert aot.jaxpr_flops(grad) == aot.FlopCount(2 * (2 * 8 * 16 * 16 * 3 + 2 * 8 * 16 * 4))
+    assert flops.jaxpr_flops(grad) == flops.FlopCount(2 * (2 * 8 * 16 * 16 * 3 + 2 * 8 * 16 * 4))
 
 
 def test_ragged_dot_flops_and_while_loops():
     x, w, sizes = jnp.ones((12, 16)), jnp.ones((3, 16, 8)), jnp.array([4, 4, 4], jnp.int32)
     f = 2 * 12 * 16 * 8
-    assert aot.jaxpr_flops(jax.make_jaxpr(jax.lax.ragged_dot)(x, w, sizes)) == aot.FlopCount(f, 0, f)
+    assert flops.jaxpr_flops(jax.make_jaxpr(jax.lax.ragged_dot)(x, w, sizes)) == flops.FlopCount(f, 0, f)
     loop = jax.make_jaxpr(lambda x: jax.lax.while_loop(lambda c: c[0, 0] < 5, lambda c: c @ jnp.ones((16, 16)), x))
-    assert aot.jaxpr_flops(loop(x)) == aot.FlopCount(2 * 12 * 16 * 16, 1)
+    assert flops.jaxpr_flops(loop(x)) == flops.FlopCount(2 * 12 * 16 * 16, 1)
     # a cond whose other branch has no matmul (the chunked attention's key blocks): counted, and skippable
     skip = jax.make_jaxpr(lambda x: jax.lax.cond(x[0, 0] > 0, lambda c: c @ jnp.ones((16, 16)), lambda c: c, x))
-    assert aot.jaxpr_flops(skip(x)) == aot.FlopCount(2 * 12 * 16 * 16, skippable=2 * 12 * 16 * 16)
-    assert aot.causal_block_share(32768, 2048) == 17 / 32 and aot.causal_block_share(1000, 2048) == 1.0
+    assert flops.jaxpr_flops(skip(x)) == flops.FlopCount(2 * 12 * 16 * 16, skippable=2 * 12 * 16 * 16)
+    assert flops.causal_block_share(32768, 2048) == 17 / 32 and flops.causal_block_share(1000, 2048) == 1.0
 
 
 def test_grouped_kernel_flops_from_the_kernels_tile_count():
@@ -74,7 +74,7 @@ def test_grouped_kernel_flops_from_the_kernels_tile_count():
     rows, sizes = jnp.ones((40, 16)), jnp.array([10, 0, 17, 5], jnp.int32)
     wg, wd = jnp.ones((4, 16, 32)), jnp.ones((4, 32, 16))
     jaxpr = jax.make_jaxpr(lambda r: gmm.grouped_swiglu(r, sizes, wg, wg, wd, (8, 128, 128)))(rows)
-    count = aot.jaxpr_flops(jaxpr, balanced_rows=lambda n_rows, n_groups: 16)
+    count = flops.jaxpr_flops(jaxpr, balanced_rows=lambda n_rows, n_groups: 16)
     per_tile = 3 * 2 * 8 * 16 * 32  # gate, up, down: one Tm x 16 x 32 block matmul each
     assert count.gmm_bound == count.flops == per_tile * gmm.max_active_tiles(40, 4, 8) == per_tile * 8
     assert count.gmm_balanced == per_tile * 4  # rows 0-16 are 2 tiles, each computed for the 2 groups in it
@@ -85,8 +85,8 @@ def test_activated_params_671b():
     cfg = M.get_preset("deepseek_v3_671b")
     main = M.count_params(cfg)["activated"]
     assert 36e9 < main < 39e9  # ~37B (docs/reference.md §1)
-    assert aot.activated_params(cfg.replace(mtp_depth=0)) == main
-    assert aot.activated_params(cfg) > main  # + the MTP module's shared and 8 routed experts
+    assert flops.activated_params(cfg.replace(mtp_depth=0)) == main
+    assert flops.activated_params(cfg) > main  # + the MTP module's shared and 8 routed experts
 
 
 def test_report_verdict():

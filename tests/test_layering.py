@@ -13,7 +13,7 @@ from helpers import REPO
 # Lower layers first; a package may import its own layer and the ones before it.
 LAYERS = (
     ("r1jax.host", "r1jax.distributed", "r1jax.sharding", "r1jax.models"),
-    ("r1jax.data", "r1jax.hf"),
+    ("r1jax.data", "r1jax.hf", "r1jax.flops"),
     ("r1jax.world",),
     ("r1jax.train", "r1jax.rl", "r1jax.eval"),
     ("r1jax.stages",),
