@@ -439,7 +439,7 @@ def engine_reports(config, cfg, spec, params, mesh, rules, *, resident: int) -> 
     state = outputs(init, init_traced)
     key = _abstract((2,), jnp.uint32, replicated)
     cache_gib = slots * (p + t) * per_position / math.prod(mesh.devices.shape) / GIB
-    blocks = (f" with one key block of {cfg.decode_block} positions per layer (while_loop bodies count once)"
+    blocks = (" over the whole cache (decode attention's lax.switch over cache prefixes counts its widest branch)"
               if cfg.decode_block and p + t > cfg.decode_block else "")
     compiled, traced = build(engine._chunk, params, state, prompts, key, shrink=True)
     out.append(analyze(compiled, "grpo engine chunk (decode steps + insertion)", jaxpr=traced.jaxpr, tokens=slots,

@@ -1,8 +1,8 @@
-"""Blocked decode attention (r1jax.models.attention.blocked_cache_attention): a decode step over the cache reads
-key blocks of cfg.decode_block positions only up to the batch's farthest query, with an online softmax. Equal to
-the whole-cache dot attention (fp32, <= 1e-5 relative) for MLA's latent cache and GQA's K/V cache on rows of
-different lengths; never reads the cache past the last block a query sees; and the slot engine with small blocks
-gives the static sampler's rows."""
+"""Decode attention over cache prefixes (r1jax.models.attention.blocked_cache_attention): a decode step reads the
+shortest prefix of whole cfg.decode_block blocks that holds its farthest query, per run of rows sorted by length
+(cfg.decode_row_groups). Equal to the whole-cache dot attention (fp32, <= 1e-5 relative) for MLA's latent cache
+and GQA's K/V cache on rows of different lengths; never reads the cache past the prefix a query's run needs (with
+one run per row: past the row's own); and the slot engine with small blocks gives the static sampler's rows."""
 
 import functools
 
@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from r1jax import models as M
+from r1jax.models import attention as A
 from r1jax.rl import engine as E
 from r1jax.rl import sampler as S
 
@@ -31,14 +32,16 @@ def _model(name):
 @functools.partial(jax.jit, static_argnames=("cfg",))
 def _decode(params, tokens_bp, cfg, poison=CACHE):
     """Prefill the padded prompts into a cache of CACHE positions, then STEPS greedy decode steps: the logits
-    [STEPS, B, V] of every step. NaN in every cache position from `poison` on, put in after the prefill."""
+    [STEPS, B, V] of every step. NaN in every cache position from `poison` on (one number, or one per row [B]),
+    put in after the prefill."""
     seg = (tokens_bp > 0).astype(jnp.int32)
-    logits, cache = M.prefill(params, tokens_bp, cfg, M.init_cache(cfg, tokens_bp.shape[0], CACHE), segment_ids=seg)
+    b = tokens_bp.shape[0]
+    logits, cache = M.prefill(params, tokens_bp, cfg, M.init_cache(cfg, b, CACHE), segment_ids=seg)
+    bad_bs = jnp.arange(CACHE)[None, :] >= jnp.broadcast_to(jnp.asarray(poison), (b,))[:, None]  # [B, S]
     for key in ("dense", "moe"):
         if key in cache:
-            shape = [1] * 5
-            shape[3 if cfg.attention == "gqa" else 2] = CACHE  # the position axis of [L,B,(K,)S,...]
-            bad = (jnp.arange(CACHE) >= poison).reshape(shape[:jax.tree.leaves(cache[key])[0].ndim])
+            # [L,B,S,C] (MLA latent) or [L,B,K,S,H] (GQA): put B and S in place
+            bad = bad_bs[None, :, None, :, None] if cfg.attention == "gqa" else bad_bs[None, :, :, None]
             cache[key] = jax.tree.map(lambda x: jnp.where(bad, jnp.nan, x), cache[key])
     last = jnp.sum(seg, axis=1) - 1
     token = jnp.argmax(logits[jnp.arange(tokens_bp.shape[0]), last], -1)
@@ -71,6 +74,33 @@ def test_blocked_decode_equals_whole_cache_attention_and_reads_no_further(name):
     clean = _decode(params, _prompts(SHORT), blocked_cfg)
     assert (np.asarray(_decode(params, _prompts(SHORT), blocked_cfg, reach)) == np.asarray(clean)).all()
     assert np.isnan(np.asarray(_decode(params, _prompts(SHORT), whole_cfg, reach))).any()
+
+
+@pytest.mark.parametrize("name", ["tiny_moe", "tiny_dense"])
+def test_each_run_of_rows_reads_only_its_own_prefix(name):
+    """Rows of 1, 4, 2 and 12 prompt tokens, each cache poisoned (NaN) from the end of the prefix its own row
+    reaches: with one run per row (decode_row_groups = B, rows sorted by length) the steps equal the clean ones,
+    so no row read past its own prefix; with one run for the batch the short rows read the long row's prefix and
+    are poisoned. Both equal the whole-cache attention on the clean cache."""
+    cfg, params = _model(name)
+    rows = [SHORT[3], SHORT[1], SHORT[2], PROMPTS[2]]  # lengths 1, 4, 2, 12: sorting reorders them
+    reach = np.array([-(-(len(r) + STEPS) // 4) * 4 for r in rows])  # each row's last query slot is below
+    tokens = _prompts(rows)
+    per_row, one_run = (cfg.replace(decode_block=4, decode_row_groups=g) for g in (len(rows), 1))
+    whole = np.asarray(_decode(params, tokens, cfg.replace(decode_block=0)))
+    clean = np.asarray(_decode(params, tokens, per_row))
+    np.testing.assert_allclose(clean, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
+    assert (np.asarray(_decode(params, tokens, per_row, reach)) == clean).all()
+    poisoned = np.asarray(_decode(params, tokens, one_run, reach))
+    assert np.isnan(poisoned[:, :3]).all() and not np.isnan(poisoned[:, 3]).any()  # the short rows only
+
+
+def test_decode_widths():
+    """Multiples of the block up to the cache, the last one the whole cache; at most MAX_DECODE_WIDTHS."""
+    assert A.decode_widths(19, 4) == (4, 8, 12, 16, 19)
+    widths = A.decode_widths(34816, 1024)  # the 671B preset: 2048 + 32768 positions, 34 blocks
+    assert len(widths) <= A.MAX_DECODE_WIDTHS and widths[-1] == 34816 and widths[0] == 3072
+    assert all(w % 1024 == 0 for w in widths[:-1]) and list(widths) == sorted(set(widths))
 
 
 def test_engine_with_blocked_decode_gives_the_static_rows():

@@ -20,11 +20,12 @@ each layer writes its new entries into its own slice in place (`update_layer_cac
 B x T entries per layer instead of copying whole cache buffers.
 
 A decode over a cache (T <= cfg.decode_block queries per row, the cache longer than one block) attends with
-`blocked_cache_attention` instead: a lax.while_loop over key blocks of cfg.decode_block positions read straight
-from the stacked cache (dynamic slices of one layer), with the online softmax, for only as many blocks as the
-farthest query of the batch can see (max query slot + 1). A chunk whose rows are all short does not read the
-empty tail of the cache; a block past a row's own length is fully masked and leaves its (m, l, acc) bit for bit
-unchanged, so the result does not depend on the other rows of the batch.
+`blocked_cache_attention` instead: a lax.switch over cache prefixes of whole cfg.decode_block blocks
+(`decode_widths`), each branch one dot attention over that prefix read straight from the stacked cache, taking
+the shortest prefix that holds the farthest query. A batch whose rows are all short does not read the empty tail
+of the cache. With cfg.decode_row_groups > 1 the rows are first sorted by length and cut into that many runs,
+each reading its own prefix, so the slot engine's short rows do not read as far as its longest. Masked positions
+get probability exactly 0: a row's result does not depend on how far its run read, up to the rounding of sums.
 
 Without a cache, both paths attend with `attend`: `dot_attention` (the [B,N,T,S] scores at once) or, when T exceeds
 cfg.attn_block, `chunked_attention` (query blocks x key blocks with an online softmax, FlashAttention-2's
@@ -34,6 +35,8 @@ scores: at T = S = 32k the full scores are 64 GiB per row for 16 heads. The mask
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -246,64 +249,76 @@ def chunked_attention(q, k, v, mask_ids, scale: float, block: int):
     return jnp.moveaxis(out, 0, 1).reshape(b, -1, n, hv)[:, :t]
 
 
-def blocked_cache_attention(q, read, n_keys: int, kv: int, mask_ids, scale: float, block: int):
-    """dot_attention's result for queries q [B,T,N,H] (or parts, see `attend`) over a cache of n_keys positions
-    read one block at a time, only as far as the farthest query of the batch sees (flash decoding).
+# Most prefix widths a decode step chooses among (`decode_widths`): each is a branch of one lax.switch per run of
+# rows and layer; past this many blocks the widths step by several blocks (a 32k cache in blocks of 1024: 12
+# widths of 3 blocks) and a row reads at most one step more than it needs.
+MAX_DECODE_WIDTHS = 16
 
-    read(start, size) -> (key parts [B,K,size,H_i], values [B,K,size,Hv]): cache positions start..start+size-1,
-    heads-major (K = kv). mask_ids as `attend`; the key slot of a cache position is the position itself.
-    1. n = ceil((max q_slot + 1) / block) blocks (at most ceil(n_keys / block)): a lax.fori_loop whose trip
-       count is known only at run time, so short rows skip the empty tail of the cache.
-    2. Each block updates the running max m, sum l and accumulator acc in fp32 (chunked_attention's online
-       softmax). Block i starts at min(i * block, n_keys - block) (the last block is shifted back to stay in
-       the cache) and masks the positions below i * block that the previous block covered.
-    A block past a query's own slot is all NEG_INF: m stays, p = exp(NEG_INF - m) = 0 and the rescale is
-    exp(0) = 1, so (m, l, acc) pass through bit for bit: a row's result does not depend on how many blocks the
-    batch's farthest row needed. Needs block <= n_keys."""
-    qs = _parts(q)
-    b, t, n = qs[0].shape[:3]
-    g = n // kv
+
+def decode_widths(n_keys: int, block: int) -> tuple[int, ...]:
+    """The cache prefixes a decode step may read: multiples of `block` (of several blocks when there would be
+    more than MAX_DECODE_WIDTHS), the last one the whole cache."""
+    blocks = -(-n_keys // block)
+    step = -(-blocks // MAX_DECODE_WIDTHS)
+    return tuple(sorted({min(i * block, n_keys) for i in range(step, blocks + step, step)}))
+
+
+def blocked_cache_attention(q, read, n_keys: int, kv: int, mask_ids, scale: float, block: int, runs: int = 1):
+    """dot_attention's result for queries q [B,T,N,H] (or parts, see `attend`) over a cache of n_keys positions,
+    each row reading only a prefix of the cache about as long as its own farthest query needs.
+
+    read(width, lo, hi) -> (key parts [hi-lo,K,width,H_i], values [hi-lo,K,width,Hv]): cache positions
+    0..width-1 of batch rows lo..hi-1, heads-major (K = kv). mask_ids as `attend`; the key slot of a cache
+    position is the position itself.
+    1. The batch is cut into `runs` runs of consecutive rows (cfg.decode_row_groups; `transformer.decode_step`
+       sorts its rows by length first, so a run holds rows of similar length).
+    2. Each run attends over the shortest prefix in `decode_widths(n_keys, block)` that holds its farthest
+       query (one lax.switch branch per width, each a plain dot attention over that prefix): a batch of short
+       rows does not read the cache's empty tail, and with runs > 1 the slot engine's short rows (r1jax/rl/
+       engine.py: rows of every length side by side) do not read as far as its longest.
+    The positions past a row's own query are masked (probability exactly 0), so a row's result is the whole-
+    cache dot attention's up to the rounding of its sums, whatever prefix its run read."""
+    b = _parts(q)[0].shape[0]
+    widths = decode_widths(n_keys, block)
+    runs = max(1, min(runs, b))
+    edges = [b * i // runs for i in range(runs + 1)]
+    outs = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        cut = (lambda x: x) if (lo, hi) == (0, b) else (lambda x, lo=lo, hi=hi: x[lo:hi])  # noqa: E731
+        outs.append(_prefix_attention(jax.tree.map(cut, q), functools.partial(read, lo=lo, hi=hi), widths,
+                                      tuple(map(cut, mask_ids)), scale))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
+
+
+def _prefix_attention(q, read, widths: tuple[int, ...], mask_ids, scale: float):
+    """Dot attention of q [B,T,N,H] (or parts) over the shortest cache prefix in `widths` that holds the farthest
+    query slot; read(width) -> (key parts [B,K,width,H_i], values [B,K,width,Hv])."""
     q_seg, q_slot, k_seg, _ = mask_ids
-    q_rows = tuple(x.reshape(b, t, kv, g, -1).transpose(0, 2, 3, 1, 4).reshape(b, kv, g * t, -1) for x in qs)
-    n_blocks = jnp.clip(jnp.max(q_slot) // block + 1, 1, -(-n_keys // block))
 
-    def body(i, carry):
-        m, l, acc = carry  # [B,K,G,T] x2, [B,K,G*T,Hv] fp32
-        start = jnp.minimum(i * block, n_keys - block)
-        keys, v = read(start, block)  # parts [B,K,Sb,H_i], [B,K,Sb,Hv]
-        slot = start + jnp.arange(block, dtype=jnp.int32)  # [Sb]
-        seg = jax.lax.dynamic_slice_in_dim(k_seg, start, block, axis=1)  # [B,Sb]
-        visible = ((q_seg[:, :, None] == seg[:, None, :]) & (slot <= q_slot[:, :, None])
-                   & (slot >= i * block))  # [B,T,Sb]
-        s = sum(jnp.einsum("bkqh,bksh->bkqs", qi, ki.astype(qi.dtype), preferred_element_type=jnp.float32)
-                for qi, ki in zip(q_rows, keys))  # [B,K,G*T,Sb]
-        s = jnp.where(visible[:, None, None], s.reshape(b, kv, g, t, block) * scale, NEG_INF)
-        m_new = jnp.maximum(m, s.max(-1))
-        p = jnp.exp(s - m_new[..., None])
-        rescale = jnp.exp(m - m_new)
-        pv = jnp.einsum("bkqs,bksh->bkqh", p.reshape(b, kv, g * t, block).astype(qs[0].dtype),
-                        v.astype(qs[0].dtype), preferred_element_type=jnp.float32)
-        return m_new, l * rescale + p.sum(-1), acc * rescale.reshape(b, kv, g * t, 1) + pv
+    def over(width):
+        def fn():
+            keys, v = read(width)
+            visible = (q_seg[:, :, None] == k_seg[:, None, :width]) & (jnp.arange(width) <= q_slot[:, :, None])
+            k_rows = tuple(x.transpose(0, 2, 1, 3).astype(_parts(q)[0].dtype) for x in keys)  # [B,width,K,H_i]
+            return _dot_attention(_parts(q), k_rows, v.transpose(0, 2, 1, 3).astype(_parts(q)[0].dtype), visible,
+                                  scale)
+        return fn
 
-    hv = jax.eval_shape(lambda: read(0, block))[1].shape[-1]
-    stats = jnp.full((b, kv, g, t), NEG_INF, jnp.float32)
-    init = (stats, jnp.zeros_like(stats), jnp.zeros((b, kv, g * t, hv), jnp.float32))
-    _, l, acc = jax.lax.fori_loop(0, n_blocks, body, init)
-    out = acc / jnp.where(l > 0, l, 1.0).reshape(b, kv, g * t, 1)  # [B,K,G*T,Hv]
-    return out.reshape(b, kv, g, t, hv).transpose(0, 3, 1, 2, 4).reshape(b, t, n, hv).astype(qs[0].dtype)
+    index = jnp.searchsorted(jnp.asarray(widths), jnp.max(q_slot) + 1)  # the first width > the farthest slot
+    return jax.lax.switch(jnp.minimum(index, len(widths) - 1), [over(w) for w in widths])
 
 
-def cache_block(buf, layer, start, size: int, axis: int):
-    """Positions start..start+size-1 along `axis` (of one layer's array) of layer `layer` of a stacked cache
-    buffer [L, ...]: one dynamic slice, so only that block is read."""
-    index = [0] * buf.ndim
-    index[0], index[axis + 1] = layer, start
-    return jax.lax.dynamic_slice(buf, index, (1,) + buf.shape[1:axis + 1] + (size,) + buf.shape[axis + 2:])[0]
+def cache_prefix(buf, layer, width: int, axis: int, rows=None, lo: int = 0, hi: int | None = None):
+    """Positions 0..width-1 along `axis` (of one layer's array) of layer `layer` of a stacked cache buffer
+    [L, B, ...], for batch rows lo..hi-1, which are cache rows rows[lo:hi] (rows None: the same rows of the
+    cache): only that prefix of those rows is read."""
+    prefix = (slice(None),) * (axis - 1) + (slice(0, width),)
+    return buf[(layer, slice(lo, hi) if rows is None else rows[lo:hi]) + prefix]
 
 
-def _blocked_decode(cfg: ModelConfig, queries: int, n_keys: int) -> bool:
-    """Whether a cached call attends block by block (`blocked_cache_attention`): a decode step (one query per
-    row) over a cache longer than one block of cfg.decode_block positions."""
+def decode_blocked(cfg: ModelConfig, queries: int, n_keys: int) -> bool:
+    """Whether a cached call attends over a prefix of whole blocks (`blocked_cache_attention`): a decode step (one
+    query per row) over a cache longer than one block of cfg.decode_block positions."""
     return bool(cfg.decode_block) and queries == 1 and n_keys > cfg.decode_block
 
 
@@ -318,10 +333,10 @@ def update_layer_cache(cache, layer, new: dict, index: tuple):
 
 # ------------------------------------------------------------------------------------------------- MLA
 
-def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None):
+def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None, rows=None):
     """MLA over x [B,T,D]. Without a cache: full path. With a stacked cache {c_kv [L,B,S,C], k_pe [L,B,S,R]}:
     write the new latents into `layer` at `slots` [B,T] and attend (absorbed) over that layer's cache (a decode
-    step: block by block up to the batch's farthest query, `blocked_cache_attention`).
+    step: over the prefix its farthest query needs, `blocked_cache_attention`).
     Returns (out [B,T,D], cache)."""
     n, dn, dv, c = cfg.n_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     if cfg.q_lora_rank:
@@ -345,19 +360,21 @@ def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slot
         qf = jnp.concatenate([q_nope, q_pe], -1)
         o = attend(qf, k, v, mask_ids, cfg.softmax_scale, cfg.attn_block, in_order=True)  # [B,T,N,Dv]
     else:
-        rows = jnp.arange(x.shape[0])[:, None]
-        cache, cached = update_layer_cache(cache, layer, {"c_kv": c_kv, "k_pe": k_pe}, (rows, slots))  # [B,S,C|R]
+        index = (jnp.arange(x.shape[0]) if rows is None else rows)[:, None]
+        cache, cached = update_layer_cache(cache, layer, {"c_kv": c_kv, "k_pe": k_pe}, (index, slots))  # [B,S,C|R]
         w_uk, w_uv = w_kv_b[..., :dn], w_kv_b[..., dn:]
         q_lat = jnp.einsum("btnh,cnh->btnc", q_nope, w_uk)  # [B,T,N,C]: W_UK absorbed into the query
         n_keys = cache["c_kv"].shape[2]
-        if _blocked_decode(cfg, x.shape[1], n_keys):
-            def read(start, size):  # [B,1,Sb,C|R]: the latent is one shared "head"
-                c_blk, pe_blk = (cache_block(cache[k], layer, start, size, 1)[:, None] for k in ("c_kv", "k_pe"))
-                return (c_blk, pe_blk), c_blk
+        if decode_blocked(cfg, x.shape[1], n_keys):
+            def read(width, lo, hi):  # [R,1,width,C|R]: the latent is one shared "head"
+                c_pre, pe_pre = (cache_prefix(cache[k], layer, width, 1, rows, lo, hi)[:, None]
+                                 for k in ("c_kv", "k_pe"))
+                return (c_pre, pe_pre), c_pre
 
             o_lat = blocked_cache_attention((q_lat, q_pe), read, n_keys, 1, mask_ids, cfg.softmax_scale,
-                                            cfg.decode_block)  # [B,T,N,C]
+                                            cfg.decode_block, cfg.decode_row_groups)  # [B,T,N,C]
         else:
+            cached = cached if rows is None else jax.tree.map(lambda x: x[rows], cached)
             c_all = cached["c_kv"].astype(q_lat.dtype)[:, :, None]  # [B,S,1,C]: one shared "head"
             k_pe_all = cached["k_pe"].astype(q_lat.dtype)[:, :, None]  # [B,S,1,R]
             o_lat = attend((q_lat, q_pe), (c_all, k_pe_all), c_all, mask_ids, cfg.softmax_scale,
@@ -369,9 +386,9 @@ def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slot
 
 # ------------------------------------------------------------------------------------------------- GQA
 
-def gqa(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None):
+def gqa(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None, rows=None):
     """Grouped-query attention over x [B,T,D]; stacked heads-major cache {k, v} [L,B,K,S,H] (written into
-    `layer` at `slots`, then attended; a decode step block by block, `blocked_cache_attention`).
+    `layer` at `slots`, then attended; a decode step over the prefix it needs, `blocked_cache_attention`).
     Returns (out, cache)."""
     q = jnp.einsum("btd,dnh->btnh", x, p["wq"])
     k = jnp.einsum("btd,dkh->btkh", x, p["wk"])
@@ -383,29 +400,33 @@ def gqa(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slot
     k = apply_rope(k, cos, sin, cfg.rope_interleave)
     if cache is not None:
         b, kv = x.shape[0], cfg.n_kv_heads
-        index = (jnp.arange(b)[:, None, None], jnp.arange(kv)[None, :, None], slots[:, None, :])  # [B,K,T]
+        index = ((jnp.arange(b) if rows is None else rows)[:, None, None], jnp.arange(kv)[None, :, None],
+                 slots[:, None, :])  # [B,K,T]
         new = {"k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}  # [B,K,T,H]
         cache, cached = update_layer_cache(cache, layer, new, index)
         n_keys = cache["k"].shape[3]
-        if _blocked_decode(cfg, x.shape[1], n_keys):
-            def read(start, size):  # [B,K,Sb,H] each
-                k_blk, v_blk = (cache_block(cache[name], layer, start, size, 2) for name in ("k", "v"))
-                return (k_blk,), v_blk
+        if decode_blocked(cfg, x.shape[1], n_keys):
+            def read(width, lo, hi):  # [R,K,width,H] each
+                k_pre, v_pre = (cache_prefix(cache[name], layer, width, 2, rows, lo, hi) for name in ("k", "v"))
+                return (k_pre,), v_pre
 
-            o = blocked_cache_attention(q, read, n_keys, kv, mask_ids, cfg.softmax_scale, cfg.decode_block)
+            o = blocked_cache_attention(q, read, n_keys, kv, mask_ids, cfg.softmax_scale, cfg.decode_block,
+                                        cfg.decode_row_groups)
             return jnp.einsum("btnh,nhd->btd", o, p["wo"]), cache
+        cached = cached if rows is None else jax.tree.map(lambda x: x[rows], cached)
         k, v = (cached[name].transpose(0, 2, 1, 3).astype(q.dtype) for name in ("k", "v"))  # [B,S,K,H]
     o = attend(q, k, v, mask_ids, cfg.softmax_scale, cfg.attn_block, in_order=cache is None)
     return jnp.einsum("btnh,nhd->btd", o, p["wo"]), cache
 
 
-def attention(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None):
+def attention(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None, rows=None):
     """mask_ids: (q_seg [B,T], q_slot [B,T], k_seg [B,S], k_slot [B,S]), see make_mask. cache: the stacked
-    layer cache (or None), layer: this layer's index in it. Without a cache the queries are the keys, at slots
-    0..T-1 (the full forward, transformer.hidden_states), and attention skips the key blocks past each query
-    block (`causal_dot_attention`)."""
+    layer cache (or None), layer: this layer's index in it; rows [B]: the cache row of each batch row (a decode
+    step's rows sorted by length, `transformer.decode_step`), None = the same row. Without a cache the queries
+    are the keys, at slots 0..T-1 (the full forward, transformer.hidden_states), and attention skips the key
+    blocks past each query block (`causal_dot_attention`)."""
     fn = mla if cfg.attention == "mla" else gqa
-    return fn(p, x, cos, sin, mask_ids, cfg, cache, layer, slots)
+    return fn(p, x, cos, sin, mask_ids, cfg, cache, layer, slots, rows)
 
 
 def empty_layer_cache(cfg: ModelConfig, n_layers: int, batch: int, max_len: int, dtype):

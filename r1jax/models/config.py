@@ -44,12 +44,17 @@ class ModelConfig:
     # Query/key block of the chunked (flash) attention, used when a call's query length exceeds it; 0 = always
     # the dot attention (r1jax/models/attention.py). Same values and gradients; memory O(block^2), not O(T S).
     attn_block: int = 0
-    # Key block of a decode step over the cache (attention.blocked_cache_attention): the step reads blocks of this
-    # many cache positions only up to the farthest row's length, so a batch of short rows skips the cache's empty
-    # tail; 0 = read the whole cache (dot attention). A block is one loop step per layer: 1024 positions keep a 32k
-    # cache at 34 steps (MLA: 1.2 MB of latent per row and layer each); the tiny presets' caches of a few hundred
-    # positions use 64.
+    # Key block of a decode step over the cache (attention.blocked_cache_attention): the step reads a prefix of
+    # whole blocks of this many cache positions, the shortest that holds the farthest row, so a batch of short
+    # rows skips the cache's empty tail; 0 = read the whole cache. Each prefix width is a branch of a lax.switch
+    # (at most attention.MAX_DECODE_WIDTHS: a 32k cache in blocks of 1024 steps by 3 blocks); the tiny presets'
+    # caches of a few hundred positions use 32.
     decode_block: int = 1024
+    # Runs of rows that decode attention reads separately (attention.blocked_cache_attention): the rows sorted by
+    # length and cut into this many runs, each reading the prefix its own longest row needs, so the slot engine's
+    # short rows do not read as far as its longest. 1 = the batch's longest for all. It gathers rows across the
+    # batch: for a batch on one device (the tiny presets); at scale a per-row ragged kernel is the way.
+    decode_row_groups: int = 1
     # Positions per chunk of the output head + log-softmax in training and scoring (transformer.token_logprobs):
     # the fp32 logits [B,T,V] are never whole (2 GiB per row at T = 32k, V / 8); 0 = all at once.
     logits_chunk: int = 0
@@ -106,6 +111,7 @@ class ModelConfig:
         need(self.rope_kind in ("default", "yarn", "llama3"), f"unknown rope_kind {self.rope_kind!r}")
         need(self.remat in ("none", "full", "dots", "dots_no_batch"), f"unknown remat {self.remat!r}")
         need(self.attn_block >= 0, f"attn_block={self.attn_block} must be >= 0 (0 = dot attention)")
+        need(self.decode_row_groups >= 1, f"decode_row_groups={self.decode_row_groups} must be >= 1")
         need(self.decode_block >= 0, f"decode_block={self.decode_block} must be >= 0 (0 = the whole cache)")
         need(self.logits_chunk >= 0, f"logits_chunk={self.logits_chunk} must be >= 0 (0 = all positions at once)")
         if self.attention == "gqa":
@@ -231,11 +237,13 @@ PRESETS = {
         vocab_size=512, d_model=64, n_layers=4, d_ff=128, n_dense_layers=1, attention="mla", n_heads=4,
         q_lora_rank=32, kv_lora_rank=32, qk_nope_head_dim=16, qk_rope_head_dim=8, v_head_dim=16,
         n_routed_experts=8, n_shared_experts=1, n_experts_per_tok=2, moe_d_ff=32, n_group=2, topk_group=1,
-        routed_scaling_factor=2.5, rope_interleave=True, max_position_embeddings=512, mtp_depth=1, decode_block=64,
+        routed_scaling_factor=2.5, rope_interleave=True, max_position_embeddings=512, mtp_depth=1, decode_block=32,
+        decode_row_groups=2,
     ),
     "tiny_dense": lambda: ModelConfig(
         vocab_size=512, d_model=64, n_layers=4, d_ff=128, n_dense_layers=4, attention="gqa", n_heads=4,
-        n_kv_heads=2, head_dim=16, qkv_bias=True, max_position_embeddings=512, decode_block=64,
+        n_kv_heads=2, head_dim=16, qkv_bias=True, max_position_embeddings=512, decode_block=32,
+        decode_row_groups=2,
     ),
 }
 

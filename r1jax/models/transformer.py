@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from r1jax.models.attention import SAVED_NAMES, attention, empty_layer_cache
+from r1jax.models.attention import SAVED_NAMES, attention, decode_blocked, empty_layer_cache
 from r1jax.models.config import ModelConfig
 from r1jax.models.layers import rms_norm, rope_cos_sin, swiglu
 from r1jax.models.moe import moe_layer
@@ -222,9 +222,9 @@ def _block(p, x, ctx, cfg: ModelConfig, moe: bool, cache=None, layer=None):
     """One pre-norm decoder block (layer `layer` of the stacked cache, if any). Returns (x, moe stats or None,
     cache)."""
     p = _cast(p, cfg.compute_dtype)
-    cos, sin, mask_ids, valid, slots = ctx
+    cos, sin, mask_ids, valid, slots, rows = ctx
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    a, cache = attention(p["attn"], h, cos, sin, mask_ids, cfg, cache, layer, slots)
+    a, cache = attention(p["attn"], h, cos, sin, mask_ids, cfg, cache, layer, slots, rows)
     x = constrain(x + a, ("act_batch", "act_len", "act_embed"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     if moe:
@@ -316,7 +316,7 @@ def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_i
         positions = default_positions(segment_ids)
     slots = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     cos, sin = rope_cos_sin(positions, cfg)
-    ctx = (cos, sin, (segment_ids, slots, segment_ids, slots), segment_ids > 0, slots)
+    ctx = (cos, sin, (segment_ids, slots, segment_ids, slots), segment_ids > 0, slots, None)
     h, stats, _ = _trunk(params, _embed(params, tokens, cfg), ctx, cfg)
     aux = {}
     if cfg.is_moe:
@@ -388,13 +388,16 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
     return cache
 
 
-def _cached_step(params, tokens, cfg, cache, positions, segment_ids, slots):
+def _cached_step(params, tokens, cfg, cache, positions, segment_ids, slots, rows=None):
+    """tokens [B,T] written at `slots` [B,T] of cache rows `rows` [B] (None: row b of the batch is cache row b)
+    and attended over those rows' caches. Returns (logits [B,T,V], cache)."""
     s = cache["segment_ids"].shape[1]
-    rows = jnp.arange(tokens.shape[0])[:, None]
-    seg_cache = cache["segment_ids"].at[rows, slots].set(segment_ids)
-    k_slot = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), seg_cache.shape)
+    index = (jnp.arange(tokens.shape[0]) if rows is None else rows)[:, None]
+    seg_cache = cache["segment_ids"].at[index, slots].set(segment_ids)
+    k_seg = seg_cache if rows is None else seg_cache[rows]  # [B,S]: the batch rows' own cache segments
+    k_slot = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), k_seg.shape)
     cos, sin = rope_cos_sin(positions, cfg)
-    ctx = (cos, sin, (segment_ids, slots, seg_cache, k_slot), segment_ids > 0, slots)
+    ctx = (cos, sin, (segment_ids, slots, k_seg, k_slot), segment_ids > 0, slots, rows)
     h, _, layers = _trunk(params, _embed(params, tokens, cfg), ctx, cfg, cache)
     return _logits(params, h, cfg), {**cache, **layers, "segment_ids": seg_cache}
 
@@ -421,13 +424,21 @@ def prefill(params, tokens, cfg: ModelConfig, cache, *, positions=None, segment_
 
 
 def decode_step(params, tokens, cfg: ModelConfig, cache):
-    """One token per row (tokens [B]) at each row's next slot. Returns (logits [B,V], cache)."""
-    slots = cache["length"][:, None]
-    logits, cache = _cached_step(params, tokens[:, None], cfg, cache, cache["next_position"][:, None],
-                                 cache["segment"][:, None], slots)
+    """One token per row (tokens [B]) at each row's next slot. Returns (logits [B,V], cache).
+
+    With cfg.decode_row_groups > 1 (and a decode over cache blocks) the rows run sorted by their cache length,
+    shortest first, so that decode attention's runs of rows (attention.blocked_cache_attention) are contiguous
+    in the batch: the order is taken once per step, and each layer reads its cache rows through it."""
+    rows = None
+    if cfg.decode_row_groups > 1 and tokens.shape[0] > 1 and decode_blocked(cfg, 1, cache["segment_ids"].shape[1]):
+        rows = jnp.argsort(cache["length"])  # [B]: the cache row of each (sorted) batch row
+    take = (lambda x: x) if rows is None else (lambda x: x[rows])  # noqa: E731
+    logits, cache = _cached_step(params, take(tokens)[:, None], cfg, cache, take(cache["next_position"])[:, None],
+                                 take(cache["segment"])[:, None], take(cache["length"])[:, None], rows)
     cache["length"] = cache["length"] + 1
     cache["next_position"] = cache["next_position"] + 1
-    return logits[:, 0], cache
+    logits = logits[:, 0]
+    return (logits, cache) if rows is None else (jnp.zeros_like(logits).at[rows].set(logits), cache)
 
 
 def update_router_bias(params, expert_load, rate: float):
