@@ -183,8 +183,9 @@ def chunk(params, state: EngineState, prompts: Prompts, rng, *, cfg: models.Mode
         logits_sv, cache = models.decode_step(params, st.rows.token, cfg, st.cache)
         rows, out = sampler_lib.choose(st.rows, st.out, logits_sv, rng, spec)
         # A finished slot keeps decoding (its output is dropped) at cache position 0, inside the prompt part that
-        # insertion overwrites: its length does not set how many cache blocks the batch's decode attention
-        # reads (models.attention.blocked_cache_attention), only the live rows' lengths do.
+        # insertion overwrites: its length does not set how long a cache prefix the batch's decode attention
+        # reads (models.attention.blocked_cache_attention: the rows sorted by length, in runs), only the live
+        # rows' lengths do.
         cache["length"] = jnp.where(rows.finished, 0, cache["length"])
         return refill(dataclasses.replace(st, rows=rows, cache=cache, out=out)), i + 1
 
