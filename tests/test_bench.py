@@ -53,7 +53,7 @@ def test_rollout(tmp_path):
     rows = rollout.main(["--prompts", "4", "--group", "2", "--prompt_len", "8", "--new", "16", "--static_rows", "4",
                          "--chunk", "4", "--runs", "1", "--step_runs", "1", "--out", str(out)])
     (record,) = _records(out)
-    assert record["bench"] == "rollout" and [r["sampler"] for r in rows] == ["static", "engine", "generate"]
+    assert record["bench"] == "rollout" and [r["sampler"] for r in rows] == ["static", "engine", "engine_one_run", "generate"]
     assert all(r["tok_s"] > 0 and 0 < r["useful_share"] <= 1 for r in rows)
     assert rows[1]["cache_MiB"] <= rows[0]["cache_MiB"] and rows[1]["grpo_step_s"] > 0  # equal memory at most
 
