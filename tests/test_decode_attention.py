@@ -1,8 +1,9 @@
 """Decode attention over cache prefixes (r1jax.models.attention.blocked_cache_attention): a decode step reads the
 shortest prefix of whole cfg.decode_block blocks that holds its farthest query, per run of rows sorted by length
 (cfg.decode_row_groups). Equal to the whole-cache dot attention (fp32, <= 1e-5 relative) for MLA's latent cache
-and GQA's K/V cache on rows of different lengths; never reads the cache past the prefix a query's run needs (with
-one run per row: past the row's own); and the slot engine with small blocks gives the static sampler's rows."""
+and GQA's K/V cache on rows of different lengths; never reads the cache past the prefix a query's run needs (a
+run of short rows: not as far as the long rows' prefix); and the slot engine with small blocks gives the static
+sampler's rows."""
 
 import functools
 
@@ -78,21 +79,26 @@ def test_blocked_decode_equals_whole_cache_attention_and_reads_no_further(name):
 
 @pytest.mark.parametrize("name", ["tiny_moe", "tiny_dense"])
 def test_each_run_of_rows_reads_only_its_own_prefix(name):
-    """Rows of 1, 4, 2 and 12 prompt tokens, each cache poisoned (NaN) from the end of the prefix its own row
-    reaches: with one run per row (decode_row_groups = B, rows sorted by length) the steps equal the clean ones,
-    so no row read past its own prefix; with one run for the batch the short rows read the long row's prefix and
-    are poisoned. Both equal the whole-cache attention on the clean cache."""
+    """16 rows, short (1 to 4 prompt tokens) and long (12) in turn; each short row's cache poisoned (NaN) from the
+    end of the prefix the short rows reach. In two runs (rows sorted by length: the 8 short ones, then the 8 long
+    ones) the steps equal the clean ones, so the short run read no further than its own prefix; in one run the
+    short rows read the long rows' prefix and are poisoned. Both equal the whole-cache attention on the clean
+    cache."""
     cfg, params = _model(name)
-    rows = [SHORT[3], SHORT[1], SHORT[2], PROMPTS[2]]  # lengths 1, 4, 2, 12: sorting reorders them
-    reach = np.array([-(-(len(r) + STEPS) // 4) * 4 for r in rows])  # each row's last query slot is below
+    short = [SHORT[3], SHORT[1], SHORT[2], SHORT[0]] * 2  # lengths 1, 4, 2, 3
+    rows = [r for pair in zip(short, [PROMPTS[2]] * 8) for r in pair]  # short, long, short, long, ...
+    is_short = np.array([len(r) < 12 for r in rows])
+    reach = -(-(max(map(len, short)) + STEPS) // 4) * 4  # the short run's last query slot is below
+    poison = np.where(is_short, reach, CACHE)
     tokens = _prompts(rows)
-    per_row, one_run = (cfg.replace(decode_block=4, decode_row_groups=g) for g in (len(rows), 1))
+    assert A.decode_runs(cfg.replace(decode_row_groups=2), len(rows)) == 2 == 16 // A.MIN_RUN_ROWS
+    two_runs, one_run = (cfg.replace(decode_block=4, decode_row_groups=g) for g in (2, 1))
     whole = np.asarray(_decode(params, tokens, cfg.replace(decode_block=0)))
-    clean = np.asarray(_decode(params, tokens, per_row))
+    clean = np.asarray(_decode(params, tokens, two_runs))
     np.testing.assert_allclose(clean, whole, rtol=1e-5, atol=1e-5 * np.abs(whole).max())
-    assert (np.asarray(_decode(params, tokens, per_row, reach)) == clean).all()
-    poisoned = np.asarray(_decode(params, tokens, one_run, reach))
-    assert np.isnan(poisoned[:, :3]).all() and not np.isnan(poisoned[:, 3]).any()  # the short rows only
+    assert (np.asarray(_decode(params, tokens, two_runs, poison)) == clean).all()
+    poisoned = np.asarray(_decode(params, tokens, one_run, poison))
+    assert np.isnan(poisoned[:, is_short]).all() and not np.isnan(poisoned[:, ~is_short]).any()
 
 
 def test_decode_widths():

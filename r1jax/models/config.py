@@ -52,8 +52,9 @@ class ModelConfig:
     decode_block: int = 1024
     # Runs of rows that decode attention reads separately (attention.blocked_cache_attention): the rows sorted by
     # length and cut into this many runs, each reading the prefix its own longest row needs, so the slot engine's
-    # short rows do not read as far as its longest. 1 = the batch's longest for all. It gathers rows across the
-    # batch: for a batch on one device (the tiny presets); at scale a per-row ragged kernel is the way.
+    # short rows do not read as far as its longest. 1 = the batch's longest for all; a batch of fewer than
+    # attention.MIN_RUN_ROWS rows per run gets fewer runs. It gathers rows across the batch: for a batch on one
+    # device (the tiny presets); at scale a per-row ragged kernel is the way.
     decode_row_groups: int = 1
     # Positions per chunk of the output head + log-softmax in training and scoring (transformer.token_logprobs):
     # the fp32 logits [B,T,V] are never whole (2 GiB per row at T = 32k, V / 8); 0 = all at once.

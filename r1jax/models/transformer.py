@@ -24,7 +24,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from r1jax.models.attention import SAVED_NAMES, attention, decode_blocked, empty_layer_cache
+from r1jax.models.attention import SAVED_NAMES, attention, decode_blocked, decode_runs, empty_layer_cache
 from r1jax.models.config import ModelConfig
 from r1jax.models.layers import rms_norm, rope_cos_sin, swiglu
 from r1jax.models.moe import moe_layer
@@ -426,11 +426,11 @@ def prefill(params, tokens, cfg: ModelConfig, cache, *, positions=None, segment_
 def decode_step(params, tokens, cfg: ModelConfig, cache):
     """One token per row (tokens [B]) at each row's next slot. Returns (logits [B,V], cache).
 
-    With cfg.decode_row_groups > 1 (and a decode over cache blocks) the rows run sorted by their cache length,
-    shortest first, so that decode attention's runs of rows (attention.blocked_cache_attention) are contiguous
-    in the batch: the order is taken once per step, and each layer reads its cache rows through it."""
+    With more than one run (attention.decode_runs; a decode over cache blocks) the rows run sorted by their cache
+    length, shortest first, so that decode attention's runs of rows (attention.blocked_cache_attention) are
+    contiguous in the batch: the order is taken once per step, and each layer reads its cache rows through it."""
     rows = None
-    if cfg.decode_row_groups > 1 and tokens.shape[0] > 1 and decode_blocked(cfg, 1, cache["segment_ids"].shape[1]):
+    if decode_runs(cfg, tokens.shape[0]) > 1 and decode_blocked(cfg, 1, cache["segment_ids"].shape[1]):
         rows = jnp.argsort(cache["length"])  # [B]: the cache row of each (sorted) batch row
     take = (lambda x: x) if rows is None else (lambda x: x[rows])  # noqa: E731
     logits, cache = _cached_step(params, take(tokens)[:, None], cfg, cache, take(cache["next_position"])[:, None],
