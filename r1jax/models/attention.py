@@ -267,36 +267,27 @@ def blocked_cache_attention(q, read, n_keys: int, kv: int, mask_ids, scale: floa
     """dot_attention's result for queries q [B,T,N,H] (or parts, see `attend`) over a cache of n_keys positions,
     each row reading only a prefix of the cache about as long as its own farthest query needs.
 
-    read(width, lo, size) -> (key parts [size,K,width,H_i], values [size,K,width,Hv]): cache positions
-    0..width-1 of batch rows lo..lo+size-1 (lo may be traced), heads-major (K = kv). mask_ids as `attend`; the
-    key slot of a cache position is the position itself.
+    read(width, lo, hi) -> (key parts [hi-lo,K,width,H_i], values [hi-lo,K,width,Hv]): cache positions
+    0..width-1 of batch rows lo..hi-1, heads-major (K = kv). mask_ids as `attend`; the key slot of a cache
+    position is the position itself.
     1. The batch is cut into `runs` runs of consecutive rows (cfg.decode_row_groups; `transformer.decode_step`
-       sorts its rows by length first, so a run holds rows of similar length), each of ceil(B / runs) rows, the
-       last one shifted back to end at B (rows it shares with the one before are computed twice, alike).
+       sorts its rows by length first, so a run holds rows of similar length).
     2. Each run attends over the shortest prefix in `decode_widths(n_keys, block)` that holds its farthest
        query (one lax.switch branch per width, each a plain dot attention over that prefix): a batch of short
        rows does not read the cache's empty tail, and with runs > 1 the slot engine's short rows (r1jax/rl/
-       engine.py: rows of every length side by side) do not read as far as its longest. The runs are a
-       lax.fori_loop over one compiled switch, so the program does not grow with the number of runs.
+       engine.py: rows of every length side by side) do not read as far as its longest.
     The positions past a row's own query are masked (probability exactly 0), so a row's result is the whole-
     cache dot attention's up to the rounding of its sums, whatever prefix its run read."""
     b = _parts(q)[0].shape[0]
     widths = decode_widths(n_keys, block)
     runs = max(1, min(runs, b))
-    if runs == 1:
-        return _prefix_attention(q, functools.partial(read, lo=0, size=b), widths, mask_ids, scale)
-    size = -(-b // runs)
-
-    def run(i, out):
-        lo = jnp.minimum(i * size, b - size)
-        cut = lambda x: jax.lax.dynamic_slice_in_dim(x, lo, size, axis=0)  # noqa: E731
-        o = _prefix_attention(jax.tree.map(cut, q), functools.partial(read, lo=lo, size=size), widths,
-                              tuple(map(cut, mask_ids)), scale)  # [size,T,N,Hv]
-        return jax.lax.dynamic_update_slice_in_dim(out, o, lo, axis=0)
-
-    hv = jax.eval_shape(lambda: read(n_keys, 0, b))[1].shape[-1]
-    out = jnp.zeros(_parts(q)[0].shape[:3] + (hv,), _parts(q)[0].dtype)
-    return jax.lax.fori_loop(0, runs, run, out)
+    edges = [b * i // runs for i in range(runs + 1)]
+    outs = []
+    for lo, hi in zip(edges[:-1], edges[1:]):
+        cut = (lambda x: x) if (lo, hi) == (0, b) else (lambda x, lo=lo, hi=hi: x[lo:hi])  # noqa: E731
+        outs.append(_prefix_attention(jax.tree.map(cut, q), functools.partial(read, lo=lo, hi=hi), widths,
+                                      tuple(map(cut, mask_ids)), scale))
+    return outs[0] if len(outs) == 1 else jnp.concatenate(outs)
 
 
 def _prefix_attention(q, read, widths: tuple[int, ...], mask_ids, scale: float):
@@ -317,17 +308,12 @@ def _prefix_attention(q, read, widths: tuple[int, ...], mask_ids, scale: float):
     return jax.lax.switch(jnp.minimum(index, len(widths) - 1), [over(w) for w in widths])
 
 
-def cache_prefix(buf, layer, width: int, axis: int, rows=None, lo=0, size: int | None = None):
+def cache_prefix(buf, layer, width: int, axis: int, rows=None, lo: int = 0, hi: int | None = None):
     """Positions 0..width-1 along `axis` (of one layer's array) of layer `layer` of a stacked cache buffer
-    [L, B, ...], for the `size` batch rows from lo (lo may be traced), which are cache rows rows[lo:lo+size]
-    (rows None: the same rows of the cache): only that prefix of those rows is read."""
-    size = buf.shape[1] if size is None else size
-    index = [layer, lo] + [0] * (buf.ndim - 2)
-    if rows is not None:  # a gather of those cache rows' prefixes
-        return buf[(layer, jax.lax.dynamic_slice_in_dim(rows, lo, size)) + (slice(None),) * (axis - 1)
-                   + (slice(0, width),)]
-    shape = (1, size) + buf.shape[2:axis + 1] + (width,) + buf.shape[axis + 2:]
-    return jax.lax.dynamic_slice(buf, index, shape)[0]
+    [L, B, ...], for batch rows lo..hi-1, which are cache rows rows[lo:hi] (rows None: the same rows of the
+    cache): only that prefix of those rows is read."""
+    prefix = (slice(None),) * (axis - 1) + (slice(0, width),)
+    return buf[(layer, slice(lo, hi) if rows is None else rows[lo:hi]) + prefix]
 
 
 # Fewest rows in a run of `blocked_cache_attention`: a run of fewer rows costs more in its gathers and its switch
@@ -391,8 +377,8 @@ def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slot
         q_lat = jnp.einsum("btnh,cnh->btnc", q_nope, w_uk)  # [B,T,N,C]: W_UK absorbed into the query
         n_keys = cache["c_kv"].shape[2]
         if decode_blocked(cfg, x.shape[1], n_keys):
-            def read(width, lo, size):  # [R,1,width,C|R]: the latent is one shared "head"
-                c_pre, pe_pre = (cache_prefix(cache[k], layer, width, 1, rows, lo, size)[:, None]
+            def read(width, lo, hi):  # [R,1,width,C|R]: the latent is one shared "head"
+                c_pre, pe_pre = (cache_prefix(cache[k], layer, width, 1, rows, lo, hi)[:, None]
                                  for k in ("c_kv", "k_pe"))
                 return (c_pre, pe_pre), c_pre
 
@@ -431,8 +417,8 @@ def gqa(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slot
         cache, cached = update_layer_cache(cache, layer, new, index)
         n_keys = cache["k"].shape[3]
         if decode_blocked(cfg, x.shape[1], n_keys):
-            def read(width, lo, size):  # [R,K,width,H] each
-                k_pre, v_pre = (cache_prefix(cache[name], layer, width, 2, rows, lo, size) for name in ("k", "v"))
+            def read(width, lo, hi):  # [R,K,width,H] each
+                k_pre, v_pre = (cache_prefix(cache[name], layer, width, 2, rows, lo, hi) for name in ("k", "v"))
                 return (k_pre,), v_pre
 
             o = blocked_cache_attention(q, read, n_keys, kv, mask_ids, cfg.softmax_scale, cfg.decode_block,
