@@ -114,6 +114,9 @@ def main(argv) -> int:
     try:
         result = stages.run(_CONFIG.value, _WORKDIR.value)
     except user_errors() as e:  # bad data or config: the message says what and where; a traceback would not help
+        from r1jax.train.checkpoint import close_open  # noqa: PLC0415
+
+        close_open()  # the run opened its checkpoints before the error: nothing of orbax's runs past the exit
         raise SystemExit(f"error: {type(e).__name__}: {e}") from None
     print(json.dumps(result.to_dict(), indent=1, default=str), file=sys.stderr)
     return 0

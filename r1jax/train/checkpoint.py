@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import weakref
 from typing import Any
 
 import grain.checkpoint
@@ -49,6 +50,18 @@ class _DataState:
         pass
 
 
+# The Checkpointers not yet closed: `close_open` closes them when a run ends on an error before its stage could.
+_OPEN: "weakref.WeakSet[Checkpointer]" = weakref.WeakSet()
+
+
+def close_open() -> None:
+    """Close every Checkpointer still open (their orbax managers finish their background work). For an exit on
+    an error: a manager left open has futures that may still run while the interpreter shuts down, and orbax
+    then prints their failure as a traceback after the error message."""
+    for ckpt in list(_OPEN):
+        ckpt.close()
+
+
 class Checkpointer:
     """One run's checkpoints under `directory` (usually WORKDIR/checkpoints)."""
 
@@ -59,6 +72,7 @@ class Checkpointer:
             max_to_keep=max_to_keep, enable_async_checkpointing=async_save, create=not read_only,
             cleanup_tmp_directories=not read_only, read_only=read_only)
         self.manager = ocp.CheckpointManager(self.directory, item_names=ITEMS, options=options)
+        _OPEN.add(self)
 
     def latest_step(self) -> int | None:
         return self.manager.latest_step()
@@ -107,6 +121,7 @@ class Checkpointer:
         self.manager.wait_until_finished()
 
     def close(self) -> None:
+        _OPEN.discard(self)
         self.manager.close()
 
 
