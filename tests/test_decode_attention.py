@@ -109,16 +109,19 @@ def test_decode_widths():
     assert all(w % 1024 == 0 for w in widths[:-1]) and list(widths) == sorted(set(widths))
 
 
-def test_engine_with_blocked_decode_gives_the_static_rows():
-    """Blocks of 4 positions over caches of 8 + 12: the engine (5 slots for 16 rows of forced lengths, no drain:
-    finished slots parked at position 0 beside live ones) gives the greedy rows of the static sampler that reads
-    the whole cache."""
+@pytest.mark.parametrize("slots", [5, 16])
+def test_engine_with_blocked_decode_gives_the_static_rows(slots):
+    """Blocks of 4 positions over caches of 8 + 12: the engine (16 rows of forced lengths, no drain: finished
+    slots parked at position 0 beside live ones) gives the greedy rows of the static sampler that reads the whole
+    cache. 5 slots: slots reused, one run; 16 slots: two runs of 8 rows sorted by length, the parked slots first."""
     cfg, params = _model("tiny_moe")
     spec = S.SamplerSpec(S.Greedy(), group_size=4, max_new_tokens=12, eos_id=10_000)
     prompts_bp, lengths_b = S.pad_prompts([p[:8] for p in PROMPTS], (8,), pad_id=0)
     limit_n = np.array([12, 3, 7, 1, 5, 12, 2, 9, 4, 11, 6, 8, 10, 2, 12, 5], np.int32)
+    engine_cfg = cfg.replace(decode_block=4, decode_row_groups=2)
+    assert A.decode_runs(engine_cfg, slots) == (2 if slots == 16 else 1)
     static = S.make_sampler(cfg.replace(decode_block=0), spec)
-    engine = E.make_engine(cfg.replace(decode_block=4), spec, E.EngineSpec(slots=5, chunk_steps=4, drain_divisor=1))
+    engine = E.make_engine(engine_cfg, spec, E.EngineSpec(slots=slots, chunk_steps=4, drain_divisor=1))
     ref, out = (jax.tree.map(np.asarray, fn(params, prompts_bp, lengths_b, jax.random.PRNGKey(0), limit_n))
                 for fn in (static, engine))
     assert (out.tokens == ref.tokens).all() and (out.lengths == limit_n).all()

@@ -23,9 +23,10 @@ A decode over a cache (T <= cfg.decode_block queries per row, the cache longer t
 `blocked_cache_attention` instead: a lax.switch over cache prefixes of whole cfg.decode_block blocks
 (`decode_widths`), each branch one dot attention over that prefix read straight from the stacked cache, taking
 the shortest prefix that holds the farthest query. A batch whose rows are all short does not read the empty tail
-of the cache. With cfg.decode_row_groups > 1 the rows are first sorted by length and cut into that many runs,
-each reading its own prefix, so the slot engine's short rows do not read as far as its longest. Masked positions
-get probability exactly 0: a row's result does not depend on how far its run read, up to the rounding of sums.
+of the cache. With cfg.decode_row_groups > 1 the rows are first sorted by length and cut into that many runs
+(of at least MIN_RUN_ROWS rows, `decode_runs`), each reading its own prefix, so the slot engine's short rows do
+not read as far as its longest. Masked positions get probability exactly 0: a row's result does not depend on
+how far its run read, up to the rounding of sums.
 
 Without a cache, both paths attend with `attend`: `dot_attention` (the [B,N,T,S] scores at once) or, when T exceeds
 cfg.attn_block, `chunked_attention` (query blocks x key blocks with an online softmax, FlashAttention-2's
