@@ -2,8 +2,8 @@
 shortest prefix of whole cfg.decode_block blocks that holds its farthest query, per run of rows sorted by length
 (cfg.decode_row_groups). Equal to the whole-cache dot attention (fp32, <= 1e-5 relative) for MLA's latent cache
 and GQA's K/V cache on rows of different lengths; never reads the cache past the prefix a query's run needs (a
-run of short rows: not as far as the long rows' prefix); and the slot engine with small blocks gives the static
-sampler's rows."""
+run of short rows: not as far as the long rows' prefix); a paged cache gives the row cache's logits bit for bit;
+and the slot engine with small blocks (rows or pages) gives the static sampler's rows."""
 
 import functools
 
@@ -101,6 +101,46 @@ def test_each_run_of_rows_reads_only_its_own_prefix(name):
     assert np.isnan(poisoned[:, is_short]).all() and not np.isnan(poisoned[:, ~is_short]).any()
 
 
+@functools.partial(jax.jit, static_argnames=("cfg", "paged"))
+def _decode_paged(params, tokens_bp, cfg, table, paged: bool):
+    """_decode over a cache of 20 positions, in rows (paged False) or in pages of 4 (row b's positions in pages
+    table[b], the pool's other pages NaN): the logits [STEPS, B, V]."""
+    b, seg = tokens_bp.shape[0], (tokens_bp > 0).astype(jnp.int32)
+    cache = M.init_cache(cfg, b, 20, pages=2 * table.size + 1 if paged else 0, page=4)
+    if paged:
+        cache["pages"] = table
+        unused = jnp.ones((2 * table.size + 1,), bool).at[table.ravel()].set(False)
+        for key in ("dense", "moe"):
+            if key in cache:  # [L, pages, (K,) 4, X]
+                cache[key] = jax.tree.map(
+                    lambda x: jnp.where(unused.reshape((1, -1) + (1,) * (x.ndim - 2)), jnp.nan, x), cache[key])
+    logits, cache = M.prefill(params, tokens_bp, cfg, cache, segment_ids=seg)
+    token = jnp.argmax(logits[jnp.arange(b), jnp.sum(seg, axis=1) - 1], -1)
+
+    def step(carry, _):
+        token, cache = carry
+        logits, cache = M.decode_step(params, token, cfg, cache)
+        return (jnp.argmax(logits, -1), cache), logits
+
+    return jax.lax.scan(step, (token, cache), None, length=STEPS)[1]
+
+
+@pytest.mark.parametrize("name", ["tiny_moe", "tiny_dense"])
+def test_paged_cache_gives_the_row_cache_logits(name):
+    """16 rows of 1 to 12 prompt tokens prefilled and decoded in a cache of rows and in a paged one (each row's 5
+    pages of 4 positions scattered over a pool twice as large; the pages no row owns hold NaN): the same logits
+    bit for bit, with decode attention in one run and in two runs of rows sorted by length, so the paged reads
+    and writes touch exactly each row's own pages."""
+    cfg, params = _model(name)
+    rows = [r for pair in zip([SHORT[3], SHORT[1], SHORT[2], SHORT[0]] * 2, [PROMPTS[2]] * 8) for r in pair]
+    table = jnp.asarray(np.random.default_rng(0).permutation(np.arange(1, 161))[:80].reshape(16, 5), jnp.int32)
+    for groups in (1, 2):
+        c = cfg.replace(decode_block=4, decode_row_groups=groups)
+        ref = np.asarray(_decode_paged(params, _prompts(rows), c, table, False))
+        assert not np.isnan(ref).any()
+        assert (np.asarray(_decode_paged(params, _prompts(rows), c, table, True)) == ref).all(), groups
+
+
 def test_decode_widths():
     """Multiples of the block up to the cache, the last one the whole cache; at most MAX_DECODE_WIDTHS."""
     assert A.decode_widths(19, 4) == (4, 8, 12, 16, 19)
@@ -109,11 +149,12 @@ def test_decode_widths():
     assert all(w % 1024 == 0 for w in widths[:-1]) and list(widths) == sorted(set(widths))
 
 
-@pytest.mark.parametrize("slots", [5, 16])
-def test_engine_with_blocked_decode_gives_the_static_rows(slots):
+@pytest.mark.parametrize("slots,pages", [(5, 0), (16, 0), (16, 30)])
+def test_engine_with_blocked_decode_gives_the_static_rows(slots, pages):
     """Blocks of 4 positions over caches of 8 + 12: the engine (16 rows of forced lengths, no drain: finished
     slots parked at position 0 beside live ones) gives the greedy rows of the static sampler that reads the whole
-    cache. 5 slots: slots reused, one run; 16 slots: two runs of 8 rows sorted by length, the parked slots first."""
+    cache. 5 slots: slots reused, one run; 16 slots: two runs of 8 rows sorted by length, the parked slots first;
+    paged: 16 slots over 30 pages of 4 (rows preempted and drawn again)."""
     cfg, params = _model("tiny_moe")
     spec = S.SamplerSpec(S.Greedy(), group_size=4, max_new_tokens=12, eos_id=10_000)
     prompts_bp, lengths_b = S.pad_prompts([p[:8] for p in PROMPTS], (8,), pad_id=0)
@@ -121,8 +162,10 @@ def test_engine_with_blocked_decode_gives_the_static_rows(slots):
     engine_cfg = cfg.replace(decode_block=4, decode_row_groups=2)
     assert A.decode_runs(engine_cfg, slots) == (2 if slots == 16 else 1)
     static = S.make_sampler(cfg.replace(decode_block=0), spec)
-    engine = E.make_engine(engine_cfg, spec, E.EngineSpec(slots=slots, chunk_steps=4, drain_divisor=1))
+    engine = E.make_engine(engine_cfg, spec, E.EngineSpec(slots=slots, chunk_steps=4, drain_divisor=1,
+                                                          page=4 if pages else 0, pages=pages))
     ref, out = (jax.tree.map(np.asarray, fn(params, prompts_bp, lengths_b, jax.random.PRNGKey(0), limit_n))
                 for fn in (static, engine))
     assert (out.tokens == ref.tokens).all() and (out.lengths == limit_n).all()
     np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5, rtol=0)
+    assert (engine.stats["preempted"] > 0) == (pages > 0)

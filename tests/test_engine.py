@@ -1,6 +1,7 @@
 """Slot engine (r1jax.rl.engine) and stop strings on text (r1jax.rl.stops): the engine gives the static sampler's
-rows whatever its slot count, ends rows on any of several EOS ids / a stop string / max length, and a row put
-into a slot that earlier rows used reads none of their cache (checked against a fresh full forward)."""
+rows whatever its slot count (and with a paged cache, however short its pool: preempted rows draw the same tokens
+again), ends rows on any of several EOS ids / a stop string / max length, and a row put into a slot (or pages) that
+earlier rows used reads none of their cache (checked against a fresh full forward)."""
 
 import functools
 import json
@@ -20,6 +21,7 @@ PROMPTS = [[5, 17, 99, 203, 41, 8, 77], [9, 300, 12], [250, 6, 31, 90, 2], [44, 
 BUCKETS = (8,)
 G, T_NEW = 4, 12  # N = 16 rows
 NO_EOS = 10_000
+PAGE = 4  # a row: (8 + 12) / 4 = 5 pages; 7 pages (page 0 the scratch page) hold one row and a prompt
 
 
 @functools.lru_cache(maxsize=None)
@@ -28,24 +30,33 @@ def _model(name):
     return cfg, M.init(cfg, jax.random.PRNGKey(0))
 
 
-def _run(name, spec, slots=None, seed=0, limit_n=None, drain=1):
+def _run(name, spec, slots=None, seed=0, limit_n=None, drain=1, pages=0, stats=None):
+    """The static sampler (slots None) or the engine; pages > 0: paged, pages of PAGE positions."""
     cfg, params = _model(name)
     prompts_bp, lengths_b = S.pad_prompts(PROMPTS, BUCKETS, pad_id=0)
     if slots is None:
         fn = S.make_sampler(cfg, spec)
     else:
-        fn = E.make_engine(cfg, spec, E.EngineSpec(slots=slots, chunk_steps=4, drain_divisor=drain))
-    return jax.tree.map(np.asarray, fn(params, prompts_bp, lengths_b, jax.random.PRNGKey(seed), limit_n))
+        fn = E.make_engine(cfg, spec, E.EngineSpec(slots=slots, chunk_steps=4, drain_divisor=drain,
+                                                   page=PAGE if pages else 0, pages=pages))
+    out = jax.tree.map(np.asarray, fn(params, prompts_bp, lengths_b, jax.random.PRNGKey(seed), limit_n))
+    if stats is not None:
+        stats.update(fn.stats)
+    return out
 
 
 @pytest.mark.parametrize("name", ["tiny_moe", "tiny_dense"])
 def test_greedy_engine_equals_static_sampler(name):
     spec = S.SamplerSpec(S.Greedy(), group_size=G, max_new_tokens=T_NEW, eos_id=NO_EOS)
     ref = _run(name, spec)
-    for slots in (G * len(PROMPTS), 4, 5) if name == "tiny_moe" else (5,):  # S = N, N/4, not dividing N
-        out = _run(name, spec, slots)
+    # S = N, N/4, not dividing N; paged: pages for every row, and a pool so short that rows are preempted
+    runs = ((16, 0), (4, 0), (5, 0), (16, 81), (5, 7)) if name == "tiny_moe" else ((5, 0), (5, 7))
+    for slots, pages in runs:
+        stats = {}
+        out = _run(name, spec, slots, pages=pages, stats=stats)
+        assert (stats["preempted"] > 0) == (pages == 7), stats
         assert (out.tokens == ref.tokens).all() and (out.lengths == ref.lengths).all(), slots
-        if slots == G * len(PROMPTS):
+        if slots == G * len(PROMPTS) and not pages:
             assert (out.logprobs == ref.logprobs).all()  # the same program shapes: bit for bit
         else:  # other batch shapes round differently in XLA's matmuls
             np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5, rtol=0)
@@ -57,8 +68,10 @@ def test_sampled_rows_do_not_depend_on_slots_and_end_on_any_eos():
     eos = tuple(int(t) for t in tokens[np.argsort(-counts)[:2]])  # two ids that do occur: rows end early
     spec = S.SamplerSpec(S.Temperature(1.0), group_size=G, max_new_tokens=T_NEW, eos_id=eos)
     ref = _run("tiny_moe", spec)
-    for slots in (16, 4, 5):
-        out = _run("tiny_moe", spec, slots, drain=4 if slots == 4 else 1)
+    for slots, pages in ((16, 0), (4, 0), (5, 0), (8, 12)):  # paged: 8 slots, rows preempted
+        stats = {}
+        out = _run("tiny_moe", spec, slots, drain=4 if slots == 4 else 1, pages=pages, stats=stats)
+        assert (stats["preempted"] > 0) == (pages > 0), stats
         for field in ("tokens", "lengths", "truncated"):
             assert (getattr(out, field) == getattr(ref, field)).all(), (slots, field)
         np.testing.assert_allclose(out.logprobs, ref.logprobs, atol=1e-5, rtol=0)
@@ -71,13 +84,17 @@ def test_sampled_rows_do_not_depend_on_slots_and_end_on_any_eos():
     assert 0 < ref.truncated.sum() < len(ref.lengths)
 
 
-def test_reused_slots_read_no_stale_cache():
+@pytest.mark.parametrize("pages", [0, 9])
+def test_reused_slots_read_no_stale_cache(pages):
     """Four slots serve 16 rows of forced different lengths (rows enter slots other rows used, then the drain
-    compacts them): each row's log-probs equal a fresh full forward over its prompt and completion."""
+    compacts them; paged: rows take pages other rows wrote, and some are preempted): each row's log-probs equal
+    a fresh full forward over its prompt and completion."""
     cfg, params = _model("tiny_moe")
     spec = S.SamplerSpec(S.Temperature(1.0), group_size=G, max_new_tokens=T_NEW, eos_id=NO_EOS)
     limit_n = np.array([12, 3, 7, 1, 5, 12, 2, 9, 4, 11, 6, 8, 10, 2, 12, 5], np.int32)
-    out = _run("tiny_moe", spec, slots=4, limit_n=limit_n, drain=4)
+    stats = {}
+    out = _run("tiny_moe", spec, slots=6 if pages else 4, limit_n=limit_n, drain=4, pages=pages, stats=stats)
+    assert (stats["preempted"] > 0) == (pages > 0), stats
     assert (out.lengths == limit_n).all() and (out.truncated == (limit_n == T_NEW)).all()
     prompts = [p for p in PROMPTS for _ in range(G)]
     batch = TR.build_batch(prompts, out.tokens, out.lengths, prompt_buckets=BUCKETS, completion_buckets=(T_NEW,),
@@ -93,6 +110,19 @@ def test_slots_for_budget():
     assert E.slots_for_budget(cfg, per * (8 * 20 + 4 * 8), 8, 12, prompts=4, group_size=4) == 8
     with pytest.raises(ValueError, match="holds no decode slot"):
         E.slots_for_budget(cfg, per * 10, 8, 12)
+    assert E.pages_for_budget(cfg, per * (8 * 20 + 4 * 8), PAGE, 8, prompts=4) == 40
+
+
+def test_paged_engine_refuses_pages_that_do_not_fit():
+    spec = S.SamplerSpec(S.Greedy(), group_size=G, max_new_tokens=T_NEW, eos_id=NO_EOS)
+    with pytest.raises(ValueError, match="holds no whole row"):
+        _run("tiny_moe", spec, slots=4, pages=5)
+    cfg, params = _model("tiny_moe")
+    engine = E.make_engine(cfg, spec, E.EngineSpec(slots=4, page=3, pages=40))
+    with pytest.raises(ValueError, match="must divide the prompt bucket"):
+        engine(params, *S.pad_prompts(PROMPTS, BUCKETS, pad_id=0), jax.random.PRNGKey(0))
+    with pytest.raises(ValueError, match="paged engine needs"):
+        E.EngineSpec(slots=0, page=4, pages=40)
 
 
 # ------------------------------------------------------------------------------------------- stop strings

@@ -309,12 +309,27 @@ def _prefix_attention(q, read, widths: tuple[int, ...], mask_ids, scale: float):
     return jax.lax.switch(jnp.minimum(index, len(widths) - 1), [over(w) for w in widths])
 
 
-def cache_prefix(buf, layer, width: int, axis: int, rows=None, lo: int = 0, hi: int | None = None):
-    """Positions 0..width-1 along `axis` (of one layer's array) of layer `layer` of a stacked cache buffer
-    [L, B, ...], for batch rows lo..hi-1, which are cache rows rows[lo:hi] (rows None: the same rows of the
-    cache): only that prefix of those rows is read."""
-    prefix = (slice(None),) * (axis - 1) + (slice(0, width),)
-    return buf[(layer, slice(lo, hi) if rows is None else rows[lo:hi]) + prefix]
+def cache_prefix(buf, layer, width: int, axis: int, rows=None, lo: int = 0, hi: int | None = None, pages=None):
+    """Positions 0..width-1 along `axis` (of one layer's array [B, ...]) of layer `layer` of a stacked cache buffer,
+    for batch rows lo..hi-1: only that prefix of those rows is read.
+    - rows None, pages None: the buffer is [L, B, ...] and batch row b is cache row b;
+    - rows [B]: batch row b is cache row rows[b] (decode_step's rows sorted by length);
+    - pages [B, M]: a paged buffer [L, pages, ..., page, ...] (`paged_layer_cache`), batch row b's positions
+      j*page..(j+1)*page-1 in page pages[b, j]; width a multiple of the page."""
+    if pages is None:
+        prefix = (slice(None),) * (axis - 1) + (slice(0, width),)
+        return buf[(layer, slice(lo, hi) if rows is None else rows[lo:hi]) + prefix]
+    page = buf.shape[axis + 1]
+    got = jnp.moveaxis(buf[layer, pages[lo:hi, :width // page]], 1, axis)  # [R, ..., width/page, page, ...]
+    return got.reshape(got.shape[:axis] + (width,) + got.shape[axis + 2:])
+
+
+def write_index(b: int, slots, rows=None, pages=None, page: int = 0) -> tuple:
+    """Where a batch's new entries at `slots` [B,T] go in one layer's buffer: (cache row [B,1] and slots, or page
+    [B,T] and position in it [B,T]); rows / pages as `cache_prefix`."""
+    if pages is None:
+        return (jnp.arange(b) if rows is None else rows)[:, None], slots
+    return jnp.take_along_axis(pages, slots // page, axis=1), slots % page
 
 
 # Fewest rows in a run of `blocked_cache_attention`: a run of fewer rows costs more in its gathers and its switch
@@ -334,18 +349,17 @@ def decode_blocked(cfg: ModelConfig, queries: int, n_keys: int) -> bool:
     return bool(cfg.decode_block) and queries == 1 and n_keys > cfg.decode_block
 
 
-def update_layer_cache(cache, layer, new: dict, index: tuple):
-    """Write new entries {name: array} into layer `layer` of the stacked cache {name: [L,B,...]} at `index`,
-    the advanced index of one layer's buffer. Returns (cache, that layer's arrays {name: [B,...]}). The stacked
-    cache is the carry of the layer scan (and of the sampler's while_loop), so XLA scatters in place: a decode
-    step writes B x T entries per layer, not whole buffers."""
-    cache = {name: buf.at[(layer,) + index].set(new[name].astype(buf.dtype)) for name, buf in cache.items()}
-    return cache, {name: buf[layer] for name, buf in cache.items()}
+def update_layer_cache(cache, layer, new: dict, index: tuple) -> dict:
+    """Write new entries {name: array} into layer `layer` of the stacked cache {name: [L,B,...]} (or its paged
+    buffers [L,pages,...]) at `index`, the advanced index of one layer's buffer. The stacked cache is the carry of
+    the layer scan (and of the sampler's while_loop), so XLA scatters in place: a decode step writes B x T entries
+    per layer, not whole buffers."""
+    return {name: buf.at[(layer,) + index].set(new[name].astype(buf.dtype)) for name, buf in cache.items()}
 
 
 # ------------------------------------------------------------------------------------------------- MLA
 
-def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None, rows=None):
+def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None, rows=None, pages=None):
     """MLA over x [B,T,D]. Without a cache: full path. With a stacked cache {c_kv [L,B,S,C], k_pe [L,B,S,R]}:
     write the new latents into `layer` at `slots` [B,T] and attend (absorbed) over that layer's cache (a decode
     step: over the prefix its farthest query needs, `blocked_cache_attention`).
@@ -372,23 +386,24 @@ def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slot
         qf = jnp.concatenate([q_nope, q_pe], -1)
         o = attend(qf, k, v, mask_ids, cfg.softmax_scale, cfg.attn_block, in_order=True)  # [B,T,N,Dv]
     else:
-        index = (jnp.arange(x.shape[0]) if rows is None else rows)[:, None]
-        cache, cached = update_layer_cache(cache, layer, {"c_kv": c_kv, "k_pe": k_pe}, (index, slots))  # [B,S,C|R]
+        page = cache["c_kv"].shape[2]  # positions per row (unpaged) or per page
+        index = write_index(x.shape[0], slots, rows, pages, page)
+        cache = update_layer_cache(cache, layer, {"c_kv": c_kv, "k_pe": k_pe}, index)
         w_uk, w_uv = w_kv_b[..., :dn], w_kv_b[..., dn:]
         q_lat = jnp.einsum("btnh,cnh->btnc", q_nope, w_uk)  # [B,T,N,C]: W_UK absorbed into the query
-        n_keys = cache["c_kv"].shape[2]
-        if decode_blocked(cfg, x.shape[1], n_keys):
-            def read(width, lo, hi):  # [R,1,width,C|R]: the latent is one shared "head"
-                c_pre, pe_pre = (cache_prefix(cache[k], layer, width, 1, rows, lo, hi)[:, None]
-                                 for k in ("c_kv", "k_pe"))
-                return (c_pre, pe_pre), c_pre
+        n_keys = page if pages is None else page * pages.shape[1]
 
+        def read(width, lo=0, hi=None):  # [R,1,width,C|R]: the latent is one shared "head"
+            c_pre, pe_pre = (cache_prefix(cache[k], layer, width, 1, rows, lo, hi, pages)[:, None].astype(q_lat.dtype)
+                             for k in ("c_kv", "k_pe"))
+            return (c_pre, pe_pre), c_pre
+
+        if decode_blocked(cfg, x.shape[1], n_keys):
             o_lat = blocked_cache_attention((q_lat, q_pe), read, n_keys, 1, mask_ids, cfg.softmax_scale,
                                             cfg.decode_block, decode_runs(cfg, x.shape[0]))  # [B,T,N,C]
         else:
-            cached = cached if rows is None else jax.tree.map(lambda x: x[rows], cached)
-            c_all = cached["c_kv"].astype(q_lat.dtype)[:, :, None]  # [B,S,1,C]: one shared "head"
-            k_pe_all = cached["k_pe"].astype(q_lat.dtype)[:, :, None]  # [B,S,1,R]
+            (c_all, k_pe_all), _ = read(n_keys)
+            c_all, k_pe_all = c_all.transpose(0, 2, 1, 3), k_pe_all.transpose(0, 2, 1, 3)  # [B,S,1,C|R]
             o_lat = attend((q_lat, q_pe), (c_all, k_pe_all), c_all, mask_ids, cfg.softmax_scale,
                            cfg.attn_block)  # [B,T,N,C]
         o = jnp.einsum("btnc,cnh->btnh", o_lat, w_uv)  # [B,T,N,Dv]: W_UV absorbed into the output
@@ -398,7 +413,7 @@ def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slot
 
 # ------------------------------------------------------------------------------------------------- GQA
 
-def gqa(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None, rows=None):
+def gqa(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None, rows=None, pages=None):
     """Grouped-query attention over x [B,T,D]; stacked heads-major cache {k, v} [L,B,K,S,H] (written into
     `layer` at `slots`, then attended; a decode step over the prefix it needs, `blocked_cache_attention`).
     Returns (out, cache)."""
@@ -412,38 +427,43 @@ def gqa(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slot
     k = apply_rope(k, cos, sin, cfg.rope_interleave)
     if cache is not None:
         b, kv = x.shape[0], cfg.n_kv_heads
-        index = ((jnp.arange(b) if rows is None else rows)[:, None, None], jnp.arange(kv)[None, :, None],
-                 slots[:, None, :])  # [B,K,T]
+        page = cache["k"].shape[3]  # positions per row (unpaged) or per page
+        first, second = write_index(b, slots, rows, pages, page)
+        index = (first[:, None, :], jnp.arange(kv)[None, :, None], second[:, None, :])  # [B,K,T]
         new = {"k": k.transpose(0, 2, 1, 3), "v": v.transpose(0, 2, 1, 3)}  # [B,K,T,H]
-        cache, cached = update_layer_cache(cache, layer, new, index)
-        n_keys = cache["k"].shape[3]
-        if decode_blocked(cfg, x.shape[1], n_keys):
-            def read(width, lo, hi):  # [R,K,width,H] each
-                k_pre, v_pre = (cache_prefix(cache[name], layer, width, 2, rows, lo, hi) for name in ("k", "v"))
-                return (k_pre,), v_pre
+        cache = update_layer_cache(cache, layer, new, index)
+        n_keys = page if pages is None else page * pages.shape[1]
 
+        def read(width, lo=0, hi=None):  # [R,K,width,H] each
+            k_pre, v_pre = (cache_prefix(cache[name], layer, width, 2, rows, lo, hi, pages) for name in ("k", "v"))
+            return (k_pre,), v_pre
+
+        if decode_blocked(cfg, x.shape[1], n_keys):
             o = blocked_cache_attention(q, read, n_keys, kv, mask_ids, cfg.softmax_scale, cfg.decode_block,
                                         decode_runs(cfg, b))
             return jnp.einsum("btnh,nhd->btd", o, p["wo"]), cache
-        cached = cached if rows is None else jax.tree.map(lambda x: x[rows], cached)
-        k, v = (cached[name].transpose(0, 2, 1, 3).astype(q.dtype) for name in ("k", "v"))  # [B,S,K,H]
+        (k,), v = read(n_keys)
+        k, v = (a.transpose(0, 2, 1, 3).astype(q.dtype) for a in (k, v))  # [B,S,K,H]
     o = attend(q, k, v, mask_ids, cfg.softmax_scale, cfg.attn_block, in_order=cache is None)
     return jnp.einsum("btnh,nhd->btd", o, p["wo"]), cache
 
 
-def attention(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None, rows=None):
+def attention(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slots=None, rows=None,
+              pages=None):
     """mask_ids: (q_seg [B,T], q_slot [B,T], k_seg [B,S], k_slot [B,S]), see make_mask. cache: the stacked
     layer cache (or None), layer: this layer's index in it; rows [B]: the cache row of each batch row (a decode
-    step's rows sorted by length, `transformer.decode_step`), None = the same row. Without a cache the queries
+    step's rows sorted by length, `transformer.decode_step`), None = the same row; pages [B, M]: each batch row's
+    page table when the cache is paged (`transformer.init_cache(pages=...)`). Without a cache the queries
     are the keys, at slots 0..T-1 (the full forward, transformer.hidden_states), and attention skips the key
     blocks past each query block (`causal_dot_attention`)."""
     fn = mla if cfg.attention == "mla" else gqa
-    return fn(p, x, cos, sin, mask_ids, cfg, cache, layer, slots, rows)
+    return fn(p, x, cos, sin, mask_ids, cfg, cache, layer, slots, rows, pages)
 
 
 def empty_layer_cache(cfg: ModelConfig, n_layers: int, batch: int, max_len: int, dtype):
     """Per-layer cache arrays stacked on a leading layer axis: the MLA latent {c_kv [L,B,S,C], k_pe [L,B,S,R]};
-    GQA keys and values heads-major {k, v} [L,B,K,S,H], the layout `dot_attention`'s matmuls read in place."""
+    GQA keys and values heads-major {k, v} [L,B,K,S,H], the layout `dot_attention`'s matmuls read in place.
+    A paged cache is the same arrays with pages for rows and a page's positions for S (`cache_prefix`)."""
     if cfg.attention == "mla":
         return {"c_kv": jnp.zeros((n_layers, batch, max_len, cfg.kv_lora_rank), dtype),
                 "k_pe": jnp.zeros((n_layers, batch, max_len, cfg.qk_rope_head_dim), dtype)}

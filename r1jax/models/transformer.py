@@ -222,9 +222,9 @@ def _block(p, x, ctx, cfg: ModelConfig, moe: bool, cache=None, layer=None):
     """One pre-norm decoder block (layer `layer` of the stacked cache, if any). Returns (x, moe stats or None,
     cache)."""
     p = _cast(p, cfg.compute_dtype)
-    cos, sin, mask_ids, valid, slots, rows = ctx
+    cos, sin, mask_ids, valid, slots, rows, pages = ctx
     h = rms_norm(x, p["attn_norm"], cfg.rms_norm_eps)
-    a, cache = attention(p["attn"], h, cos, sin, mask_ids, cfg, cache, layer, slots, rows)
+    a, cache = attention(p["attn"], h, cos, sin, mask_ids, cfg, cache, layer, slots, rows, pages)
     x = constrain(x + a, ("act_batch", "act_len", "act_embed"))
     h = rms_norm(x, p["mlp_norm"], cfg.rms_norm_eps)
     if moe:
@@ -316,7 +316,7 @@ def hidden_states(params, tokens, cfg: ModelConfig, *, positions=None, segment_i
         positions = default_positions(segment_ids)
     slots = jnp.broadcast_to(jnp.arange(tokens.shape[1], dtype=jnp.int32), tokens.shape)
     cos, sin = rope_cos_sin(positions, cfg)
-    ctx = (cos, sin, (segment_ids, slots, segment_ids, slots), segment_ids > 0, slots, None)
+    ctx = (cos, sin, (segment_ids, slots, segment_ids, slots), segment_ids > 0, slots, None, None)
     h, stats, _ = _trunk(params, _embed(params, tokens, cfg), ctx, cfg)
     aux = {}
     if cfg.is_moe:
@@ -370,10 +370,15 @@ def token_logprobs(params, h, targets, cfg: ModelConfig, *, temperature: float =
 
 # ----------------------------------------------------------------------------------------- cached decode
 
-def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
+def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None, *, pages: int = 0, page: int = 0) -> dict:
     """An empty decode cache. MLA caches the latent (kv_lora_rank + qk_rope_head_dim values per token per layer);
     GQA caches K and V per KV head. Bookkeeping: segment id per slot (0 = empty), next free slot and next
-    position per row, and the segment being decoded."""
+    position per row, and the segment being decoded.
+
+    pages > 0: a paged cache (vLLM's PagedAttention layout, used by the slot engine r1jax/rl/engine.py): the
+    layer arrays hold `pages` pages of `page` positions instead of batch x max_len, and "pages" [batch,
+    max_len / page] is each row's page table (position j of row b lives in page pages[b, j // page]); every
+    row starts on page 0. The bookkeeping stays per row."""
     dtype = cfg.compute_dtype if dtype is None else dtype
     cache = {
         "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
@@ -381,23 +386,33 @@ def init_cache(cfg: ModelConfig, batch: int, max_len: int, dtype=None) -> dict:
         "next_position": jnp.zeros((batch,), jnp.int32),
         "segment": jnp.ones((batch,), jnp.int32),
     }
+    rows, width = batch, max_len
+    if pages:
+        if page < 1 or max_len % page:
+            raise ValueError(f"a paged cache needs pages of page >= 1 positions dividing max_len={max_len}; "
+                             f"got page={page}")
+        cache["pages"] = jnp.zeros((batch, max_len // page), jnp.int32)
+        rows, width = pages, page
     if cfg.n_dense_layers:
-        cache["dense"] = empty_layer_cache(cfg, cfg.n_dense_layers, batch, max_len, dtype)
+        cache["dense"] = empty_layer_cache(cfg, cfg.n_dense_layers, rows, width, dtype)
     if cfg.n_moe_layers:
-        cache["moe"] = empty_layer_cache(cfg, cfg.n_moe_layers, batch, max_len, dtype)
+        cache["moe"] = empty_layer_cache(cfg, cfg.n_moe_layers, rows, width, dtype)
     return cache
 
 
 def _cached_step(params, tokens, cfg, cache, positions, segment_ids, slots, rows=None):
     """tokens [B,T] written at `slots` [B,T] of cache rows `rows` [B] (None: row b of the batch is cache row b)
-    and attended over those rows' caches. Returns (logits [B,T,V], cache)."""
+    and attended over those rows' caches (through their page tables if the cache is paged). Returns (logits
+    [B,T,V], cache)."""
     s = cache["segment_ids"].shape[1]
     index = (jnp.arange(tokens.shape[0]) if rows is None else rows)[:, None]
     seg_cache = cache["segment_ids"].at[index, slots].set(segment_ids)
     k_seg = seg_cache if rows is None else seg_cache[rows]  # [B,S]: the batch rows' own cache segments
     k_slot = jnp.broadcast_to(jnp.arange(s, dtype=jnp.int32), k_seg.shape)
     cos, sin = rope_cos_sin(positions, cfg)
-    ctx = (cos, sin, (segment_ids, slots, k_seg, k_slot), segment_ids > 0, slots, rows)
+    pages = cache.get("pages")
+    pages = pages if pages is None or rows is None else pages[rows]  # [B, M]: the batch rows' page tables
+    ctx = (cos, sin, (segment_ids, slots, k_seg, k_slot), segment_ids > 0, slots, rows, pages)
     h, _, layers = _trunk(params, _embed(params, tokens, cfg), ctx, cfg, cache)
     return _logits(params, h, cfg), {**cache, **layers, "segment_ids": seg_cache}
 

@@ -57,15 +57,22 @@ from r1jax.sharding import constrain, use_rules
 class EngineSpec:
     """slots: S decode slots (0 = one per row: no row waits); chunk_steps: the most decode steps between two
     host checks (a chunk also ends when every row is finished or the drain can compact); drain_divisor: the drain
-    compacts the live rows into halves down to S / drain_divisor slots (1 = never)."""
+    compacts the live rows into halves down to S / drain_divisor slots (1 = never).
+    page, pages: a paged cache (module docstring, "Paged") of `pages` pages of `page` positions shared by the
+    slots, instead of P + T positions held by every slot (page = 0); `pages_for_budget` sizes it."""
 
     slots: int = 0
     chunk_steps: int = 256
     drain_divisor: int = 8
+    page: int = 0
+    pages: int = 0
 
     def __post_init__(self):
-        if self.slots < 0 or self.chunk_steps < 1 or self.drain_divisor < 1:
-            raise ValueError(f"EngineSpec: need slots >= 0, chunk_steps >= 1, drain_divisor >= 1; got {self}")
+        if self.slots < 0 or self.chunk_steps < 1 or self.drain_divisor < 1 or self.page < 0:
+            raise ValueError(f"EngineSpec: need slots >= 0, chunk_steps >= 1, drain_divisor >= 1, page >= 0; "
+                             f"got {self}")
+        if self.page and (self.slots < 1 or self.pages < 2):
+            raise ValueError(f"EngineSpec: a paged engine needs slots >= 1 and pages >= 2; got {self}")
 
 
 def cache_bytes_per_position(cfg: models.ModelConfig) -> int:
@@ -87,14 +94,34 @@ def slots_for_budget(cfg: models.ModelConfig, budget_bytes: float, prompt_len: i
     return slots
 
 
+def pages_for_budget(cfg: models.ModelConfig, budget_bytes: float, page: int, prompt_len: int, prompts: int) -> int:
+    """The most pages of `page` positions (the parked slots' scratch page included) that fit budget_bytes beside
+    the prompt cache of `prompts` prompts."""
+    per = cache_bytes_per_position(cfg)
+    return int((budget_bytes - prompts * prompt_len * per) // (per * page))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class Pool:
+    """The paged cache's allocator: the free pages are free[:count] (a stack; page 0, the scratch page that
+    parked slots write to, is never in it); slot s holds the pages cache["pages"][s, :held[s]]."""
+
+    free: jax.Array  # [pages] int32
+    count: jax.Array  # int32 []
+    held: jax.Array  # [S] int32
+
+
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class EngineState:
     rows: Rows  # [S] slots
-    cache: dict  # the decode cache of S slots x (P + T) positions
+    cache: dict  # the decode cache of S slots x (P + T) positions (paged: a pool of pages and S page tables)
     out: Completions  # [N] rows
-    next_row: jax.Array  # int32 []: the first row not yet inserted (rows wait in order of n)
+    pending: jax.Array  # [N] bool: rows waiting for a slot (inserted in order of n)
     steps: jax.Array  # int32 []: decode steps of the last chunk
+    pool: Pool | None  # the page allocator (None: not paged)
+    preempted: jax.Array  # int32 []: rows preempted so far (paged: their pages went to older rows)
 
 
 @jax.tree_util.register_dataclass
@@ -114,18 +141,38 @@ def _length_axis(prompt_leaf, slot_leaf) -> int:
 
 
 def insert(state: EngineState, prompts: Prompts, rng, *, spec: SamplerSpec) -> EngineState:
-    """Fill the finished slots, in slot order, with the next waiting rows: row n gets its prompt's cache
-    (prompt n // G) and its first token, sampled from that prompt's logits."""
+    """Fill the finished slots, in slot order, with the first waiting rows (in order of n): row n gets its prompt's
+    cache (prompt n // G) and its first token, sampled from that prompt's logits. Paged: a row also takes the
+    pages its prompt fills, and no more rows go in than the free pages hold."""
     s, n = state.rows.row.shape[0], prompts.limit.shape[0]
     free_s = state.rows.finished
-    row_s = state.next_row + jnp.cumsum(free_s) - 1
+    rank_s = jnp.cumsum(free_s) - 1
+    row_s = jnp.nonzero(state.pending, size=s, fill_value=n)[0][jnp.clip(rank_s, 0, s - 1)]
     new_s = free_s & (row_s < n)
+    cache, pool = dict(state.cache), state.pool
+    if pool is not None:
+        per_row = _prompt_pages(prompts, cache)
+        new_s &= rank_s < pool.count // per_row
     rows_s = jnp.where(new_s, row_s, -1)
     b_s = jnp.maximum(rows_s, 0) // spec.group_size
-    cache = dict(state.cache)
-    for key in ("dense", "moe"):
-        if key in cache:
-            cache[key] = _copy_prompts(cache[key], prompts.cache[key], b_s, new_s)
+    if pool is None:
+        for key in ("dense", "moe"):
+            if key in cache:
+                cache[key] = _copy_prompts(cache[key], prompts.cache[key], b_s, new_s)
+    else:
+        # Row s (the rank_s-th new one) takes the per_row pages below the stack's top in order; other slots' copy
+        # goes to the scratch page.
+        j = jnp.arange(per_row)
+        taken = pool.free[jnp.maximum(pool.count - 1 - (rank_s[:, None] * per_row + j), 0)]  # [S, per_row]
+        taken = jnp.where(new_s[:, None], taken, 0)
+        for key in ("dense", "moe"):
+            if key in cache:
+                cache[key] = jax.tree.map(functools.partial(_paste_prompt_pages, b_s=b_s, pages_sq=taken),
+                                          cache[key], prompts.cache[key])
+        table = jnp.zeros_like(cache["pages"]).at[:, :per_row].set(taken)
+        cache["pages"] = jnp.where(new_s[:, None], table, cache["pages"])
+        pool = Pool(free=pool.free, count=pool.count - per_row * new_s.sum(dtype=jnp.int32),
+                    held=jnp.where(new_s, per_row, pool.held))
     seg = prompts.cache["segment_ids"][b_s]  # [S, P]
     seg = jnp.pad(seg, ((0, 0), (0, cache["segment_ids"].shape[1] - seg.shape[1])))  # the row's own positions only
     cache["segment_ids"] = jnp.where(new_s[:, None], seg, cache["segment_ids"])
@@ -135,8 +182,28 @@ def insert(state: EngineState, prompts: Prompts, rng, *, spec: SamplerSpec) -> E
     rows = jax.tree.map(lambda new, old: jnp.where(new_s.reshape((s,) + (1,) * (old.ndim - 1)), new, old),
                         fresh, state.rows)
     rows, out = sampler_lib.choose(rows, state.out, prompts.first_logits[b_s], rng, spec, active_r=new_s)
-    return dataclasses.replace(state, rows=rows, cache=cache, out=out,
-                               next_row=state.next_row + new_s.sum(dtype=jnp.int32))
+    pending = state.pending.at[jnp.where(new_s, rows_s, n)].set(False, mode="drop")
+    return dataclasses.replace(state, rows=rows, cache=cache, out=out, pending=pending, pool=pool)
+
+
+def _page(cache: dict) -> int:
+    """Positions per page of a paged decode cache."""
+    return cache["segment_ids"].shape[1] // cache["pages"].shape[1]
+
+
+def _prompt_pages(prompts: Prompts, cache: dict) -> int:
+    """Pages a row's prompt fills: the prompt bucket P (a multiple of the page) over the page size."""
+    return prompts.cache["segment_ids"].shape[1] // _page(cache)
+
+
+def _paste_prompt_pages(pool_leaf, prompt_leaf, *, b_s, pages_sq):
+    """pool_leaf [L, pages, ..., page, ...] with prompt b_s[s]'s cache (prompt_leaf [L, B, ..., P, ...]) cut
+    into the pages pages_sq[s, :] (the scratch page 0 for the slots that take no prompt)."""
+    ax = pool_leaf.ndim - 2  # the position axis: P in the prompt cache, a page in the pool
+    page, q = pool_leaf.shape[ax], pages_sq.shape[1]
+    x = jnp.take(prompt_leaf, b_s, axis=1)  # [L, S, ..., P, ...]
+    x = x.reshape(x.shape[:ax] + (q, page) + x.shape[ax + 1:])
+    return pool_leaf.at[:, pages_sq].set(jnp.moveaxis(x, ax, 2).astype(pool_leaf.dtype))  # [L, S, q, ..., page, ...]
 
 
 def _copy_prompts(slot_tree, prompt_tree, b_s, new_s):
@@ -161,33 +228,98 @@ def _copy_prompts(slot_tree, prompt_tree, b_s, new_s):
     return jax.lax.fori_loop(0, jax.tree.leaves(slot_tree)[0].shape[0], layer, slot_tree)
 
 
+def release(state: EngineState, gone_s, spec: SamplerSpec) -> EngineState:
+    """Paged: the pages of slots gone_s [S] go back on the free stack and their page tables to the scratch page."""
+    pool, table = state.pool, state.cache["pages"]
+    own_sm = gone_s[:, None] & (jnp.arange(table.shape[1]) < pool.held[:, None])  # [S, M]
+    at = jnp.where(own_sm, pool.count + jnp.cumsum(own_sm.ravel()).reshape(own_sm.shape) - 1, pool.free.shape[0])
+    free = pool.free.at[at.ravel()].set(table.ravel(), mode="drop")
+    pool = Pool(free=free, count=pool.count + own_sm.sum(dtype=jnp.int32), held=jnp.where(gone_s, 0, pool.held))
+    cache = {**state.cache, "pages": jnp.where(gone_s[:, None], 0, table)}
+    return dataclasses.replace(state, cache=cache, pool=pool)
+
+
+def preempt(state: EngineState, spec: SamplerSpec) -> EngineState:
+    """Paged, when the live rows need more new pages than are free: the youngest rows (highest n; vLLM's
+    first-come-first-served order) give their pages back and wait again, as few as lets every older row take
+    the page it needs. The oldest row always goes on (the pool holds a whole row), so every row ends. A
+    preempted row restarts from its prompt; its keys depend on (row, token index) only, so it draws its tokens
+    again."""
+    s, n = state.rows.row.shape[0], state.pending.shape[0]
+    live_s = ~state.rows.finished
+    need_s = live_s & (state.cache["length"] >= state.pool.held * _page(state.cache))
+    order = jnp.argsort(jnp.where(live_s, state.rows.row, n + jnp.arange(s)))  # oldest live rows first
+    held_o = jnp.where(live_s, state.pool.held, 0)[order]
+    # keep rows 0..i of that order iff their new pages fit in the free ones plus those of the rows after i
+    keep_o = jnp.cumsum(need_s[order]) <= state.pool.count + held_o.sum() - jnp.cumsum(held_o)
+    gone_s = live_s & ~jnp.zeros((s,), bool).at[order].set(keep_o)
+    state = release(state, gone_s, spec)
+    row_s = jnp.where(gone_s, state.rows.row, n)  # n: out of range, dropped
+    out = state.out
+    out = Completions(tokens=out.tokens.at[row_s].set(spec.pad_id, mode="drop"),
+                      logprobs=out.logprobs.at[row_s].set(0.0, mode="drop"),
+                      lengths=out.lengths.at[row_s].set(0, mode="drop"),
+                      truncated=out.truncated.at[row_s].set(False, mode="drop"))
+    rows = state.rows.replace(row=jnp.where(gone_s, -1, state.rows.row))
+    cache = {**state.cache, "length": jnp.where(gone_s, 0, state.cache["length"])}
+    return dataclasses.replace(state, rows=rows, cache=cache, out=out,
+                               pending=state.pending.at[row_s].set(True, mode="drop"),
+                               preempted=state.preempted + gone_s.sum(dtype=jnp.int32))
+
+
+def allocate(state: EngineState, spec: SamplerSpec) -> EngineState:
+    """Paged, before a decode step: every live row whose next position starts a page takes one from the free
+    stack (preempting the youngest rows first when too few are free)."""
+    page = _page(state.cache)
+
+    def needs(st):
+        return ~st.rows.finished & (st.cache["length"] >= st.pool.held * page)
+
+    state = jax.lax.cond(needs(state).sum() > state.pool.count, functools.partial(preempt, spec=spec),
+                         lambda st: st, state)
+    pool, table, need_s = state.pool, state.cache["pages"], needs(state)
+    got_s = pool.free[jnp.maximum(pool.count - jnp.cumsum(need_s), 0)]
+    s = table.shape[0]
+    table = table.at[jnp.where(need_s, jnp.arange(s), s), pool.held].set(got_s, mode="drop")
+    pool = Pool(free=pool.free, count=pool.count - need_s.sum(dtype=jnp.int32), held=pool.held + need_s)
+    return dataclasses.replace(state, cache={**state.cache, "pages": table}, pool=pool)
+
+
 def chunk(params, state: EngineState, prompts: Prompts, rng, *, cfg: models.ModelConfig, spec: SamplerSpec,
           steps: int, shrink: bool) -> EngineState:
     """Up to `steps` decode steps of every slot (one lax.while_loop), each followed by the insertion of waiting
     rows into the slots that finished (`insert`, skipped by lax.cond when none did). Stops early once every row
-    is finished, or (shrink) once no row waits and at most half of the slots are live: the host compacts them."""
-    n, s = prompts.limit.shape[0], state.rows.row.shape[0]
+    is finished, or (shrink) once no row waits and at most half of the slots are live: the host compacts them.
+    Paged: each step first gives a page to every row that starts one (`allocate`), and a row that ends gives its
+    pages back (`release`)."""
+    s = state.rows.row.shape[0]
+    paged = state.pool is not None
 
     def refill(st):
-        return jax.lax.cond(jnp.any(st.rows.finished) & (st.next_row < n),
+        return jax.lax.cond(jnp.any(st.rows.finished) & jnp.any(st.pending),
                             functools.partial(insert, prompts=prompts, rng=rng, spec=spec), lambda x: x, st)
 
     def running(carry):
         st, i = carry
         live = ~st.rows.finished
         go = (i < steps) & jnp.any(live)
-        return go & ~((st.next_row >= n) & (live.sum() <= s // 2)) if shrink else go
+        return go & ~(~jnp.any(st.pending) & (live.sum() <= s // 2)) if shrink else go
 
     def step(carry):
         st, i = carry
+        if paged:
+            st = allocate(st, spec)
         logits_sv, cache = models.decode_step(params, st.rows.token, cfg, st.cache)
         rows, out = sampler_lib.choose(st.rows, st.out, logits_sv, rng, spec)
         # A finished slot keeps decoding (its output is dropped) at cache position 0, inside the prompt part that
-        # insertion overwrites: its length does not set how long a cache prefix the batch's decode attention
-        # reads (models.attention.blocked_cache_attention: the rows sorted by length, in runs), only the live
-        # rows' lengths do.
+        # insertion overwrites (paged: in the scratch page): its length does not set how long a cache prefix the
+        # batch's decode attention reads (models.attention.blocked_cache_attention: the rows sorted by length, in
+        # runs), only the live rows' lengths do.
         cache["length"] = jnp.where(rows.finished, 0, cache["length"])
-        return refill(dataclasses.replace(st, rows=rows, cache=cache, out=out)), i + 1
+        st = dataclasses.replace(st, rows=rows, cache=cache, out=out)
+        if paged:
+            st = release(st, rows.finished & (st.pool.held > 0), spec)
+        return refill(st), i + 1
 
     state, i = jax.lax.while_loop(running, step, (refill(state), jnp.zeros((), jnp.int32)))
     return dataclasses.replace(state, steps=i)
@@ -219,11 +351,14 @@ def _take_slots(x, keep_s):
 
 
 def compact(state: EngineState, keep_s) -> EngineState:
-    """The slots keep_s [S'] (live ones first) as a state of S' slots."""
-    cache = {k: (jax.tree.map(lambda x: _take_slots(x, keep_s), v) if k in ("dense", "moe")
-                 else jnp.take(v, keep_s, axis=0)) for k, v in state.cache.items()}
+    """The slots keep_s [S'] (live ones first) as a state of S' slots. Paged, the pool stays as it is: only the
+    slots' page tables move."""
+    paged = state.pool is not None
+    cache = {k: (v if paged else jax.tree.map(lambda x: _take_slots(x, keep_s), v)) if k in ("dense", "moe")
+             else jnp.take(v, keep_s, axis=0) for k, v in state.cache.items()}
+    pool = None if not paged else dataclasses.replace(state.pool, held=jnp.take(state.pool.held, keep_s))
     return dataclasses.replace(state, rows=jax.tree.map(lambda x: jnp.take(x, keep_s, axis=0), state.rows),
-                               cache=cache)
+                               cache=cache, pool=pool)
 
 
 def _shard_cache(cache: dict) -> dict:
@@ -254,19 +389,35 @@ class Engine:
         return _shard_cache(cache), first_bv
 
     def _empty(self, slots: int, n: int, cache_len: int) -> EngineState:
-        cache = _shard_cache(models.init_cache(self.cfg, slots, cache_len))
+        page, pages = self.engine.page, self.engine.pages
+        cache = _shard_cache(models.init_cache(self.cfg, slots, cache_len, pages=pages if page else 0, page=page))
         zero = jnp.zeros((), jnp.int32)
+        pool = None if not page else Pool(free=jnp.arange(1, pages + 1, dtype=jnp.int32) % pages,
+                                          count=jnp.asarray(pages - 1, jnp.int32), held=jnp.zeros((slots,), jnp.int32))
         return EngineState(rows=sampler_lib.empty_rows(slots, self.spec), cache=cache,
-                           out=sampler_lib.empty_completions(n, self.spec), next_row=zero, steps=zero)
+                           out=sampler_lib.empty_completions(n, self.spec), pending=jnp.ones((n,), bool), steps=zero,
+                           pool=pool, preempted=zero)
 
     def __call__(self, params, prompts_bp, prompt_lengths_b, rng, limit_n=None) -> Completions:
         with contextlib.nullcontext() if self.mesh is None else use_rules(self.mesh, self.rules):
             return self._run(params, prompts_bp, prompt_lengths_b, rng, limit_n)
 
+    def _check_pages(self, p: int, t: int):
+        page, pages, block = self.engine.page, self.engine.pages, self.cfg.decode_block
+        if not page:
+            return
+        if p % page or t % page or (block and block % page):
+            raise ValueError(f"EngineSpec.page={page} must divide the prompt bucket ({p}), max_new_tokens ({t}) "
+                             f"and the model's decode_block ({block})")
+        if pages - 1 < (p + t) // page:
+            raise ValueError(f"EngineSpec.pages={pages} holds no whole row: a row of {p}+{t} positions takes "
+                             f"{(p + t) // page} pages of {page}, and page 0 is the scratch page")
+
     def _run(self, params, prompts_bp, prompt_lengths_b, rng, limit_n):
         spec = self.spec
         b, p = prompts_bp.shape
         n, t = b * spec.group_size, spec.max_new_tokens
+        self._check_pages(p, t)
         limit_n = np.full((n,), t, np.int32) if limit_n is None else np.minimum(np.asarray(limit_n, np.int32), t)
         slots = min(self.engine.slots or n, n)
         min_slots = max(1, slots // self.engine.drain_divisor)
@@ -279,11 +430,11 @@ class Engine:
             # process_allgather: the flags are sharded over the devices of every process (device_get reads
             # only arrays this process holds whole); one process: a plain read
             steps, finished, waiting = multihost_utils.process_allgather(
-                (state.steps, state.rows.finished, state.next_row), tiled=True)
+                (state.steps, state.rows.finished, jnp.any(state.pending)), tiled=True)
             slot_steps += int(steps) * slots
             decode_steps += int(steps)
             chunks += 1
-            if waiting < n:
+            if waiting:
                 continue
             if finished.all():
                 break
@@ -291,8 +442,9 @@ class Engine:
                 keep = np.concatenate([np.flatnonzero(~finished), np.flatnonzero(finished)])[:slots // 2]
                 state = self._compact(state, keep.astype(np.int32))
                 slots //= 2
+        slot_steps += int(state.preempted)  # a preempted row draws its first token again
         self.stats = {"slot_steps": slot_steps, "decode_steps": decode_steps, "chunks": chunks,
-                      "peak_slots": min(self.engine.slots or n, n)}
+                      "peak_slots": min(self.engine.slots or n, n), "preempted": int(state.preempted)}
         return state.out
 
 
