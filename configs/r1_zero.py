@@ -33,7 +33,7 @@ def rl_block(*, group_size: int, prompts_per_rollout: int, max_new_tokens: int, 
              mask_truncated: bool = False, dynamic_sampling: bool = False, dynamic_max_batches: int = 3,
              ref_reset_every: int = 0, micro_batches: int = 1, score_chunk_rows: int = 0,
              ref_dtype: str = "float32", engine: str = "slots", slots: int = 0, chunk_steps: int = 256,
-             ratio_level: str = "token", tis_cap: float = 0.0, is_mask_band: tuple = (),
+             page: int = 0, pages: int = 0, ratio_level: str = "token", tis_cap: float = 0.0, is_mask_band: tuple = (),
              pack: bool = False) -> mlc.ConfigDict:
     """config.rl: sampling, rewards and the GRPO loss (r1jax/stages/grpo.py documents every field).
 
@@ -51,7 +51,9 @@ def rl_block(*, group_size: int, prompts_per_rollout: int, max_new_tokens: int, 
       a compile), and in the full-scale presets (r1jax/aot.py compiles the padded layout).
     sampling: greedy | temperature | top_k | top_p (with top_k / top_p), always at `temperature`.
     engine: "slots" (r1jax/rl/engine.py: `slots` decode slots, 0 = one per rollout row, at most `chunk_steps`
-      decode steps between host checks) or "static" (r1jax/rl/sampler.py, every row of a batch until the longest ends).
+      decode steps between host checks; page > 0: a paged cache of `pages` pages of `page` positions shared by
+      the slots, one device, engine.pages_for_budget sizes it) or "static" (r1jax/rl/sampler.py, every row of a
+      batch until the longest ends).
     ratio_level "token" | "sequence" (GSPO); tis_cap > 0: truncated importance sampling of the sampler's drift;
       is_mask_band (lo, hi): drop rows whose sampler ratio leaves it (r1jax/rl/grpo.py).
     prompt_buckets / completion_buckets: padded lengths; one compile per bucket; max_new_tokens is the
@@ -67,7 +69,8 @@ def rl_block(*, group_size: int, prompts_per_rollout: int, max_new_tokens: int, 
         mini_batches=mini_batches, adv_scale=adv_scale, adv_baseline=adv_baseline, mask_truncated=mask_truncated,
         dynamic_sampling=dynamic_sampling, dynamic_max_batches=dynamic_max_batches,
         ref_reset_every=ref_reset_every, micro_batches=micro_batches, score_chunk_rows=score_chunk_rows,
-        ref_dtype=ref_dtype, engine=engine, slots=slots, chunk_steps=chunk_steps, ratio_level=ratio_level,
+        ref_dtype=ref_dtype, engine=engine, slots=slots, chunk_steps=chunk_steps, page=page, pages=pages,
+        ratio_level=ratio_level,
         tis_cap=tis_cap, is_mask_band=tuple(is_mask_band), pack=pack))
 
 

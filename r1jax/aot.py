@@ -408,7 +408,7 @@ def engine_reports(config, cfg, spec, params, mesh, rules, *, resident: int) -> 
     b, g = int(rl.prompts_per_rollout), int(rl.group_size)
     n, p, t = b * g, max(rl.prompt_buckets), int(rl.max_new_tokens)
     slots = min(int(rl.get("slots", 0)) or n, n)
-    engine_spec = engine_lib.EngineSpec(slots=slots, chunk_steps=int(rl.get("chunk_steps", 256)))
+    engine_spec = dataclasses.replace(engine_lib.spec_from_config(rl), slots=slots)
     engine = engine_lib.Engine(cfg, spec, engine_spec, mesh=mesh, rules=rules)
     replicated = NamedSharding(mesh, P())
     balanced = functools.partial(moe.balanced_rows, cfg=cfg)
@@ -438,14 +438,15 @@ def engine_reports(config, cfg, spec, params, mesh, rules, *, resident: int) -> 
     init, init_traced = build(engine._init, slots, n, p + t)
     state = outputs(init, init_traced)
     key = _abstract((2,), jnp.uint32, replicated)
-    cache_gib = slots * (p + t) * per_position / math.prod(mesh.devices.shape) / GIB
+    positions = engine_spec.pages * engine_spec.page if engine_spec.page else slots * (p + t)
+    cache_gib = positions * per_position / math.prod(mesh.devices.shape) / GIB
     blocks = (" over the whole cache (decode attention's lax.switch over cache prefixes counts its widest branch)"
               if cfg.decode_block and p + t > cfg.decode_block else "")
     compiled, traced = build(engine._chunk, params, state, prompts, key, shrink=True)
     out.append(analyze(compiled, "grpo engine chunk (decode steps + insertion)", jaxpr=traced.jaxpr, tokens=slots,
                        model_flops_per_token=model_flops_per_token(cfg, p + t, training=False), resident=resident,
                        balanced_rows=balanced,
-                       note=f"S={slots} slots x {p}+{t} cache positions ({cache_gib:.2f} GiB/chip), the prompt cache "
+                       note=f"S={slots} slots, {positions} cache positions ({cache_gib:.2f} GiB/chip), the prompt cache "
                             f"of {b} prompts, N={n} rows; FLOPs: one decode step{blocks}; resident: the optimizer "
                             f"state and the reference"))
     if slots // 2 >= max(1, slots // engine.engine.drain_divisor):

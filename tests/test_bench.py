@@ -51,11 +51,13 @@ def test_sampler(tmp_path):
 def test_rollout(tmp_path):
     out = tmp_path / "r.jsonl"
     rows = rollout.main(["--prompts", "4", "--group", "2", "--prompt_len", "8", "--new", "16", "--static_rows", "4",
-                         "--chunk", "4", "--runs", "1", "--step_runs", "1", "--out", str(out)])
+                         "--chunk", "4", "--slots", "8", "--page", "4", "--runs", "1", "--step_runs", "1",
+                         "--out", str(out)])
     (record,) = _records(out)
-    assert record["bench"] == "rollout" and [r["sampler"] for r in rows] == ["static", "engine", "engine_one_run", "generate"]
+    assert record["bench"] == "rollout" and [r["sampler"] for r in rows] == ["static", "engine", "engine_rows", "generate"]
     assert all(r["tok_s"] > 0 and 0 < r["useful_share"] <= 1 for r in rows)
-    assert rows[1]["cache_MiB"] <= rows[0]["cache_MiB"] and rows[1]["grpo_step_s"] > 0  # equal memory at most
+    assert max(rows[1]["cache_MiB"], rows[2]["cache_MiB"]) <= rows[0]["cache_MiB"]  # equal memory at most
+    assert rows[1]["slots"] == 8 and rows[1]["grpo_step_s"] > 0
 
 
 def test_compile(tmp_path):

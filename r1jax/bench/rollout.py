@@ -2,7 +2,7 @@
 side in one run, at equal cache memory; and the whole GRPO step with either sampler.
 
     python -m r1jax.bench.rollout [--prompts 32] [--group 8] [--prompt_len 32] [--new 256] [--static_rows 32] \
-        [--runs 3] [--hf_runs 1] [--padded] [--out bench_results.jsonl]
+        [--slots 64] [--page 16] [--runs 3] [--hf_runs 1] [--padded] [--out bench_results.jsonl]
 
 Workload: B prompts of random tokens (all --prompt_len long), G samples each at temperature 1, on the tiny
 DeepSeek-V3 (MLA) weights. Completion lengths follow an R1-like long tail, forced by a per-row stop position so
@@ -11,11 +11,12 @@ log-normal with median T/4 and 5% of the rows reaching T (truncated); drawn once
   static   `rl.sampler.make_sampler` over the N rows in batches of --static_rows rows (whole groups): each batch
            decodes until its longest row ends, the next starts when it is done. Its rows all have the same length
            at every step, so its decode attention reads them as one run (decode_row_groups = 1, its fastest).
-  engine   `rl.engine.make_engine` with as many slots as fit the static batch's cache memory (the prompt cache of
-           all B prompts counted: `engine.slots_for_budget`), chunks of at most --chunk steps, drain down to S/8 slots;
-           decode attention in the model's runs of rows sorted by length (decode_row_groups).
-  engine_one_run  the same engine with decode attention over one run (decode_row_groups = 1): each step reads as
-           far as its longest row, for every row.
+  engine   `rl.engine.make_engine` with a paged cache: --slots slots over pages of --page positions, as many
+           pages as fit the static batch's cache memory beside the prompt cache of all B prompts
+           (`engine.pages_for_budget`); chunks of at most --chunk steps, drain down to S/8 slots; decode attention in
+           the model's runs of rows sorted by length (decode_row_groups).
+  engine_rows  the same engine with a cache of rows: as many slots of P + T positions as fit the same memory
+           (`engine.slots_for_budget`).
   generate transformers on the same weights (`save_hf_checkpoint`), `generate(do_sample=True, top_k=0,
            num_return_sequences=G)` over the same batches as static, each row stopped at its length by a
            per-row StoppingCriteria.
@@ -31,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import tempfile
 import time
 
@@ -67,7 +69,8 @@ def distinct_tokens(tokens_nt: np.ndarray, lengths_n: np.ndarray) -> np.ndarray:
 class Rollouts:
     """The three rollouts of one workload."""
 
-    def __init__(self, cfg, params, prompts_bp, limit_n, group: int, new: int, static_rows: int, chunk: int):
+    def __init__(self, cfg, params, prompts_bp, limit_n, group: int, new: int, static_rows: int, chunk: int,
+                 slots: int = 64, page: int = 16):
         b, p = prompts_bp.shape
         self.cfg, self.params, self.prompts_bp, self.limit_n = cfg, params, prompts_bp, limit_n
         self.lengths_b = np.full((b,), p, np.int32)
@@ -82,13 +85,15 @@ class Rollouts:
         self.static = sampler_lib.make_sampler(cfg.replace(decode_row_groups=1), spec)
         per_position = engine_lib.cache_bytes_per_position(cfg)
         self.static_bytes = static_rows * (p + new) * per_position
-        self.slots = engine_lib.slots_for_budget(cfg, self.static_bytes, p, new, prompts=b)
-        self.engine_bytes = (self.slots * (p + new) + b * p) * per_position
+        self.slots = {"engine": slots, "engine_rows": engine_lib.slots_for_budget(cfg, self.static_bytes, p, new,
+                                                                                  prompts=b)}
+        pages = engine_lib.pages_for_budget(cfg, self.static_bytes, page, p, b)
+        self.bytes = {"static": self.static_bytes, "engine": (pages * page + b * p) * per_position,
+                      "engine_rows": (self.slots["engine_rows"] * (p + new) + b * p) * per_position}
         self.engine = engine_lib.make_engine(cfg, spec, engine_lib.EngineSpec(
-            slots=self.slots, chunk_steps=chunk))
-        # The same engine with decode attention over one run of rows (each step reads as far as its longest row).
-        self.engine_one_run = engine_lib.make_engine(cfg.replace(decode_row_groups=1), spec, engine_lib.EngineSpec(
-            slots=self.slots, chunk_steps=chunk))
+            slots=slots, chunk_steps=chunk, page=page, pages=pages))
+        self.engine_rows = engine_lib.make_engine(cfg, spec, engine_lib.EngineSpec(
+            slots=self.slots["engine_rows"], chunk_steps=chunk))
         rows = self.limit_n.reshape(-1, static_rows)
         self.static_slot_steps = int((rows.max(axis=1) * static_rows).sum())
 
@@ -199,18 +204,17 @@ def measure(args) -> list[dict]:
     b, g = args.prompts, args.group
     prompts_bp = np.random.default_rng(args.seed).integers(4, cfg.vocab_size, (b, args.prompt_len)).astype(np.int32)
     limit_n = long_tail_lengths(b * g, args.new, args.seed)
-    r = Rollouts(cfg, params, prompts_bp, limit_n, g, args.new, args.static_rows, args.chunk)
+    r = Rollouts(cfg, params, prompts_bp, limit_n, g, args.new, args.static_rows, args.chunk, args.slots, args.page)
     tokens = int(limit_n.sum())
     key = jax.random.PRNGKey(1)
-    static_out, engine_out = r.run_static(key), r.run_engine(key)  # compiles
-    assert (static_out.lengths == limit_n).all() and (engine_out.lengths == limit_n).all()
-    r.run_engine(key, r.engine_one_run)
-    times = {"static": [], "engine": [], "engine_one_run": []}
+    outs = r.run_static(key), r.run_engine(key), r.run_engine(key, r.engine_rows)  # compiles
+    assert all((out.lengths == limit_n).all() for out in outs)
+    times = {"static": [], "engine": [], "engine_rows": []}
     for i in range(args.runs):  # alternate, so that outside load hits all alike
         times["static"].append(_timed(lambda: r.run_static(jax.random.PRNGKey(10 + i))))
         times["engine"].append(_timed(lambda: r.run_engine(jax.random.PRNGKey(10 + i))))
-        times["engine_one_run"].append(_timed(lambda: r.run_engine(jax.random.PRNGKey(10 + i), r.engine_one_run)))
-    engine_stats = dict(r.engine.stats)
+        times["engine_rows"].append(_timed(lambda: r.run_engine(jax.random.PRNGKey(10 + i), r.engine_rows)))
+    stats = {"engine": dict(r.engine.stats), "engine_rows": dict(r.engine_rows.stats)}
     if args.hf_runs:
         with tempfile.TemporaryDirectory() as hf_dir:
             save_hf_checkpoint(hf_dir, cfg, jax.device_get(params))
@@ -232,18 +236,16 @@ def measure(args) -> list[dict]:
             unpacked.step(r.run_engine)
         padded = {"padded_update_s": spread(unpacked.update_s)["median"], "padded_tokens": unpacked.tokens["all"]}
     rows = []
-    positions = {"static": r.static_bytes, "engine": r.engine_bytes, "engine_one_run": r.engine_bytes, "generate": None}
-    slot_steps = {"static": r.static_slot_steps, "engine": engine_stats["slot_steps"],
-                  "engine_one_run": engine_stats["slot_steps"],
-                  "generate": r.static_slot_steps}
+    slot_steps = {"static": r.static_slot_steps, "generate": r.static_slot_steps,
+                  **{name: st["slot_steps"] for name, st in stats.items()}}
     for name, ts in times.items():
         s = spread(ts)
         st = spread(step_times[name]) if name in step_times else None
         rows.append({
             "sampler": name, "tok_s": tokens / s["median"], "rollout_s": s["median"],
             "rollout_range": f"{s['min']:.3g}..{s['max']:.3g}", "useful_share": tokens / slot_steps[name],
-            "cache_MiB": None if positions[name] is None else positions[name] / 2**20,
-            "slots": r.slots if name.startswith("engine") else args.static_rows,
+            "cache_MiB": r.bytes[name] / 2**20 if name in r.bytes else None,
+            "slots": r.slots.get(name, args.static_rows),
             "grpo_step_s": st["median"] if st else None,
             "grpo_step_range": f"{st['min']:.3g}..{st['max']:.3g}" if st else None, "runs_s": ts,
         })
@@ -253,7 +255,7 @@ def measure(args) -> list[dict]:
         row["step_speedup"] = base["grpo_step_s"] / row["grpo_step_s"] if row["grpo_step_s"] else None
     meta = {"B": b, "G": g, "P": args.prompt_len, "T": args.new, "tokens": tokens,
             "median_len": float(np.median(limit_n)), "truncated_frac": float((limit_n == args.new).mean()),
-            "engine_stats": engine_stats, "pack": not args.padded, "update_s": spread(step.update_s)["median"],
+            "engine_stats": stats, "page": args.page, "pack": not args.padded, "update_s": spread(step.update_s)["median"],
             "update_tokens": step.tokens["all"], "real_tokens": step.tokens["real"], **padded}
     for row in rows:
         row.update(meta)
@@ -272,6 +274,8 @@ def main(argv=None):
     ap.add_argument("--new", type=int, default=256, help="T, the most new tokens per row")
     ap.add_argument("--static_rows", type=int, default=32, help="rows per static batch (sets the cache memory)")
     ap.add_argument("--chunk", type=int, default=256, help="engine: most decode steps between host checks")
+    ap.add_argument("--slots", type=int, default=64, help="paged engine: decode slots")
+    ap.add_argument("--page", type=int, default=16, help="paged engine: positions per cache page")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--step_runs", type=int, default=2)
     ap.add_argument("--hf_runs", type=int, default=1, help="generate runs (0 = skip)")
@@ -292,6 +296,16 @@ def main(argv=None):
     return rows
 
 
+def single_threaded_ops() -> None:
+    """XLA:CPU's Eigen thread pool off, for both samplers (unless XLA_FLAGS says otherwise): a tiny decode step
+    is a few hundred small ops, and splitting each over the 2 cores cost more than it saved. Measured here
+    (docs/performance.md): both samplers faster, and the engine's rollout, whose many short steps moved by up to
+    35% between runs with the pool, steadier. Set before the CPU backend starts (XLA reads its flags then)."""
+    if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
+
+
 if __name__ == "__main__":
     ensure_malloc_tunables()  # the same process settings as `python -m r1jax.main`
+    single_threaded_ops()
     main()

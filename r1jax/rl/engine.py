@@ -25,15 +25,34 @@ the group's prompt prefilled once):
      (down to S / EngineSpec.drain_divisor), so the drain at the end of a rollout does not decode empty
      slots.
 
+Paged (EngineSpec.page > 0; vLLM's PagedAttention, in the trainer's JAX program): the slots hold no cache of
+their own. The cache is a pool of EngineSpec.pages pages of `page` positions (`models.init_cache(pages=...)`), and
+each slot has a page table: position j of its row is in page table[j // page]. A slot of P + T positions holds
+the memory of a row that reaches T, which most rows never do; pages let the same memory hold more rows in flight
+(S from EngineSpec.slots, not from the memory), so each decode step does more rows' work.
+  - insertion takes P / page free pages for the row's prompt and copies the prompt's cache into them;
+  - before each decode step, every live row whose next position starts a page takes one (`allocate`);
+  - a row that ends gives its pages back at that step (`release`);
+  - when the free pages cannot serve every row that needs one, the youngest rows (highest n) are preempted: their
+    pages go back and they wait again (`preempt`; vLLM's recompute preemption). The oldest row always goes on,
+    since the pool holds at least one whole row, so every rollout ends;
+  - parked (finished) slots write into page 0, a scratch page that no row owns;
+  - the drain's compaction moves page tables only, never the pool.
+Decode attention reads each run's cache prefix through the page tables (`models.attention.cache_prefix`): a
+gather of whole pages, where a cache of rows is read as a slice (or, with rows sorted into runs, a gather of rows).
+
 Determinism: a row's tokens are drawn with keys derived from (row n, token index) only (`sampler.row_keys`),
-so the same seed gives the same rows whatever S, K or the order in which rows finish, and the same rows as
-the static sampler. Greedy decoding gives the static sampler's tokens and log-probs.
+so the same seed gives the same rows whatever S, K, the pages or the order in which rows finish (a preempted
+row draws the same tokens again), and the same rows as the static sampler. Greedy decoding gives the static
+sampler's tokens and log-probs.
 
 Memory: S x (P + T) cache positions plus the prompt cache B x P (the MLA latent or the GQA K/V, whichever the
-ModelConfig says), both rows over `cache_batch`; the drain's compaction holds S and S/2 slots at once. The
-static sampler holds N x (P + T). Insertion and compaction work one layer (and position block) at a time: a
-whole-cache gather or scatter across the sharded slot axis is gathered whole on every chip by XLA
-(docs/sharding.md, the 671B GRPO rollout on v5p-512).
+ModelConfig says), both rows over `cache_batch`; the drain's compaction holds S and S/2 slots at once. Paged:
+pages x page positions plus the prompt cache. The static sampler holds N x (P + T). Insertion and compaction
+work one layer (and position block) at a time: a whole-cache gather or scatter across the sharded slot axis is
+gathered whole on every chip by XLA (docs/sharding.md, the 671B GRPO rollout on v5p-512). The paged engine
+gathers pages from the whole pool for every row: meant for one device (the tiny presets, a single host); the
+671B preset keeps slots of rows.
 """
 
 from __future__ import annotations
@@ -73,6 +92,12 @@ class EngineSpec:
                              f"got {self}")
         if self.page and (self.slots < 1 or self.pages < 2):
             raise ValueError(f"EngineSpec: a paged engine needs slots >= 1 and pages >= 2; got {self}")
+
+
+def spec_from_config(rl) -> EngineSpec:
+    """The EngineSpec of a config's rl block: rl.slots, rl.chunk_steps, rl.page, rl.pages (configs/r1_zero.py)."""
+    return EngineSpec(slots=int(rl.get("slots", 0)), chunk_steps=int(rl.get("chunk_steps", 256)),
+                      page=int(rl.get("page", 0)), pages=int(rl.get("pages", 0)))
 
 
 def cache_bytes_per_position(cfg: models.ModelConfig) -> int:

@@ -280,14 +280,14 @@ def loss_spec(config) -> trainer_lib.LossSpec:
 
 
 def rollout_sampler(cfg, spec, rl, *, mesh, rules):
-    """The slot engine (rl.engine = "slots", rl.slots slots, 0 = one per row) or the static sampler."""
+    """The slot engine (rl.engine = "slots", rl.slots slots, 0 = one per row; rl.page > 0: a paged cache of
+    rl.pages pages) or the static sampler."""
     kind = rl.get("engine", "static")
     if kind == "static":
         return sampler_lib.make_sampler(cfg, spec, mesh=mesh, rules=rules)
     if kind != "slots":
         raise ValueError(f"rl.engine={kind!r}: expected 'slots' or 'static'")
-    return engine_lib.make_engine(cfg, spec, engine_lib.EngineSpec(
-        slots=int(rl.get("slots", 0)), chunk_steps=int(rl.get("chunk_steps", 256))), mesh=mesh, rules=rules)
+    return engine_lib.make_engine(cfg, spec, engine_lib.spec_from_config(rl), mesh=mesh, rules=rules)
 
 
 def sampler_spec(rl, *, eos_id: int | tuple[int, ...], pad_id: int, stop_sequences=(),
