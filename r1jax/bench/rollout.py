@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import os
 import tempfile
 import time
 
@@ -296,16 +295,6 @@ def main(argv=None):
     return rows
 
 
-def single_threaded_ops() -> None:
-    """XLA:CPU's Eigen thread pool off, for both samplers (unless XLA_FLAGS says otherwise): a tiny decode step
-    is a few hundred small ops, and splitting each over the 2 cores cost more than it saved. Measured here
-    (docs/performance.md): both samplers faster, and the engine's rollout, whose many short steps moved by up to
-    35% between runs with the pool, steadier. Set before the CPU backend starts (XLA reads its flags then)."""
-    if "xla_cpu_multi_thread_eigen" not in os.environ.get("XLA_FLAGS", ""):
-        os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false").strip()
-
-
 if __name__ == "__main__":
     ensure_malloc_tunables()  # the same process settings as `python -m r1jax.main`
-    single_threaded_ops()
     main()

@@ -310,11 +310,17 @@ def allocate(state: EngineState, spec: SamplerSpec) -> EngineState:
     return dataclasses.replace(state, cache={**state.cache, "pages": table}, pool=pool)
 
 
+def drain_size(slots: int, paged: bool) -> int:
+    """The slots the drain compacts `slots` into: half (a cache of rows moves whole rows), or three quarters
+    when paged (only page tables move, so smaller steps cost little and decode fewer empty slots)."""
+    return slots * 3 // 4 if paged else slots // 2
+
+
 def chunk(params, state: EngineState, prompts: Prompts, rng, *, cfg: models.ModelConfig, spec: SamplerSpec,
           steps: int, shrink: bool) -> EngineState:
     """Up to `steps` decode steps of every slot (one lax.while_loop), each followed by the insertion of waiting
     rows into the slots that finished (`insert`, skipped by lax.cond when none did). Stops early once every row
-    is finished, or (shrink) once no row waits and at most half of the slots are live: the host compacts them.
+    is finished, or (shrink) once no row waits and the live rows fit `drain_size` slots: the host compacts them.
     Paged: each step first gives a page to every row that starts one (`allocate`), and a row that ends gives its
     pages back (`release`)."""
     s = state.rows.row.shape[0]
@@ -328,7 +334,7 @@ def chunk(params, state: EngineState, prompts: Prompts, rng, *, cfg: models.Mode
         st, i = carry
         live = ~st.rows.finished
         go = (i < steps) & jnp.any(live)
-        return go & ~(~jnp.any(st.pending) & (live.sum() <= s // 2)) if shrink else go
+        return go & ~(~jnp.any(st.pending) & (live.sum() <= drain_size(s, paged))) if shrink else go
 
     def step(carry):
         st, i = carry
@@ -443,6 +449,7 @@ class Engine:
         b, p = prompts_bp.shape
         n, t = b * spec.group_size, spec.max_new_tokens
         self._check_pages(p, t)
+        paged = bool(self.engine.page)
         limit_n = np.full((n,), t, np.int32) if limit_n is None else np.minimum(np.asarray(limit_n, np.int32), t)
         slots = min(self.engine.slots or n, n)
         min_slots = max(1, slots // self.engine.drain_divisor)
@@ -451,7 +458,8 @@ class Engine:
         state = self._init(slots, n, p + t)
         slot_steps, decode_steps, chunks = n, 0, 0  # n: the first token of each row, drawn at its insertion
         while True:
-            state = self._chunk(params, state, prompts, rng, shrink=slots // 2 >= min_slots)
+            smaller = drain_size(slots, paged)
+            state = self._chunk(params, state, prompts, rng, shrink=smaller >= min_slots)
             # process_allgather: the flags are sharded over the devices of every process (device_get reads
             # only arrays this process holds whole); one process: a plain read
             steps, finished, waiting = multihost_utils.process_allgather(
@@ -463,10 +471,10 @@ class Engine:
                 continue
             if finished.all():
                 break
-            if (~finished).sum() <= slots // 2 and slots // 2 >= min_slots:  # the drain: compact the live rows
-                keep = np.concatenate([np.flatnonzero(~finished), np.flatnonzero(finished)])[:slots // 2]
+            if (~finished).sum() <= smaller and smaller >= min_slots:  # the drain: compact the live rows
+                keep = np.concatenate([np.flatnonzero(~finished), np.flatnonzero(finished)])[:smaller]
                 state = self._compact(state, keep.astype(np.int32))
-                slots //= 2
+                slots = smaller
         slot_steps += int(state.preempted)  # a preempted row draws its first token again
         self.stats = {"slot_steps": slot_steps, "decode_steps": decode_steps, "chunks": chunks,
                       "peak_slots": min(self.engine.slots or n, n), "preempted": int(state.preempted)}
