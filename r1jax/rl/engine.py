@@ -2,7 +2,7 @@
 
     engine = make_engine(cfg, spec, EngineSpec(slots=S, chunk_steps=K), mesh=mesh, rules=rules)
     out = engine(params, prompts_bp, lengths_b, rng)     # Completions [N = B*G], the static sampler's layout
-    engine.stats                                          # slot-steps, decode steps, chunks of the last call
+    engine.stats                                          # slot-steps, decode steps, chunks, preemptions
 
 The static sampler (r1jax.rl.sampler) decodes all N rows until the longest one ends; with R1's long-tailed
 lengths most of its slot-steps go to rows that have already finished. Here S decode slots (sized from a
@@ -20,9 +20,9 @@ the group's prompt prefilled once):
      tokens from its prompt length on, and attention masks every key past the query's slot, so a stale entry
      is overwritten before it can be seen (tests/test_engine.py checks rows against a fresh full forward).
      A slot that finishes is refilled at the next step, not at the end of the chunk.
-  3. between chunks the host reads the slots' `finished` flags (S booleans) and the queue position; when no
-     row waits and at most half of the slots are live, it compacts the live rows into half as many slots
-     (down to S / EngineSpec.drain_divisor), so the drain at the end of a rollout does not decode empty
+  3. between chunks the host reads the slots' `finished` flags (S booleans) and whether rows wait; when none
+     waits and the live rows fit `drain_size` slots (half; paged, three quarters), it compacts them into that
+     many (down to S / EngineSpec.drain_divisor), so the drain at the end of a rollout does not decode empty
      slots.
 
 Paged (EngineSpec.page > 0; vLLM's PagedAttention, in the trainer's JAX program): the slots hold no cache of
@@ -37,7 +37,7 @@ the memory of a row that reaches T, which most rows never do; pages let the same
     pages go back and they wait again (`preempt`; vLLM's recompute preemption). The oldest row always goes on,
     since the pool holds at least one whole row, so every rollout ends;
   - parked (finished) slots write into page 0, a scratch page that no row owns;
-  - the drain's compaction moves page tables only, never the pool.
+  - the drain's compaction moves page tables only, never the pool, so it compacts in steps of 3/4.
 Decode attention reads each run's cache prefix through the page tables (`models.attention.cache_prefix`): a
 gather of whole pages, where a cache of rows is read as a slice (or, with rows sorted into runs, a gather of rows).
 
