@@ -253,7 +253,7 @@ def _copy_prompts(slot_tree, prompt_tree, b_s, new_s):
     return jax.lax.fori_loop(0, jax.tree.leaves(slot_tree)[0].shape[0], layer, slot_tree)
 
 
-def release(state: EngineState, gone_s, spec: SamplerSpec) -> EngineState:
+def release(state: EngineState, gone_s) -> EngineState:
     """Paged: the pages of slots gone_s [S] go back on the free stack and their page tables to the scratch page."""
     pool, table = state.pool, state.cache["pages"]
     own_sm = gone_s[:, None] & (jnp.arange(table.shape[1]) < pool.held[:, None])  # [S, M]
@@ -278,7 +278,7 @@ def preempt(state: EngineState, spec: SamplerSpec) -> EngineState:
     # keep rows 0..i of that order iff their new pages fit in the free ones plus those of the rows after i
     keep_o = jnp.cumsum(need_s[order]) <= state.pool.count + held_o.sum() - jnp.cumsum(held_o)
     gone_s = live_s & ~jnp.zeros((s,), bool).at[order].set(keep_o)
-    state = release(state, gone_s, spec)
+    state = release(state, gone_s)
     row_s = jnp.where(gone_s, state.rows.row, n)  # n: out of range, dropped
     out = state.out
     out = Completions(tokens=out.tokens.at[row_s].set(spec.pad_id, mode="drop"),
@@ -349,7 +349,7 @@ def chunk(params, state: EngineState, prompts: Prompts, rng, *, cfg: models.Mode
         cache["length"] = jnp.where(rows.finished, 0, cache["length"])
         st = dataclasses.replace(st, rows=rows, cache=cache, out=out)
         if paged:
-            st = release(st, rows.finished & (st.pool.held > 0), spec)
+            st = release(st, rows.finished & (st.pool.held > 0))
         return refill(st), i + 1
 
     state, i = jax.lax.while_loop(running, step, (refill(state), jnp.zeros((), jnp.int32)))
