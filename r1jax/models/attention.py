@@ -314,7 +314,7 @@ def cache_prefix(buf, layer, width: int, axis: int, rows=None, lo: int = 0, hi: 
     for batch rows lo..hi-1: only that prefix of those rows is read.
     - rows None, pages None: the buffer is [L, B, ...] and batch row b is cache row b;
     - rows [B]: batch row b is cache row rows[b] (decode_step's rows sorted by length);
-    - pages [B, M]: a paged buffer [L, pages, ..., page, ...] (`paged_layer_cache`), batch row b's positions
+    - pages [B, M]: a paged buffer [L, pages, ..., page, ...] (`transformer.init_cache(pages=...)`), batch row b's positions
       j*page..(j+1)*page-1 in page pages[b, j]; width a multiple of the page."""
     if pages is None:
         prefix = (slice(None),) * (axis - 1) + (slice(0, width),)
@@ -394,7 +394,7 @@ def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slot
         n_keys = page if pages is None else page * pages.shape[1]
 
         def read(width, lo=0, hi=None):  # [R,1,width,C|R]: the latent is one shared "head"
-            c_pre, pe_pre = (cache_prefix(cache[k], layer, width, 1, rows, lo, hi, pages)[:, None].astype(q_lat.dtype)
+            c_pre, pe_pre = (cache_prefix(cache[k], layer, width, 1, rows, lo, hi, pages)[:, None]
                              for k in ("c_kv", "k_pe"))
             return (c_pre, pe_pre), c_pre
 
@@ -403,7 +403,7 @@ def mla(p, x, cos, sin, mask_ids, cfg: ModelConfig, cache=None, layer=None, slot
                                             cfg.decode_block, decode_runs(cfg, x.shape[0]))  # [B,T,N,C]
         else:
             (c_all, k_pe_all), _ = read(n_keys)
-            c_all, k_pe_all = c_all.transpose(0, 2, 1, 3), k_pe_all.transpose(0, 2, 1, 3)  # [B,S,1,C|R]
+            c_all, k_pe_all = (a.transpose(0, 2, 1, 3).astype(q_lat.dtype) for a in (c_all, k_pe_all))  # [B,S,1,C|R]
             o_lat = attend((q_lat, q_pe), (c_all, k_pe_all), c_all, mask_ids, cfg.softmax_scale,
                            cfg.attn_block)  # [B,T,N,C]
         o = jnp.einsum("btnc,cnh->btnh", o_lat, w_uv)  # [B,T,N,Dv]: W_UV absorbed into the output
